@@ -1,0 +1,28 @@
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test lint unit bench crds clean
+
+setup:
+	@./scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check operator tests bench
+	$(VENV)/bin/ruff format --check operator tests bench
+	$(VENV)/bin/mypy operator/vmdisk
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	./scripts/demo.sh
+
+bench: setup
+	$(PY) -m bench
+
+crds: setup
+	$(VENV)/bin/vmdisk crds --split crds
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,201 @@
+"""The VMDisk resource: spec and status, exactly as DESIGN.md names them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .common import (
+    API_VERSION,
+    Condition,
+    Model,
+    ObjectMeta,
+    ObjectName,
+    Quantity,
+    StatusModel,
+)
+from .quantity import parse_bytes
+
+Backend = Literal["raw", "qcow2", "lvm", "rbd", "ploop"]
+ImageFormat = Literal["raw", "qcow2"]
+Preallocation = Literal["none", "metadata", "falloc", "full"]
+Phase = Literal["Pending", "Provisioning", "Ready", "Failed", "Deleting"]
+
+_SHA256 = r"^sha256:[0-9a-f]{64}$"
+_URL = r"^(https?|file|rbd)://.+"
+_TARGET = r"^(vd|sd|hd|xvd)[a-z]{1,3}$"
+
+
+class ImageSource(Model):
+    """An image to start from; its bytes are checked before any use."""
+
+    url: str = Field(pattern=_URL, max_length=4096, description="http(s)://, file:// or rbd:// URL")
+    checksum: str | None = Field(default=None, pattern=_SHA256, description="sha256:<hex>")
+    format: ImageFormat | None = Field(
+        default=None, description="Declared format; the detected format must match it."
+    )
+
+
+class BlankSource(Model):
+    """An empty disk, optionally holding a fresh filesystem."""
+
+    filesystem: Literal["ext4", "ext3", "xfs"] | None = None
+
+
+class DiskRef(Model):
+    name: ObjectName
+
+
+class Source(Model):
+    """Where the disk's bytes come from: exactly one member."""
+
+    image: ImageSource | None = None
+    blank: BlankSource | None = None
+    disk: DiskRef | None = None
+    snapshot: DiskRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [k for k in ("image", "blank", "disk", "snapshot") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of image, blank, disk, snapshot must be set"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> str:
+        """Name of the member that is set."""
+        for key in ("image", "blank", "disk", "snapshot"):
+            if getattr(self, key) is not None:
+                return key
+        raise AssertionError("unreachable: validated to have one member")
+
+
+class IoTune(Model):
+    """libvirt ``<iotune>`` limits; 0 means unlimited."""
+
+    total_bytes_sec: int = Field(default=0, ge=0)
+    read_bytes_sec: int = Field(default=0, ge=0)
+    write_bytes_sec: int = Field(default=0, ge=0)
+    total_iops_sec: int = Field(default=0, ge=0)
+    read_iops_sec: int = Field(default=0, ge=0)
+    write_iops_sec: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _total_excludes_split(self) -> IoTune:
+        # libvirt refuses a total limit together with a read or write limit.
+        if self.total_bytes_sec and (self.read_bytes_sec or self.write_bytes_sec):
+            raise ValueError("totalBytesSec cannot be combined with readBytesSec/writeBytesSec")
+        if self.total_iops_sec and (self.read_iops_sec or self.write_iops_sec):
+            raise ValueError("totalIopsSec cannot be combined with readIopsSec/writeIopsSec")
+        return self
+
+
+class LibvirtSpec(Model):
+    """How the disk appears to the guest."""
+
+    device: Literal["disk", "cdrom", "lun"] = "disk"
+    bus: Literal["virtio", "scsi", "sata", "ide", "usb"] = "virtio"
+    target: str | None = Field(default=None, pattern=_TARGET)
+    cache: Literal["none", "writethrough", "writeback", "directsync", "unsafe"] = "none"
+    discard: Literal["unmap", "ignore"] = "unmap"
+    io: Literal["native", "threads", "io_uring"] | None = None
+    boot_order: int | None = Field(default=None, ge=1)
+    unit: int | None = Field(default=None, ge=0, le=16383)
+    iotune: IoTune = Field(default_factory=IoTune)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LibvirtSpec:
+        if self.io == "native" and self.cache not in ("none", "directsync"):
+            raise ValueError("io: native needs cache: none or directsync (O_DIRECT)")
+        if self.unit is not None and self.bus != "scsi":
+            raise ValueError("unit is the SCSI unit address and needs bus: scsi")
+        if self.device == "lun" and self.bus != "scsi":
+            raise ValueError("device: lun needs bus: scsi")
+        return self
+
+    @property
+    def effective_io(self) -> str:
+        """``native`` where O_DIRECT is in use, else ``threads`` (QEMU's rule)."""
+        if self.io is not None:
+            return self.io
+        return "native" if self.cache in ("none", "directsync") else "threads"
+
+    @property
+    def effective_target(self) -> str:
+        """The target device name, derived from the bus when not given."""
+        if self.target:
+            return self.target
+        return {"virtio": "vda", "ide": "hda"}.get(self.bus, "sda")
+
+
+class RbdSpec(Model):
+    pool: str | None = None
+    user: str | None = None
+    ceph_conf: str | None = None
+    secret_uuid: str | None = Field(default=None, alias="secretUUID")
+
+
+class LvmSpec(Model):
+    volume_group: str | None = None
+    sparse: bool = False
+
+
+class RestoreSpec(Model):
+    """Roll the disk back to a DiskSnapshot; applied once per new value."""
+
+    snapshot: ObjectName
+
+
+class VMDiskSpec(Model):
+    node_name: str | None = Field(default=None, max_length=253)
+    backend: Backend | None = None
+    size: Quantity | None = None
+    source: Source
+    preallocation: Preallocation = "none"
+    deletion_policy: Literal["Delete", "Retain"] = "Delete"
+    libvirt: LibvirtSpec = Field(default_factory=LibvirtSpec)
+    rbd: RbdSpec | None = None
+    lvm: LvmSpec | None = None
+    restore: RestoreSpec | None = None
+
+    @model_validator(mode="after")
+    def _size_rules(self) -> VMDiskSpec:
+        if self.source.blank is not None and self.size is None:
+            raise ValueError("size is required for a blank disk")
+        if self.size is not None and self.size_bytes == 0:
+            raise ValueError("size must be greater than zero")
+        return self
+
+    @property
+    def size_bytes(self) -> int | None:
+        """Requested virtual size in bytes, or None to use the source's size."""
+        return None if self.size is None else parse_bytes(self.size)
+
+
+class VMDiskStatus(StatusModel):
+    phase: Phase = "Pending"
+    observed_generation: int | None = None
+    node_name: str | None = None
+    backend: Backend | None = None
+    format: str | None = None
+    path: str | None = None
+    virtual_size: int | None = None
+    actual_size: int | None = None
+    base_image: str | None = None
+    progress: str | None = None
+    libvirt_xml: str | None = Field(default=None, alias="libvirtXML")
+    shared: bool | None = None
+    restored_snapshot: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class VMDisk(Model):
+    api_version: Literal["vmdisk.io/v1alpha1"] = API_VERSION
+    kind: Literal["VMDisk"] = "VMDisk"
+    metadata: ObjectMeta
+    spec: VMDiskSpec
+    status: VMDiskStatus | None = None

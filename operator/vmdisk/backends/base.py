@@ -1,0 +1,151 @@
+"""The backend Protocol and the plain data that flows through it.
+
+A backend turns a disk reference plus a request into storage on the host.
+Operations a backend cannot do are absent from its type (see
+SupportsSnapshots), never silent no-ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+from ..api.vmdisk import Preallocation
+
+
+@dataclass(frozen=True)
+class DiskRef:
+    """Identifies one disk: the VMDisk's namespace and name."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class NetworkHost:
+    name: str
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class DiskLocation:
+    """Everything libvirt rendering needs to know about where a disk lives."""
+
+    type: Literal["file", "block", "network"]
+    path: str  # file path, block device, or "pool/image" for network disks
+    format: str  # driver type: raw, qcow2, parallels ...
+    fs_driver: Literal["loop", "nbd", "ploop"] | None = None  # <filesystem> driver
+    protocol: str | None = None  # network disks: "rbd"
+    hosts: tuple[NetworkHost, ...] = ()
+    auth_username: str | None = None
+    secret_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class Readable:
+    """A disk (or one of its snapshots) as something qemu-img can read."""
+
+    path: Path
+    format: str
+    snapshot: str | None = None  # qcow2 internal snapshot name
+
+
+@dataclass(frozen=True)
+class BaseImage:
+    """A verified cached image a disk is made from."""
+
+    id: str
+    path: Path
+    format: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class Blank:
+    filesystem: str | None = None
+
+
+@dataclass(frozen=True)
+class FromImage:
+    image: BaseImage
+
+
+@dataclass(frozen=True)
+class FromDisk:
+    """Copy of another disk or snapshot; ``base`` is the source's cached base, if any."""
+
+    source: Readable
+    base: BaseImage | None = None
+
+
+Content = Blank | FromImage | FromDisk
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    size: int
+    content: Content
+    preallocation: Preallocation = "none"
+
+
+@dataclass(frozen=True)
+class DiskState:
+    """What exists on the host for one disk."""
+
+    format: str
+    virtual_size: int
+    actual_size: int
+    base_image: str | None = None
+    snapshots: tuple[str, ...] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class DiskBackend(Protocol):
+    """One storage backend (raw, qcow2, ploop, ...)."""
+
+    name: ClassVar[str]
+    shared: ClassVar[bool]  # True when other nodes can open the disk (RBD)
+    preallocations: ClassVar[frozenset[str]]
+
+    def location(self, ref: DiskRef) -> DiskLocation:
+        """Where the disk is (pure; it may not exist yet)."""
+        ...
+
+    def state(self, ref: DiskRef) -> DiskState | None:
+        """The disk as it exists on the host, or None when it does not."""
+        ...
+
+    def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
+        """Create the disk; on failure nothing half-made remains."""
+        ...
+
+    def resize(self, ref: DiskRef, size: int) -> DiskState:
+        """Grow the disk to ``size`` bytes; callers refuse shrinking first."""
+        ...
+
+    def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
+        """The disk (or a snapshot of it) as a qemu-img readable source."""
+        ...
+
+    def delete(self, ref: DiskRef) -> None:
+        """Remove the disk and its snapshots; missing is fine."""
+        ...
+
+
+@runtime_checkable
+class SupportsSnapshots(Protocol):
+    """Offline snapshots: create, remove, roll back to, export."""
+
+    def create_snapshot(self, ref: DiskRef, name: str) -> int:
+        """Snapshot the disk; returns the snapshot's size in bytes."""
+        ...
+
+    def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None: ...
+
+    def rollback(self, ref: DiskRef, name: str) -> DiskState: ...
+
+    def snapshots(self, ref: DiskRef) -> tuple[str, ...]: ...

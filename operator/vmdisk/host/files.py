@@ -1,0 +1,156 @@
+"""File primitives: atomic writes, cleanup on error, sparse-aware copies."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ..errors import InsufficientSpace
+
+_FICLONE = 0x40049409  # ioctl(FICLONE): share extents (btrfs, xfs reflink=1)
+_CHUNK = 64 * 1024 * 1024
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+    """Write ``path`` so that readers see the old or the new content, never half."""
+    payload = data.encode() if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        raise_if_no_space(exc)
+        raise
+
+
+def raise_if_no_space(exc: OSError) -> None:
+    """Turn ENOSPC/EDQUOT into the typed, retryable InsufficientSpace."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise InsufficientSpace(
+            f"no space left on the state directory's filesystem ({exc.filename or ''})"
+        ) from exc
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree; missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextmanager
+def remove_on_error(path: Path) -> Iterator[Path]:
+    """Yield ``path``; if the block fails, remove whatever it half-made there."""
+    try:
+        yield path
+    except BaseException:
+        remove_path(path)
+        raise
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes actually allocated on disk (sparse files count only their data)."""
+    if path.is_dir():
+        return sum(allocated_bytes(p) for p in path.iterdir())
+    return os.stat(path).st_blocks * 512
+
+
+def try_reflink(source: Path, target: Path) -> bool:
+    """Clone ``source`` into a new ``target`` sharing extents; False if unsupported."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                return False
+            raise
+
+
+def sparse_copy(source: Path, target: Path) -> str:
+    """Copy a file keeping holes; returns the method used (reflink or sparse).
+
+    Tries a reflink first (instant on xfs/btrfs), else copies only the data
+    extents found with SEEK_DATA/SEEK_HOLE, each with copy_file_range so
+    the kernel moves the bytes (and may share extents itself).
+    """
+    try:
+        if try_reflink(source, target):
+            return "reflink"
+        size = source.stat().st_size
+        with open(source, "rb") as src, open(target, "r+b") as dst:
+            sfd, dfd = src.fileno(), dst.fileno()
+            os.ftruncate(dfd, size)
+            offset = 0
+            while offset < size:
+                try:
+                    start = os.lseek(sfd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # only a hole remains
+                        break
+                    raise
+                end = os.lseek(sfd, start, os.SEEK_HOLE)
+                _copy_range(sfd, dfd, start, end)
+                offset = end
+            os.fsync(dfd)
+        return "sparse"
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
+
+
+def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        count = min(_CHUNK, end - pos)
+        try:
+            copied = os.copy_file_range(sfd, dfd, count, pos, pos)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            copied = os.pwrite(dfd, os.pread(sfd, count, pos), pos)
+        if copied == 0:
+            break
+        pos += copied
+
+
+def allocate(path: Path, size: int, *, zero_fill: bool) -> None:
+    """Preallocate ``size`` bytes: fallocate, or write zeroes for ``full``."""
+    try:
+        with open(path, "r+b") as handle:
+            fd = handle.fileno()
+            if zero_fill:
+                block = b"\0" * (4 * 1024 * 1024)
+                pos = 0
+                while pos < size:
+                    pos += os.pwrite(fd, block[: min(len(block), size - pos)], pos)
+            else:
+                os.posix_fallocate(fd, 0, size)
+            os.fsync(fd)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise

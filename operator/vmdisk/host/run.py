@@ -1,0 +1,113 @@
+"""The one door through which vmdisk starts host processes.
+
+Argument lists only (no shell), ``LC_ALL=C``, a timeout on every call, and
+optional resource limits for commands that parse untrusted images: a
+crafted image can make ``qemu-img info`` eat memory and CPU (Nova's
+CVE-2015-5162), so such calls run under ``prlimit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..errors import TemporaryError, VMDiskError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for a command that reads untrusted data."""
+
+    address_space: int = 1024**3
+    cpu_seconds: int = 30
+
+    def prefix(self) -> list[str]:
+        return [
+            _which("prlimit"),
+            f"--as={self.address_space}",
+            f"--cpu={self.cpu_seconds}",
+            "--",
+        ]
+
+
+UNTRUSTED = Limits()
+
+
+class CommandError(VMDiskError):
+    """A host command failed; carries argv, exit code and stderr."""
+
+    reason = "CommandFailed"
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int, stdout: str, stderr: str
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-3:] if stderr.strip() else []
+        super().__init__(
+            f"{os.path.basename(argv[0])} exited with {returncode}"
+            + (": " + " / ".join(tail) if tail else "")
+        )
+
+
+class CommandTimeout(TemporaryError):
+    reason = "CommandTimeout"
+
+    def __init__(self, argv: Sequence[str], timeout: float) -> None:
+        self.argv = list(argv)
+        super().__init__(f"{os.path.basename(argv[0])} did not finish within {timeout:.0f}s")
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: list[str]
+    stdout: str
+    stderr: str
+
+
+def _which(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if path is None:
+        raise VMDiskError(f"required host command {name!r} is not installed", reason="MissingTool")
+    return path
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = 600.0,
+    limits: Limits | None = None,
+    input_data: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    """Run a command and return its output, or raise CommandError / CommandTimeout."""
+    full = [_which(argv[0]), *argv[1:]]
+    if limits is not None:
+        full = [*limits.prefix(), *full]
+    environment = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    if env:
+        environment.update(env)
+    log.debug("run: %s", " ".join(full))
+    try:
+        proc = subprocess.run(
+            full,
+            input=input_data,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=environment,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CommandTimeout(full, timeout) from exc
+    if proc.returncode != 0:
+        raise CommandError(full, proc.returncode, proc.stdout, proc.stderr)
+    return Result(full, proc.stdout, proc.stderr)

@@ -1,0 +1,59 @@
+"""Where everything lives under the state directory.  Pure path logic.
+
+Every path vmdisk writes is built here from validated names, and checked to
+stay inside the state directory, so nothing is ever written outside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class OutsideStateDir(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    def _inside(self, *parts: str) -> Path:
+        path = self.root.joinpath(*parts)
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root.resolve()) or any(
+            p in ("", ".", "..") or "/" in p for p in parts
+        ):
+            raise OutsideStateDir(f"{'/'.join(parts)!r} would leave the state directory")
+        return path
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def cache_tmp(self) -> Path:
+        return self.root / "cache" / "tmp"
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.root / "disks"
+
+    def disk_dir(self, namespace: str, name: str) -> Path:
+        return self._inside("disks", namespace, name)
+
+    def partial_disk_dir(self, namespace: str, name: str) -> Path:
+        """Where a disk is built before being renamed into place."""
+        return self._inside("disks", namespace, f".{name}.partial")
+
+    def lock(self, *parts: str) -> Path:
+        return self._inside("locks", "-".join(parts) + ".lock")
+
+    def object_file(self, plural: str, namespace: str, name: str) -> Path:
+        return self._inside("objects", plural, namespace, f"{name}.json")
+
+    def objects_dir(self, plural: str) -> Path:
+        return self._inside("objects", plural)
+
+    def export_file(self, namespace: str, name: str, fmt: str) -> Path:
+        return self._inside("exports", namespace, f"{name}.{fmt}")

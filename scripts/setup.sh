@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install everything the demo and the test suite need. Idempotent and
+# non-interactive; safe to run on every `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(
+  qemu-utils qemu-system-x86 qemu-block-extra
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients python3-libvirt
+  libxml2-utils python3-venv python3-dev
+  e2fsprogs xfsprogs util-linux curl
+)
+
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# QEMU started by the tests' libvirtd runs as root (no libvirt-qemu
+# ownership dance over files made by the tests).
+if [ -f /etc/libvirt/qemu.conf ] && ! grep -q '^user = "root"' /etc/libvirt/qemu.conf; then
+  printf 'user = "root"\ngroup = "root"\n' >> /etc/libvirt/qemu.conf
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
