@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from .quantity import parse_bytes
+from .quantity import QUANTITY_PATTERN, parse_bytes
 
 GROUP = "vmdisk.io"
 VERSION = "v1alpha1"
@@ -44,12 +44,25 @@ def _quantity(value: str | int) -> str | int:
     return value
 
 
-ObjectName = Annotated[str, AfterValidator(_object_name)]
+# The json_schema_extra below only feeds the generated CRD (api/crd.py); the
+# validators above remain the source of truth for the models themselves.
+ObjectName = Annotated[
+    str,
+    AfterValidator(_object_name),
+    Field(json_schema_extra={"pattern": _DNS_SUBDOMAIN.pattern, "maxLength": 253}),
+]
 Namespace = Annotated[str, AfterValidator(_namespace)]
 Quantity = Annotated[
     str | int,
     AfterValidator(_quantity),
-    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+    Field(
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            # Applies to the string form only; RE2 (the apiserver) has no named groups.
+            "pattern": re.sub(r"\?P<\w+>", "", QUANTITY_PATTERN),
+            "minimum": 0,
+        }
+    ),
 ]
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .common import API_VERSION, Condition, Model, ObjectMeta, ObjectName, StatusModel
+from .common import Condition, Model, ObjectMeta, ObjectName, StatusModel
 
 SnapshotPhase = Literal["Pending", "Ready", "Failed", "Deleting"]
 
@@ -34,7 +34,7 @@ class DiskSnapshotStatus(StatusModel):
 
 
 class DiskSnapshot(Model):
-    api_version: Literal["vmdisk.io/v1alpha1"] = API_VERSION
+    api_version: Literal["vmdisk.io/v1alpha1"] = "vmdisk.io/v1alpha1"
     kind: Literal["DiskSnapshot"] = "DiskSnapshot"
     metadata: ObjectMeta
     spec: DiskSnapshotSpec

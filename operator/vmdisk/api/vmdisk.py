@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from .common import (
-    API_VERSION,
     Condition,
     Model,
     ObjectMeta,
@@ -194,7 +193,7 @@ class VMDiskStatus(StatusModel):
 
 
 class VMDisk(Model):
-    api_version: Literal["vmdisk.io/v1alpha1"] = API_VERSION
+    api_version: Literal["vmdisk.io/v1alpha1"] = "vmdisk.io/v1alpha1"
     kind: Literal["VMDisk"] = "VMDisk"
     metadata: ObjectMeta
     spec: VMDiskSpec

@@ -101,6 +101,7 @@ class DiskState:
     actual_size: int
     base_image: str | None = None
     snapshots: tuple[str, ...] = field(default_factory=tuple)
+    restored_snapshot: str | None = None  # the last spec.restore applied, pinned
 
 
 @runtime_checkable
@@ -146,6 +147,8 @@ class SupportsSnapshots(Protocol):
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None: ...
 
-    def rollback(self, ref: DiskRef, name: str) -> DiskState: ...
+    def rollback(self, ref: DiskRef, name: str) -> DiskState:
+        """Return the disk to snapshot ``name`` and pin that it was applied."""
+        ...
 
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]: ...

@@ -8,7 +8,6 @@ reinterpreted (Nova bug 1221190 and friends).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,9 +124,18 @@ def resize(path: Path, fmt: str, size: int, *, timeout: float = 600.0) -> None:
     run([_QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)], timeout=timeout)
 
 
-def snapshot(path: Path, fmt: str, action: str, name: str | None = None) -> None:
-    """Internal snapshot operations: ``-c`` create, ``-a`` apply, ``-d`` delete."""
+def snapshot(path: Path, fmt: str, action: str, name: str) -> None:
+    """Internal snapshot operations: ``-c`` create, ``-a`` apply, ``-d`` delete.
+
+    ``qemu-img snapshot`` has no ``-f``; ``--image-opts`` names the driver so
+    the format is still never probed.
+    """
     if action not in ("-c", "-a", "-d"):
         raise ValueError(f"unknown snapshot action {action}")
-    argv: Sequence[str] = [_QEMU_IMG, "snapshot", "-q", "-f", fmt, action, name or "", str(path)]
-    run(argv, timeout=600.0)
+    spec = f"driver={fmt},file.filename={_escape_opt(str(path))}"
+    run([_QEMU_IMG, "snapshot", "-q", "--image-opts", action, name, spec], timeout=600.0)
+
+
+def _escape_opt(value: str) -> str:
+    """QemuOpts escape commas by doubling them."""
+    return value.replace(",", ",,")

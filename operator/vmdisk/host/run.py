@@ -44,9 +44,7 @@ class CommandError(VMDiskError):
 
     reason = "CommandFailed"
 
-    def __init__(
-        self, argv: Sequence[str], returncode: int, stdout: str, stderr: str
-    ) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.argv = list(argv)
         self.returncode = returncode
         self.stdout = stdout

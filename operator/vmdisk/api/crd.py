@@ -1,0 +1,340 @@
+"""CustomResourceDefinitions generated from the pydantic models.  No I/O but `write_crds`.
+
+The models' JSON schema is rewritten into a *structural* schema, the form the
+kube-apiserver demands: every ``$ref`` inlined, ``Optional[X]`` written as plain
+``X`` (absent rather than null), no ``title``, no ``additionalProperties: false``
+(the apiserver prunes unknown fields instead) and int-or-string fields in the
+one ``anyOf`` shape it accepts.
+
+Non-null defaults are kept.  The apiserver then stores the effective values, so
+``kubectl get -o yaml`` shows what the operator will do, and the CEL rules see
+the same values the models see.  They are the models' own defaults, so the two
+cannot disagree.
+
+Cross-field rules of the models are repeated as CEL ``x-kubernetes-validations``
+(`RULES`), plus the transition rules only the apiserver can check: the source,
+backend and (except on shared RBD storage) node are immutable and the size only
+grows.  The size rules use the Kubernetes quantity library, so the CRDs need
+Kubernetes 1.29 or newer.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from .common import GROUP, VERSION
+from .snapshot import DiskSnapshotSpec, DiskSnapshotStatus
+from .vmdisk import VMDiskSpec, VMDiskStatus
+
+Schema = dict[str, Any]
+
+_HEADER = "# Generated from the pydantic models in vmdisk.api by `make crds`; do not edit.\n"
+_INT_OR_STRING = [{"type": "integer"}, {"type": "string"}]
+_KEY_ORDER = (
+    "description",
+    "type",
+    "enum",
+    "format",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "default",
+    "anyOf",
+    "x-kubernetes-int-or-string",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+)
+
+
+def _rule(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    result = {"rule": rule, "message": message}
+    if field_path is not None:
+        result["fieldPath"] = field_path
+    return result
+
+
+def _unset_or(field: str, condition: str) -> str:
+    return f"(!has(self.{field}) || {condition})"
+
+
+def _same(field: str) -> str:
+    """CEL: an optional field is equally present, and equal, in self and oldSelf."""
+    return (
+        f"has(self.{field}) == has(oldSelf.{field}) && "
+        f"(!has(self.{field}) || self.{field} == oldSelf.{field})"
+    )
+
+
+def _zero(field: str) -> str:
+    return _unset_or(field, f"self.{field} == 0")
+
+
+# A quantity may be an int or a string; string() maps both to the string form
+# quantity() parses (string() of a string is itself).  isQuantity() guards keep a
+# malformed value down to the pattern error instead of adding an evaluation error.
+_QTY_SELF = "quantity(string(self))"
+_SOURCES = ("image", "blank", "disk", "snapshot")
+
+RULES: dict[str, dict[str, list[dict[str, str]]]] = {
+    "VMDisk": {
+        "spec": [
+            _rule(_same("backend"), "backend is immutable", ".backend"),
+            _rule(
+                f"(has(self.backend) && self.backend == 'rbd') || ({_same('nodeName')})",
+                "nodeName is immutable unless the backend is rbd (shared storage)",
+                ".nodeName",
+            ),
+            _rule("!has(oldSelf.size) || has(self.size)", "size cannot be removed", ".size"),
+            _rule(
+                "!has(self.source.blank) || has(self.size)",
+                "size is required for a blank disk",
+                ".size",
+            ),
+        ],
+        "spec.size": [
+            _rule(
+                f"!isQuantity(string(self)) || {_QTY_SELF}.sign() > 0",
+                "size must be greater than zero",
+            ),
+            _rule(
+                f"!isQuantity(string(self)) || "
+                f"{_QTY_SELF}.compareTo(quantity(string(oldSelf))) >= 0",
+                "size can only grow",
+            ),
+        ],
+        "spec.source": [
+            _rule(
+                "[" + ", ".join(f"has(self.{s})" for s in _SOURCES) + "].filter(x, x).size() == 1",
+                "exactly one of image, blank, disk, snapshot must be set",
+            ),
+            _rule("self == oldSelf", "source is immutable"),
+        ],
+        "spec.libvirt": [
+            _rule(
+                "!has(self.io) || self.io != 'native' || "
+                + _unset_or("cache", "self.cache in ['none', 'directsync']"),
+                "io: native needs cache: none or directsync (O_DIRECT)",
+            ),
+            _rule(
+                "!has(self.unit) || (has(self.bus) && self.bus == 'scsi')",
+                "unit is the SCSI unit address and needs bus: scsi",
+            ),
+            _rule(
+                "!has(self.device) || self.device != 'lun' || (has(self.bus) && self.bus == 'scsi')",
+                "device: lun needs bus: scsi",
+            ),
+        ],
+        "spec.libvirt.iotune": [
+            _rule(
+                f"{_zero('totalBytesSec')} || ({_zero('readBytesSec')} && {_zero('writeBytesSec')})",
+                "totalBytesSec cannot be combined with readBytesSec/writeBytesSec",
+            ),
+            _rule(
+                f"{_zero('totalIopsSec')} || ({_zero('readIopsSec')} && {_zero('writeIopsSec')})",
+                "totalIopsSec cannot be combined with readIopsSec/writeIopsSec",
+            ),
+        ],
+    },
+    "DiskSnapshot": {
+        "spec.diskName": [_rule("self == oldSelf", "diskName is immutable")],
+    },
+}
+
+
+def _sorted_keys(node: Schema) -> Schema:
+    rank = {key: i for i, key in enumerate(_KEY_ORDER)}
+    return dict(sorted(node.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+
+
+def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
+    """Rewrite one pydantic JSON-schema node (and its children) into structural form."""
+    node = dict(node)
+    ref = node.pop("$ref", None)
+    if ref is not None:
+        node = {**copy.deepcopy(defs[ref.rsplit("/", 1)[-1]]), **node}
+    branches = [b for b in node.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        inner = structural(branches[0], defs)
+        node = {**inner, **{k: v for k, v in node.items() if k != "default" or v is not None}}
+    elif branches:
+        node["anyOf"] = branches
+    for key in ("title", "$defs"):
+        node.pop(key, None)
+    if node.get("default", 0) is None:
+        del node["default"]
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if node.get("x-kubernetes-int-or-string"):
+        node.pop("type", None)
+        node["anyOf"] = copy.deepcopy(_INT_OR_STRING)
+    elif "anyOf" in node:
+        raise ValueError(f"no structural form for a union: {node['anyOf']}")
+    if "properties" in node:
+        node["properties"] = {k: structural(v, defs) for k, v in node["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            node[key] = structural(node[key], defs)
+    return _sorted_keys(node)
+
+
+def model_schema(model: type[BaseModel]) -> Schema:
+    """The structural schema of one model, as the API sees it (camelCase)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return structural(raw, raw.get("$defs", {}))
+
+
+def _node(schema: Schema, path: str) -> Schema:
+    for name in path.split("."):
+        schema = schema["properties"][name]
+    return schema
+
+
+def _conditions_as_map(status: Schema) -> None:
+    # Conditions are keyed by type (as metav1.Condition), which lets server-side
+    # apply merge them.
+    status["properties"]["conditions"].update(
+        {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}
+    )
+
+
+def _crd(
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    description: str,
+    spec: type[BaseModel],
+    status: type[BaseModel],
+    columns: list[dict[str, Any]],
+) -> dict[str, Any]:
+    status_schema = model_schema(status)
+    _conditions_as_map(status_schema)
+    root: Schema = {
+        "description": description,
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": model_schema(spec),
+            "status": status_schema,
+        },
+    }
+    for path, rules in RULES[kind].items():
+        _node(root, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
+                "categories": ["vmdisk"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def _column(name: str, path: str, type_: str = "string") -> dict[str, str]:
+    return {"name": name, "type": type_, "jsonPath": path}
+
+
+_AGE = _column("Age", ".metadata.creationTimestamp", "date")
+
+
+def crds() -> list[dict[str, Any]]:
+    """The VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1)."""
+    return [
+        _crd(
+            "VMDisk",
+            "vmdisks",
+            ["vmd"],
+            "A virtual machine disk, provisioned on a node by that node's vmdisk agent.",
+            VMDiskSpec,
+            VMDiskStatus,
+            [
+                _column("Backend", ".spec.backend"),
+                _column("Size", ".spec.size"),
+                _column("Node", ".spec.nodeName"),
+                _column("Phase", ".status.phase"),
+                _AGE,
+            ],
+        ),
+        _crd(
+            "DiskSnapshot",
+            "disksnapshots",
+            ["dsnap"],
+            "A point-in-time snapshot of a VMDisk.",
+            DiskSnapshotSpec,
+            DiskSnapshotStatus,
+            [
+                _column("Disk", ".spec.diskName"),
+                _column("Ready", ".status.readyToUse", "boolean"),
+                _AGE,
+            ],
+        ),
+    ]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Never write anchors and aliases: kubectl accepts them, readers stumble."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def crd_yaml(crd: dict[str, Any]) -> str:
+    """One CRD as YAML, byte-for-byte stable for a given model."""
+    body = yaml.dump(crd, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=4096)
+    return _HEADER + body
+
+
+def crd_filename(crd: dict[str, Any]) -> str:
+    """``<plural>.<group>.yaml``, e.g. ``vmdisks.vmdisk.io.yaml``."""
+    return f"{crd['metadata']['name']}.yaml"
+
+
+def crds_yaml() -> str:
+    """All CRDs as one multi-document YAML stream."""
+    return "---\n".join(crd_yaml(crd) for crd in crds())
+
+
+def write_crds(directory: Path) -> list[Path]:
+    """Write one file per CRD into `directory`; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for crd in crds():
+        path = directory / crd_filename(crd)
+        path.write_text(crd_yaml(crd), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+__all__ = ["RULES", "crd_filename", "crd_yaml", "crds", "crds_yaml", "model_schema", "write_crds"]

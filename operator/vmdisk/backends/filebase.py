@@ -1,0 +1,125 @@
+"""What the file-based backends (raw, qcow2, ploop) share.
+
+Each disk is a directory under ``<state>/disks/<namespace>/<name>/`` holding
+the image and its pinned record.  A disk is built in a sibling ``.partial``
+directory and renamed into place only when complete, so a crash at any
+point leaves either nothing or a finished disk (plus a partial directory
+the next create removes).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from ..errors import InvalidSpec
+from ..host import qemu_img
+from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
+from ..host.mkfs import make_filesystem
+from ..layout import StateLayout
+from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, Readable
+from .record import DiskRecord, read_record, write_record
+
+
+class FileBackend(ABC):
+    """Common lifecycle of a disk that is one image file in its own directory."""
+
+    name: ClassVar[str]
+    format: ClassVar[str]
+    data_name: ClassVar[str] = "disk"
+    fs_driver: ClassVar[Literal["loop", "nbd", "ploop"]]
+    shared: ClassVar[bool] = False
+    preallocations: ClassVar[frozenset[str]]
+
+    def __init__(self, layout: StateLayout) -> None:
+        self.layout = layout
+
+    # -- paths ---------------------------------------------------------------
+    def directory(self, ref: DiskRef) -> Path:
+        return self.layout.disk_dir(ref.namespace, ref.name)
+
+    def data_path(self, ref: DiskRef) -> Path:
+        return self.directory(ref) / self.data_name
+
+    def location(self, ref: DiskRef) -> DiskLocation:
+        return DiskLocation(
+            type="file", path=str(self.data_path(ref)), format=self.format, fs_driver=self.fs_driver
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+    def state(self, ref: DiskRef) -> DiskState | None:
+        record = read_record(self.directory(ref))
+        if record is None:
+            return None
+        data = self.data_path(ref)
+        if not data.exists():
+            return None
+        info = qemu_img.info(data, record.format)
+        return DiskState(
+            format=record.format,
+            virtual_size=info.virtual_size,
+            actual_size=allocated_bytes(data),
+            base_image=record.base_image,
+            snapshots=self.snapshots(ref),
+            restored_snapshot=record.restored_snapshot,
+        )
+
+    def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
+        if request.preallocation not in self.preallocations:
+            raise InvalidSpec(
+                f"spec.preallocation: {request.preallocation!r} is not supported by the "
+                f"{self.name} backend (supported: {', '.join(sorted(self.preallocations))})"
+            )
+        final = self.directory(ref)
+        partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
+        remove_path(partial)  # leftovers of a crashed attempt
+        partial.mkdir(parents=True)
+        with remove_on_error(partial):
+            record = self._populate(partial, partial / self.data_name, request)
+            write_record(partial, record)
+            os.rename(partial, final)
+            fsync_dir(final.parent)
+        state = self.state(ref)
+        assert state is not None
+        return state
+
+    @abstractmethod
+    def _populate(self, directory: Path, data: Path, request: CreateRequest) -> DiskRecord:
+        """Write the disk's data into ``data`` (inside the partial directory)."""
+
+    @abstractmethod
+    def resize(self, ref: DiskRef, size: int) -> DiskState:
+        """Grow the disk to ``size`` bytes; callers refuse shrinking first."""
+
+    def delete(self, ref: DiskRef) -> None:
+        remove_path(self.layout.partial_disk_dir(ref.namespace, ref.name))
+        remove_path(self.directory(ref))
+
+    def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
+        return Readable(self.data_path(ref), self.format)
+
+    def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
+        return ()
+
+    # -- helpers for subclasses ---------------------------------------------
+    def _blank_filesystem(self, directory: Path, blank: Blank, size: int) -> Path | None:
+        """A raw scratch image holding a fresh filesystem, or None for no filesystem."""
+        if blank.filesystem is None:
+            return None
+        scratch = directory / "mkfs.raw"
+        with open(scratch, "wb") as handle:
+            handle.truncate(size)
+        make_filesystem(scratch, blank.filesystem)
+        return scratch
+
+    @staticmethod
+    def _preallocate(data: Path, size: int, preallocation: str) -> None:
+        if preallocation in ("falloc", "full"):
+            allocate(data, size, zero_fill=False)
+
+    def _mark_restored(self, ref: DiskRef, snapshot: str) -> None:
+        record = read_record(self.directory(ref))
+        assert record is not None
+        write_record(self.directory(ref), record.with_restored(snapshot))

@@ -1,0 +1,247 @@
+"""The ``vmdisk`` command: local mode (apply/get/delete), cache, CRDs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .api.common import dump
+from .api.quantity import format_bytes
+from .api.snapshot import DiskSnapshot
+from .config import Settings, parse_duration
+from .layout import StateLayout
+from .local import LocalRunner
+from .manifests import ManifestError, load
+from .reconcile import Engine
+from .store import LocalStore, Plural, Resource
+
+KIND_ALIASES: dict[str, Plural] = {
+    "vmdisk": "vmdisks",
+    "vmdisks": "vmdisks",
+    "vmd": "vmdisks",
+    "disksnapshot": "disksnapshots",
+    "disksnapshots": "disksnapshots",
+    "dsnap": "disksnapshots",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, help="state directory [VMDISK_STATE_DIR]")
+    common.add_argument("--node", help="this node's name [VMDISK_NODE_NAME, hostname]")
+    common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("-o", "--output", choices=("yaml", "json", "table"), default="table")
+    output.add_argument("-n", "--namespace", help="only this namespace")
+
+    parser = argparse.ArgumentParser(prog="vmdisk", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vmdisk {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    apply = sub.add_parser("apply", parents=[common, output], help="reconcile manifests locally")
+    apply.add_argument("-f", "--filename", type=Path, required=True, help="file or directory")
+
+    get = sub.add_parser("get", parents=[common, output], help="show objects and their status")
+    get.add_argument("kind", nargs="?", default="vmdisks", choices=sorted(KIND_ALIASES))
+    get.add_argument("name", nargs="?")
+
+    delete = sub.add_parser("delete", parents=[common], help="delete objects and their data")
+    delete.add_argument("-f", "--filename", type=Path)
+    delete.add_argument("-n", "--namespace", default="default")
+    delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
+    delete.add_argument("name", nargs="?")
+
+    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions")
+    crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
+
+    cache = sub.add_parser("cache", parents=[common], help="inspect or prune the image cache")
+    cache.add_argument("action", choices=("list", "prune"))
+    cache.add_argument(
+        "--max-age", help="prune entries unused for this long [VMDISK_CACHE_MAX_AGE]"
+    )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(state_dir=args.state_dir, node_name=args.node)
+
+
+def _runner(settings: Settings) -> LocalRunner:
+    engine = Engine.build(settings)
+    return LocalRunner(settings, engine, LocalStore(engine.layout))
+
+
+def _table(objects: Sequence[Resource]) -> str:
+    rows = []
+    for obj in objects:
+        if isinstance(obj, DiskSnapshot):
+            st = obj.status
+            rows.append(
+                [
+                    obj.metadata.name,
+                    obj.spec.disk_name,
+                    str(bool(st and st.ready_to_use)).lower(),
+                    st.phase if st else "Pending",
+                    (st.export_path if st else None) or "",
+                ]
+            )
+            header = ["NAME", "DISK", "READY", "PHASE", "EXPORT"]
+        else:
+            ds = obj.status
+            size = ds.virtual_size if ds and ds.virtual_size else None
+            rows.append(
+                [
+                    obj.metadata.name,
+                    (ds.backend if ds else None) or obj.spec.backend or "",
+                    format_bytes(size) if size else str(obj.spec.size or ""),
+                    ds.phase if ds else "Pending",
+                    (ds.path if ds else None) or "",
+                ]
+            )
+            header = ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"]
+    if not rows:
+        return "No resources found."
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _print(objects: Sequence[Resource], fmt: str) -> None:
+    if fmt == "json":
+        data = [dump(o) for o in objects]
+        print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
+    elif fmt == "yaml":
+        print(yaml.safe_dump_all([dump(o) for o in objects], sort_keys=False), end="")
+    else:
+        print(_table(objects))
+
+
+def _not_ready(objects: Sequence[Resource]) -> list[str]:
+    problems = []
+    for obj in objects:
+        status = obj.status
+        if (
+            status is not None
+            and status.phase == "Ready"
+            and all(c.status == "True" for c in status.conditions if c.type == "Ready")
+        ):
+            continue
+        reason = next((c for c in (status.conditions if status else []) if c.type == "Ready"), None)
+        detail = f"{reason.reason}: {reason.message}" if reason else "not reconciled"
+        problems.append(f"{obj.kind}/{obj.metadata.name}: {detail}")
+    return problems
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    objects = load(args.filename)
+    results = _runner(_settings(args)).apply(objects)
+    _print(results, args.output)
+    problems = _not_ready(results)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    store = LocalStore(StateLayout(settings.state_dir))
+    plural = KIND_ALIASES[args.kind]
+    objects: list[Resource]
+    if args.name:
+        found = store.get(plural, args.namespace or "default", args.name)
+        if found is None:
+            print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
+            return 1
+        objects = [found]
+    else:
+        objects = store.list_objects(plural, args.namespace)
+    _print(objects, args.output)
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    runner = _runner(_settings(args))
+    if args.filename is not None:
+        objects: list[Resource] = list(load(args.filename))
+    elif args.kind and args.name:
+        found = runner.store.get(KIND_ALIASES[args.kind], args.namespace, args.name)
+        if found is None:
+            print(f"error: {args.kind} {args.name!r} not found", file=sys.stderr)
+            return 1
+        objects = [found]
+    else:
+        print("error: give -f FILE_OR_DIR, or a kind and a name", file=sys.stderr)
+        return 2
+    problems = runner.delete(objects)
+    for line in problems:
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    from .api.crd import crd_yaml, crds, write_crds
+
+    if args.split:
+        for path in write_crds(args.split):
+            print(path)
+    else:
+        print("---\n".join(crd_yaml(c) for c in crds()), end="")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    engine = Engine.build(settings)
+    in_use = engine.cache_in_use()
+    if args.action == "list":
+        entries = engine.cache.entries(in_use)
+        print(f"{'ID':<73} {'FORMAT':<7} {'SIZE':>10} {'IN USE':<6} SOURCE")
+        for e in entries:
+            used = "yes" if e.in_use else "no"
+            size = format_bytes(e.size)
+            print(f"{e.id:<73} {e.format:<7} {size:>10} {used:<6} {e.source_url or ''}")
+        return 0
+    max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age
+    for e in engine.cache.prune(max_age, in_use):
+        print(f"removed {e.id} ({format_bytes(e.size)})")
+    return 0
+
+
+COMMANDS = {
+    "apply": _cmd_apply,
+    "get": _cmd_get,
+    "delete": _cmd_delete,
+    "crds": _cmd_crds,
+    "cache": _cmd_cache,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except ManifestError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad flag values, names leaving the state dir
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

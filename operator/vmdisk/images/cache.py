@@ -1,0 +1,302 @@
+"""The node-local, content-addressed cache of verified base images.
+
+Layout under ``root``::
+
+    sha256-<hex>        the verified image, read-only (0444)
+    sha256-<hex>.json   its metadata; an entry counts only when both exist
+    tmp/<key>.part      partial downloads (resumable), never used as images
+    urls/url-<sha256>   maps a URL given without checksum to the entry id
+    locks/<key>.lock    flock per entry (or per URL): one download per image
+
+Every entry passed the safety checks in ``inspect`` before it was renamed
+into place; its mtime is the last time a disk was made from it (touched on
+every use, as Nova does) and drives ``prune``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from contextlib import AbstractContextManager, nullcontext, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..api.vmdisk import ImageSource
+from ..backends.base import BaseImage
+from ..errors import DownloadFailed, ImageFormatMismatch
+from ..host.files import atomic_write, fsync_dir
+from ..host.locks import LockTimeout, file_lock
+from .download import Digest, HttpOptions, Progress, copy_file, fetch_http
+from .inspect import check_size, inspect_image
+from .source import FileSource, Source, parse_source, redact
+
+log = logging.getLogger("vmdisk.images")
+
+_ID = re.compile(r"^sha256-[0-9a-f]{64}$")
+_URL_KEY = re.compile(r"^url-[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    id: str
+    path: Path
+    format: str
+    virtual_size: int
+    size: int  # bytes allocated on disk
+    last_used: float
+    source_url: str | None
+    in_use: bool
+
+
+class ImageCache:
+    """Downloads, verifies and keeps base images; safe across threads and processes.
+
+    ``tmp_dir`` must be on the same filesystem as ``root`` (entries are
+    renamed into place).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        image_dirs: tuple[Path, ...],
+        max_virtual_size: int,
+        tmp_dir: Path | None = None,
+        http_timeout: float = 60.0,
+        retries: int = 5,
+    ) -> None:
+        self.root = root
+        self.image_dirs = image_dirs
+        self.max_virtual_size = max_virtual_size
+        self.tmp_dir = tmp_dir if tmp_dir is not None else root / "tmp"
+        # A qcow2 file may exceed its virtual size by its metadata; anything
+        # far beyond the ceiling is an endless or hostile body.
+        self._http = HttpOptions(
+            timeout=http_timeout,
+            retries=retries,
+            max_bytes=max_virtual_size + max_virtual_size // 8 + 64 * 1024**2,
+        )
+
+    def get(
+        self, source: ImageSource, *, disk_size: int | None, progress: Progress | None = None
+    ) -> BaseImage:
+        """Return the verified cached image for ``source``, fetching it once if needed."""
+        src = parse_source(source.url, self.image_dirs)
+        name = redact(source.url)
+        if source.checksum is not None:
+            expected = source.checksum.removeprefix("sha256:")
+            image_id = f"sha256-{expected}"
+            with self._lock(image_id):
+                image = self.lookup(image_id)
+                if image is None:
+                    part = self._fetch(src, image_id, expected, progress)
+                    image = self._verify_and_place(part, image_id, source, disk_size)
+                return self._use(image, source, disk_size)
+        key = "url-" + hashlib.sha256(source.url.encode()).hexdigest()
+        with self._lock(key):
+            known = self._read_url_key(key)
+            with self._lock(known) if known else nullcontext():
+                image = self.lookup(known) if known else None
+                if image is not None:
+                    return self._use(image, source, disk_size)
+            part = self._fetch(src, key, None, progress)
+            image_id = f"sha256-{part.digest.sha256}"
+            with self._lock(image_id):
+                image = self.lookup(image_id)
+                if image is None:
+                    image = self._verify_and_place(part, image_id, source, disk_size)
+                else:
+                    log.info("image %s is already cached as %s", name, image_id)
+                    _remove_partial(part.path)
+                atomic_write(self.root / "urls" / key, image_id)
+                return self._use(image, source, disk_size)
+
+    def lookup(self, image_id: str) -> BaseImage | None:
+        """The verified entry ``image_id``, or None when it is not (fully) cached."""
+        meta = self._read_meta(image_id)
+        if meta is None:
+            return None
+        return BaseImage(image_id, self.root / image_id, meta.format, meta.virtual_size)
+
+    def entries(self, in_use: set[str]) -> list[CacheEntry]:
+        """Every complete entry; ``in_use`` holds ids that disks use as backing files."""
+        found = []
+        for path in sorted(self.root.glob("sha256-*.json")):
+            image_id = path.name.removesuffix(".json")
+            meta = self._read_meta(image_id)
+            if meta is None:
+                continue
+            try:
+                stat = os.stat(self.root / image_id)
+            except FileNotFoundError:
+                continue
+            found.append(
+                CacheEntry(
+                    id=image_id,
+                    path=self.root / image_id,
+                    format=meta.format,
+                    virtual_size=meta.virtual_size,
+                    size=stat.st_blocks * 512,
+                    last_used=stat.st_mtime,
+                    source_url=meta.source_url,
+                    in_use=image_id in in_use,
+                )
+            )
+        return found
+
+    def prune(self, max_age: float, in_use: set[str]) -> list[CacheEntry]:
+        """Remove entries not in ``in_use`` and unused for over ``max_age`` seconds.
+
+        Stale partial downloads, half-placed entries and dangling URL mappings
+        of the same age go too.  Entries busy in another call are skipped.
+        """
+        cutoff = time.time() - max_age
+        removed = []
+        for entry in self.entries(in_use):
+            if entry.in_use or entry.last_used >= cutoff:
+                continue
+            with suppress(LockTimeout), self._lock(entry.id, timeout=0.0):
+                # Re-read under the lock: a concurrent get may have just used it.
+                if os.stat(entry.path).st_mtime >= cutoff:
+                    continue
+                (self.root / f"{entry.id}.json").unlink()
+                entry.path.unlink()
+                removed.append(entry)
+                log.info("pruned cached image %s (%s)", entry.id, entry.source_url)
+        self._prune_leftovers(cutoff, in_use)
+        if removed:
+            fsync_dir(self.root)
+        return removed
+
+    def _prune_leftovers(self, cutoff: float, in_use: set[str]) -> None:
+        candidates = [(p, p.name) for p in self.root.glob("sha256-*")]
+        if self.tmp_dir.is_dir():
+            candidates += [(p, p.name.split(".")[0]) for p in self.tmp_dir.iterdir()]
+        for path, key in candidates:
+            if key in in_use or not (_ID.match(key) or _URL_KEY.match(key)):
+                continue
+            with suppress(LockTimeout, FileNotFoundError), self._lock(key, timeout=0.0):
+                if path.parent == self.root and self.lookup(key) is not None:
+                    continue  # complete entry, handled by prune itself
+                if os.stat(path).st_mtime < cutoff:
+                    path.unlink()
+        urls = self.root / "urls"
+        for mapping in urls.iterdir() if urls.is_dir() else ():
+            image_id = self._read_url_key(mapping.name)
+            if image_id is None or self.lookup(image_id) is None:
+                mapping.unlink(missing_ok=True)
+
+    def _fetch(
+        self, src: Source, key: str, expected: str | None, progress: Progress | None
+    ) -> _Part:
+        """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        path = self.tmp_dir / f"{key}.part"
+        try:
+            if isinstance(src, FileSource):
+                digest = copy_file(src.path, path, expected=expected, progress=progress)
+            else:
+                digest = fetch_http(
+                    src.url, path, expected=expected, options=self._http, progress=progress
+                )
+        except DownloadFailed:
+            raise  # the partial stays for a later resume, or for prune
+        except Exception:
+            _remove_partial(path)
+            raise
+        return _Part(path, digest)
+
+    def _verify_and_place(
+        self, part: _Part, image_id: str, source: ImageSource, disk_size: int | None
+    ) -> BaseImage:
+        """Run the safety checks on the partial file, then rename it into the cache."""
+        try:
+            verified = inspect_image(
+                part.path,
+                name=redact(source.url),
+                declared=source.format,
+                max_virtual_size=self.max_virtual_size,
+                disk_size=disk_size,
+            )
+            os.chmod(part.path, 0o444)
+            os.replace(part.path, self.root / image_id)
+            fsync_dir(self.root)
+        except Exception:
+            _remove_partial(part.path)
+            raise
+        _remove_partial(part.path)  # the resume sidecar
+        meta = {
+            "id": image_id,
+            "format": verified.format,
+            "virtual_size": verified.virtual_size,
+            "source_url": redact(source.url),
+            "verified": time.time(),
+        }
+        atomic_write(self.root / f"{image_id}.json", json.dumps(meta, indent=1) + "\n")
+        log.info("cached image %s as %s (%s)", redact(source.url), image_id, verified.format)
+        return BaseImage(image_id, self.root / image_id, verified.format, verified.virtual_size)
+
+    def _use(self, image: BaseImage, source: ImageSource, disk_size: int | None) -> BaseImage:
+        """Per-use checks (the disk size varies per disk) and the use timestamp."""
+        name = redact(source.url)
+        if source.format is not None and source.format != image.format:
+            raise ImageFormatMismatch(
+                f"image {name} was declared {source.format} but is {image.format}"
+            )
+        check_size(
+            image.virtual_size,
+            name=name,
+            max_virtual_size=self.max_virtual_size,
+            disk_size=disk_size,
+        )
+        os.utime(image.path)
+        return image
+
+    def _read_meta(self, image_id: str) -> _Meta | None:
+        if not _ID.match(image_id) or not (self.root / image_id).is_file():
+            return None
+        try:
+            meta = json.loads((self.root / f"{image_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict):
+            return None
+        fmt, size, url = meta.get("format"), meta.get("virtual_size"), meta.get("source_url")
+        if fmt not in ("raw", "qcow2") or not isinstance(size, int):
+            return None
+        return _Meta(str(fmt), size, url if isinstance(url, str) else None)
+
+    def _read_url_key(self, key: str) -> str | None:
+        try:
+            image_id = (self.root / "urls" / key).read_text().strip()
+        except OSError:
+            return None
+        return image_id if _ID.match(image_id) else None
+
+    def _lock(self, key: str, *, timeout: float | None = None) -> AbstractContextManager[None]:
+        return file_lock(self.root / "locks" / f"{key}.lock", timeout=timeout)
+
+
+@dataclass(frozen=True)
+class _Meta:
+    format: str
+    virtual_size: int
+    source_url: str | None
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A fetched, hashed, not yet verified file in tmp/."""
+
+    path: Path
+    digest: Digest
+
+
+def _remove_partial(path: Path) -> None:
+    for leftover in (path, path.with_name(path.name + ".json")):
+        with suppress(FileNotFoundError):
+            leftover.unlink()

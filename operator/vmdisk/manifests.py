@@ -1,0 +1,87 @@
+"""Reading manifests from files and turning validation errors into field paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .api.snapshot import DiskSnapshot
+from .api.vmdisk import VMDisk
+
+KINDS: dict[str, type[VMDisk] | type[DiskSnapshot]] = {
+    "VMDisk": VMDisk,
+    "DiskSnapshot": DiskSnapshot,
+}
+
+
+class ManifestError(Exception):
+    """One or more manifests are invalid; ``problems`` name file, object and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _files(target: Path) -> list[Path]:
+    if target.is_dir():
+        return sorted(
+            p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
+        )
+    return [target]
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """``field.path: message`` for every error pydantic found."""
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(p) for p in error["loc"]) or "(object)"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def parse(doc: Any, where: str) -> VMDisk | DiskSnapshot:
+    """Validate one decoded manifest; raises ManifestError naming each bad field."""
+    if not isinstance(doc, dict):
+        raise ManifestError([f"{where}: not a Kubernetes object (a mapping is expected)"])
+    kind = doc.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise ManifestError([f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}"])
+    name = (
+        (doc.get("metadata") or {}).get("name", "?")
+        if isinstance(doc.get("metadata"), dict)
+        else "?"
+    )
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        raise ManifestError(
+            [f"{where}: {kind}/{name}: {line}" for line in describe_errors(exc)]
+        ) from None
+
+
+def load(target: Path) -> list[VMDisk | DiskSnapshot]:
+    """All objects in a file or a directory of files; every problem reported at once."""
+    if not target.exists():
+        raise ManifestError([f"{target}: no such file or directory"])
+    objects: list[VMDisk | DiskSnapshot] = []
+    problems: list[str] = []
+    for path in _files(target):
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        except yaml.YAMLError as exc:
+            problems.append(f"{path}: invalid YAML: {exc}")
+            continue
+        for index, doc in enumerate(docs, start=1):
+            where = f"{path}" + (f" (document {index})" if len(docs) > 1 else "")
+            try:
+                objects.append(parse(doc, where))
+            except ManifestError as exc:
+                problems.extend(exc.problems)
+    if problems:
+        raise ManifestError(problems)
+    return objects

@@ -1,0 +1,313 @@
+"""The engine: from a resource and the host's state to actions and a new status.
+
+Shared by the kopf operator and local mode.  Every call is idempotent: run it
+again with the same spec and it does nothing; interrupt it anywhere and the
+next run finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from .api.common import Condition
+from .api.snapshot import DiskSnapshot
+from .api.vmdisk import VMDisk, VMDiskStatus
+from .backends.base import (
+    BaseImage,
+    Blank,
+    Content,
+    CreateRequest,
+    DiskBackend,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    SupportsSnapshots,
+)
+from .backends.record import bases_in_use
+from .backends.registry import Registry
+from .config import Settings
+from .errors import (
+    DependencyNotReady,
+    HasDependents,
+    ImageLargerThanDisk,
+    UnsupportedOperation,
+    VMDiskError,
+)
+from .host.locks import file_lock
+from .images.cache import ImageCache
+from .layout import StateLayout
+from .libvirt import render_disk
+from .planning import Create, Resize, Restore, backend_for, plan_disk
+from .status import failed_status, with_condition
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[VMDiskStatus], None]
+
+
+class Lookup(Protocol):
+    """Read access to the other resources a disk or snapshot depends on."""
+
+    def get_disk(self, namespace: str, name: str) -> VMDisk | None: ...
+
+    def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None: ...
+
+    def list_disks(self, namespace: str) -> list[VMDisk]: ...
+
+    def list_snapshots(self, namespace: str) -> list[DiskSnapshot]: ...
+
+
+@dataclass(frozen=True)
+class Engine:
+    settings: Settings
+    layout: StateLayout
+    registry: Registry
+    cache: ImageCache
+
+    @classmethod
+    def build(cls, settings: Settings, registry: Registry | None = None) -> Engine:
+        """Wire the engine from settings (no I/O)."""
+        from .backends.registry import default_registry
+
+        layout = StateLayout(settings.state_dir)
+        cache = ImageCache(
+            layout.cache_dir,
+            image_dirs=settings.image_dirs,
+            max_virtual_size=settings.max_virtual_size,
+        )
+        return cls(settings, layout, registry or default_registry(layout), cache)
+
+    @contextmanager
+    def _disk_lock(self, namespace: str, name: str) -> Iterator[None]:
+        with file_lock(self.layout.lock("disk", namespace, name)):
+            yield
+
+    # -- VMDisk -----------------------------------------------------------------
+    def reconcile_disk(
+        self, disk: VMDisk, lookup: Lookup, publish: Publish | None = None
+    ) -> VMDiskStatus:
+        """Bring the host in line with ``disk.spec``; return the new status."""
+        status = disk.status or VMDiskStatus()
+        generation = disk.metadata.generation
+        ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
+        try:
+            backend = self.registry.get(
+                backend_for(disk.spec, disk.status, self.settings.default_backend)
+            )
+            with self._disk_lock(ref.namespace, ref.name):
+                host = backend.state(ref)
+                actions = plan_disk(disk.spec, disk.status, host)
+                for action in actions:
+                    status = self._progressing(status, generation, action, publish)
+                    if isinstance(action, Create):
+                        host = self._create(disk, ref, backend, lookup, status, publish)
+                    elif isinstance(action, Restore):
+                        host = self._restore(ref, backend, action.snapshot)
+                    elif isinstance(action, Resize):
+                        assert host is not None
+                        if host.virtual_size < action.size:
+                            host = backend.resize(ref, action.size)
+                assert host is not None
+            return self._ready(disk, backend, ref, host, status, changed=bool(actions))
+        except VMDiskError as exc:
+            log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
+            return failed_status(status, generation, exc)
+
+    def _progressing(
+        self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
+    ) -> VMDiskStatus:
+        verb = type(action).__name__
+        status = with_condition(
+            status,
+            Condition(
+                type="Progressing",
+                status="True",
+                reason=f"{verb}InProgress",
+                message=f"{verb.lower()} in progress",
+                observed_generation=generation,
+            ),
+        )
+        if status.phase != "Ready":
+            status = status.model_copy(update={"phase": "Provisioning", "progress": "0%"})
+        if publish is not None:
+            publish(status)
+        return status
+
+    def _create(
+        self,
+        disk: VMDisk,
+        ref: DiskRef,
+        backend: DiskBackend,
+        lookup: Lookup,
+        status: VMDiskStatus,
+        publish: Publish | None,
+    ) -> DiskState:
+        spec = disk.spec
+        content: Content
+        size = spec.size_bytes
+        source = spec.source
+        if source.image is not None:
+            image = self.cache.get(
+                source.image, disk_size=size, progress=_progress(ref, status, publish)
+            )
+            content, minimum = FromImage(image), image.virtual_size
+        elif source.blank is not None:
+            content, minimum = Blank(source.blank.filesystem), 0
+        else:
+            content, minimum = self._copy_source(disk, lookup)
+        if size is None:
+            size = minimum
+        elif size < minimum:
+            raise ImageLargerThanDisk(
+                f"spec.size: {spec.size} is smaller than the source's {minimum} bytes"
+            )
+        request = CreateRequest(size=size, content=content, preallocation=spec.preallocation)
+        if isinstance(content, FromDisk):
+            # Hold the source still while it is copied.
+            owner = spec.source.disk.name if spec.source.disk else self._snapshot_disk(disk, lookup)
+            with file_lock(self.layout.lock("disk", ref.namespace, owner), timeout=600):
+                return backend.create(ref, request)
+        return backend.create(ref, request)
+
+    def _snapshot_disk(self, disk: VMDisk, lookup: Lookup) -> str:
+        assert disk.spec.source.snapshot is not None
+        snap = lookup.get_snapshot(disk.metadata.namespace, disk.spec.source.snapshot.name)
+        assert snap is not None
+        return snap.spec.disk_name
+
+    def _copy_source(self, disk: VMDisk, lookup: Lookup) -> tuple[FromDisk, int]:
+        """Resolve ``source.disk`` or ``source.snapshot`` to something to copy."""
+        namespace = disk.metadata.namespace
+        snapshot_name: str | None = None
+        if disk.spec.source.disk is not None:
+            source_name = disk.spec.source.disk.name
+        else:
+            assert disk.spec.source.snapshot is not None
+            snap = lookup.get_snapshot(namespace, disk.spec.source.snapshot.name)
+            if snap is None or snap.status is None or not snap.status.ready_to_use:
+                raise DependencyNotReady(
+                    f"spec.source.snapshot: DiskSnapshot {disk.spec.source.snapshot.name!r} "
+                    "is not ready to use yet"
+                )
+            source_name, snapshot_name = snap.spec.disk_name, snap.status.snapshot_name
+        source = lookup.get_disk(namespace, source_name)
+        if source is None or source.status is None or source.status.phase != "Ready":
+            raise DependencyNotReady(f"source VMDisk {source_name!r} is not Ready yet")
+        assert source.status.backend is not None
+        backend = self.registry.get(source.status.backend)
+        source_ref = DiskRef(namespace, source_name)
+        state = backend.state(source_ref)
+        if state is None:
+            raise DependencyNotReady(f"source VMDisk {source_name!r} has no data on this node")
+        base: BaseImage | None = None
+        if state.base_image is not None:
+            base = self.cache.lookup(state.base_image)
+        readable = backend.readable(source_ref, snapshot_name)
+        return FromDisk(readable, base), state.virtual_size
+
+    def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
+        if not isinstance(backend, SupportsSnapshots):
+            raise UnsupportedOperation(f"the {backend.name} backend cannot restore snapshots")
+        return backend.rollback(ref, snapshot)
+
+    def _ready(
+        self,
+        disk: VMDisk,
+        backend: DiskBackend,
+        ref: DiskRef,
+        host: DiskState,
+        status: VMDiskStatus,
+        *,
+        changed: bool,
+    ) -> VMDiskStatus:
+        location = backend.location(ref)
+        generation = disk.metadata.generation
+        status = with_condition(
+            status,
+            Condition(
+                type="Ready",
+                status="True",
+                reason="Provisioned",
+                message=f"{backend.name} disk of {host.virtual_size} bytes at {location.path}",
+                observed_generation=generation,
+            ),
+            drop="Progressing",
+        )
+        if changed:
+            log.info("%s: ready (%s, %d bytes)", ref, backend.name, host.virtual_size)
+        return status.model_copy(
+            update={
+                "phase": "Ready",
+                "observed_generation": generation,
+                "node_name": disk.spec.node_name or self.settings.node_name,
+                "backend": backend.name,
+                "format": host.format,
+                "path": location.path,
+                "virtual_size": host.virtual_size,
+                "actual_size": host.actual_size,
+                "base_image": host.base_image,
+                "progress": "100%",
+                "libvirt_xml": render_disk(location, disk.spec.libvirt),
+                "shared": backend.shared,
+                "restored_snapshot": host.restored_snapshot,
+            }
+        )
+
+    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> None:
+        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it."""
+        namespace, name = disk.metadata.namespace, disk.metadata.name
+        dependents = [
+            f"DiskSnapshot/{s.metadata.name}"
+            for s in lookup.list_snapshots(namespace)
+            if s.spec.disk_name == name
+        ]
+        dependents += [
+            f"VMDisk/{d.metadata.name}"
+            for d in lookup.list_disks(namespace)
+            if d.spec.source.disk is not None
+            and d.spec.source.disk.name == name
+            and (d.status is None or d.status.phase != "Ready")
+        ]
+        if dependents:
+            raise HasDependents(
+                f"VMDisk {name!r} still has dependents: {', '.join(sorted(dependents))}; "
+                "delete them first"
+            )
+        if disk.spec.deletion_policy == "Retain":
+            log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
+            return
+        backend_name = (disk.status.backend if disk.status else None) or (
+            disk.spec.backend or self.settings.default_backend
+        )
+        with self._disk_lock(namespace, name):
+            self.registry.get(backend_name).delete(DiskRef(namespace, name))
+
+    def cache_in_use(self) -> set[str]:
+        """Cache entries that existing disks still read from (qcow2 backing files)."""
+        return bases_in_use(self.layout.disks_dir)
+
+
+def _progress(
+    ref: DiskRef, status: VMDiskStatus, publish: Publish | None
+) -> Callable[[int, int | None], None]:
+    """A throttled progress callback that updates status and logs."""
+    last = [0.0, -1]
+
+    def report(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        percent = int(done * 100 / total) if total else -1
+        if now - last[0] < 2.0 and percent - last[1] < 10 and done != total:
+            return
+        last[0], last[1] = now, percent
+        text = f"{percent}%" if percent >= 0 else f"{done // (1024 * 1024)}MiB"
+        log.info("%s: downloading image: %s", ref, text)
+        if publish is not None:
+            publish(status.model_copy(update={"progress": text}))
+
+    return report

@@ -1,0 +1,116 @@
+"""Reconciling DiskSnapshots: offline snapshots of a VMDisk, optionally exported."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .api.common import Condition, now_rfc3339
+from .api.snapshot import DiskSnapshot, DiskSnapshotStatus
+from .backends.base import DiskBackend, DiskRef, SupportsSnapshots
+from .errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
+from .host import qemu_img
+from .host.files import remove_on_error, remove_path
+from .host.locks import file_lock
+from .reconcile import Engine, Lookup
+from .status import failed_status, with_condition
+
+log = logging.getLogger(__name__)
+
+
+def _snapshot_backend(
+    engine: Engine, snap: DiskSnapshot, lookup: Lookup
+) -> tuple[DiskBackend, SupportsSnapshots, DiskRef]:
+    namespace, disk_name = snap.metadata.namespace, snap.spec.disk_name
+    disk = lookup.get_disk(namespace, disk_name)
+    if disk is None or disk.status is None or disk.status.phase != "Ready":
+        raise DependencyNotReady(f"spec.diskName: VMDisk {disk_name!r} is not Ready yet")
+    assert disk.status.backend is not None
+    backend = engine.registry.get(disk.status.backend)
+    if not isinstance(backend, SupportsSnapshots):
+        raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
+    return backend, backend, DiskRef(namespace, disk_name)
+
+
+def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
+    """Make sure the snapshot (and its export) exists; return the new status."""
+    status = snap.status or DiskSnapshotStatus()
+    generation = snap.metadata.generation
+    name = snap.metadata.name
+    try:
+        backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
+        with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
+            size = snapshots.create_snapshot(ref, name)
+            export_path = None
+            if snap.spec.export is not None:
+                fmt = snap.spec.export.format
+                target = engine.layout.export_file(ref.namespace, name, fmt)
+                if not target.exists():
+                    _export(backend, ref, name, target, fmt)
+                export_path = str(target)
+        status = with_condition(
+            status,
+            Condition(
+                type="Ready",
+                status="True",
+                reason="SnapshotReady",
+                message=f"snapshot {name!r} of VMDisk {ref.name!r}",
+                observed_generation=generation,
+            ),
+        )
+        return status.model_copy(
+            update={
+                "phase": "Ready",
+                "ready_to_use": True,
+                "observed_generation": generation,
+                "snapshot_name": name,
+                "export_path": export_path,
+                "size": size,
+                "creation_time": status.creation_time or now_rfc3339(),
+            }
+        )
+    except VMDiskError as exc:
+        log.warning(
+            "snapshot %s/%s: %s (%s)", snap.metadata.namespace, name, exc.message, exc.reason
+        )
+        return failed_status(status, generation, exc)
+
+
+def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
+    """Nova's snapshot_extract: write the snapshot out as a standalone image."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.partial")
+    remove_path(tmp)
+    source = backend.readable(ref, name)
+    with remove_on_error(tmp):
+        qemu_img.convert(source.path, source.format, tmp, fmt, snapshot=source.snapshot)
+        os.rename(tmp, target)
+
+
+def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
+    """Remove the snapshot and its export; refuse while a disk is still being made from it."""
+    namespace, name = snap.metadata.namespace, snap.metadata.name
+    users = [
+        d.metadata.name
+        for d in lookup.list_disks(namespace)
+        if d.spec.source.snapshot is not None
+        and d.spec.source.snapshot.name == name
+        and (d.status is None or d.status.phase not in ("Ready", "Failed"))
+    ]
+    if users:
+        raise HasDependents(
+            f"DiskSnapshot {name!r} is still the source of VMDisk(s) being created: "
+            f"{', '.join(sorted(users))}"
+        )
+    if snap.spec.export is not None:
+        remove_path(engine.layout.export_file(namespace, name, snap.spec.export.format))
+    disk = lookup.get_disk(namespace, snap.spec.disk_name)
+    if disk is None or disk.status is None or disk.status.backend is None:
+        return  # the disk (and with it the snapshot) is gone
+    backend = engine.registry.get(disk.status.backend)
+    if isinstance(backend, SupportsSnapshots):
+        with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
+            backend.remove_snapshot(
+                DiskRef(namespace, snap.spec.disk_name), name, ignore_missing=True
+            )
