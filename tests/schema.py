@@ -21,6 +21,7 @@ from typing import Any
 import celpy
 import jsonschema
 from celpy import celtypes
+from celpy.adapter import json_to_cel
 
 from vmdisk.api.crd import crds
 from vmdisk.api.quantity import parse_bytes
@@ -100,9 +101,9 @@ def _program(rule: str) -> celpy.Runner:
 
 
 def _eval_rule(rule: str, value: Any, old: Any) -> bool:
-    activation = {"self": celpy.json_to_cel(value)}
+    activation = {"self": json_to_cel(value)}
     if old is not None:
-        activation["oldSelf"] = celpy.json_to_cel(old)
+        activation["oldSelf"] = json_to_cel(old)
     result = _program(rule).evaluate(activation)
     if isinstance(result, Exception):
         raise result

@@ -6,12 +6,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import celpy
 import kubernetes_validate
 import pydantic
 import pytest
 import yaml
-from schema import CRDValidationError, crd_schema, validate_against_crd
 
+from schema import CRDValidationError, crd_schema, validate_against_crd
 from vmdisk.api import DiskSnapshot, DiskSnapshotStatus, VMDisk, VMDiskStatus, dump
 from vmdisk.api.common import Condition
 from vmdisk.api.crd import RULES, crd_filename, crd_yaml, crds, crds_yaml, write_crds
@@ -272,7 +273,10 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         "device: lun needs bus: scsi",
     ),
     "bad target": (_with(BLANK, "spec.libvirt", {"target": "eth0"}), "spec.libvirt.target"),
-    "snapshot without disk": (_with(SNAPSHOT, "spec.diskName", None), "'diskName' is a required property"),
+    "snapshot without disk": (
+        _with(SNAPSHOT, "spec.diskName", None),
+        "'diskName' is a required property",
+    ),
     "bad export format": (_with(SNAPSHOT, "spec.export.format", "vmdk"), "spec.export.format"),
 }
 
@@ -366,7 +370,7 @@ def test_status_written_by_the_models_validates() -> None:
 
 
 def test_bad_status_is_refused() -> None:
-    with pytest.raises(CRDValidationError, match="status.phase"):
+    with pytest.raises(CRDValidationError, match=r"status\.phase"):
         validate_against_crd({**BLANK, "status": {"phase": "Sleeping"}})
     with pytest.raises(CRDValidationError, match="'reason' is a required property"):
         validate_against_crd({**BLANK, "status": {"conditions": [{"type": "Ready"}]}})
@@ -391,8 +395,6 @@ def test_examples_validate() -> None:
 def test_every_rule_compiles_in_cel() -> None:
     # cel-python parses the same CEL grammar as cel-go; the quantity functions are
     # supplied by tests/schema.py.
-    import celpy
-
     env = celpy.Environment()
     for table in RULES.values():
         for rules in table.values():

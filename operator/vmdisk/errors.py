@@ -107,6 +107,12 @@ class DownloadFailed(TemporaryError):
     reason = "DownloadFailed"
 
 
+class HostIOError(TemporaryError):
+    """An unexpected operating-system error on the host (I/O, permissions)."""
+
+    reason = "HostIOError"
+
+
 class InsufficientSpace(TemporaryError):
     """The state directory's filesystem is full; retried once space is freed."""
 

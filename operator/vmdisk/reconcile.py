@@ -35,10 +35,13 @@ from .config import Settings
 from .errors import (
     DependencyNotReady,
     HasDependents,
+    HostIOError,
+    InsufficientSpace,
     ImageLargerThanDisk,
     UnsupportedOperation,
     VMDiskError,
 )
+from .host.files import raise_if_no_space
 from .host.locks import file_lock
 from .images.cache import ImageCache
 from .layout import StateLayout
@@ -118,6 +121,9 @@ class Engine:
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(status, generation, exc)
+        except OSError as exc:
+            log.exception("%s: host error", ref)
+            return failed_status(status, generation, host_error(exc))
 
     def _progressing(
         self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
@@ -291,6 +297,15 @@ class Engine:
     def cache_in_use(self) -> set[str]:
         """Cache entries that existing disks still read from (qcow2 backing files)."""
         return bases_in_use(self.layout.disks_dir)
+
+
+def host_error(exc: OSError) -> VMDiskError:
+    """An OSError as a typed error: full disks are InsufficientSpace, the rest HostIOError."""
+    try:
+        raise_if_no_space(exc)
+    except InsufficientSpace as typed:
+        return typed
+    return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
 
 
 def _progress(

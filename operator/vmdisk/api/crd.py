@@ -78,6 +78,11 @@ def _zero(field: str) -> str:
     return _unset_or(field, f"self.{field} == 0")
 
 
+def _total_excludes_split(kind: str) -> str:
+    """CEL: a total limit of `kind` (BytesSec, IopsSec) excludes read and write limits."""
+    return f"{_zero('total' + kind)} || ({_zero('read' + kind)} && {_zero('write' + kind)})"
+
+
 # A quantity may be an int or a string; string() maps both to the string form
 # quantity() parses (string() of a string is itself).  isQuantity() guards keep a
 # malformed value down to the pattern error instead of adding an evaluation error.
@@ -129,17 +134,18 @@ RULES: dict[str, dict[str, list[dict[str, str]]]] = {
                 "unit is the SCSI unit address and needs bus: scsi",
             ),
             _rule(
-                "!has(self.device) || self.device != 'lun' || (has(self.bus) && self.bus == 'scsi')",
+                "!has(self.device) || self.device != 'lun' || "
+                "(has(self.bus) && self.bus == 'scsi')",
                 "device: lun needs bus: scsi",
             ),
         ],
         "spec.libvirt.iotune": [
             _rule(
-                f"{_zero('totalBytesSec')} || ({_zero('readBytesSec')} && {_zero('writeBytesSec')})",
+                _total_excludes_split("BytesSec"),
                 "totalBytesSec cannot be combined with readBytesSec/writeBytesSec",
             ),
             _rule(
-                f"{_zero('totalIopsSec')} || ({_zero('readIopsSec')} && {_zero('writeIopsSec')})",
+                _total_excludes_split("IopsSec"),
                 "totalIopsSec cannot be combined with readIopsSec/writeIopsSec",
             ),
         ],

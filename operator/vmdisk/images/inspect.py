@@ -29,7 +29,7 @@ BASE_FORMATS = frozenset({"raw", "qcow2"})
 _RAW_LIKE = frozenset({"raw", "gpt", "iso"})
 # qemu probes the first 2 KiB for a VMDK text descriptor; so do we.
 _PROBE_BYTES = 2048
-_VMDK_DESCRIPTOR = b"# disk descriptorfile"
+_VMDK_MARKERS = (b"# disk descriptorfile", b"createtype=")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,6 @@ def _detect(path: Path, name: str) -> str:
             head = handle.read(_PROBE_BYTES)
         # A raw file holding a VMDK descriptor is harmless as raw, but qemu
         # would follow its extents (host files) if anything ever probed it.
-        if _VMDK_DESCRIPTOR in head.lower():
+        if any(marker in head.lower() for marker in _VMDK_MARKERS):
             raise ImageUnsafe(f"image {name} is a VMDK descriptor that references other files")
     return detected
