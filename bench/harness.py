@@ -76,7 +76,7 @@ class Row:
 
 
 def ratio(value: float, base: float) -> str:
-    return f"{value / base:.2f}×" if base > 0 else "n/a"
+    return f"{value / base:.2f}x" if base > 0 else "n/a"
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -141,7 +141,7 @@ def write_image(path: Path, size: int, data: int, *, chunk: int = 4 * MiB) -> st
     a partition table.  Returns the file's sha256 hex digest.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(16 * MiB)
+    block = os.urandom(max(16 * MiB, 2 * chunk))
     count = max(1, data // chunk)
     stride = (size - MiB) // count
     with open(path, "wb") as out:

@@ -10,10 +10,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import imagefactory as factory
 import pytest
-from httpserver import ImageServer
 
+import imagefactory as factory
+from httpserver import ImageServer
 from vmdisk.api.vmdisk import ImageSource
 from vmdisk.backends.base import BaseImage
 from vmdisk.errors import (
@@ -132,9 +132,7 @@ def test_file_source_copies_sparse(cache: ImageCache, image_dir: Path) -> None:
     assert got.path.stat().st_blocks * 512 < 8 * MiB  # the hole stayed a hole
 
 
-def test_cached_entry_still_checked_against_each_disk(
-    cache: ImageCache, image_dir: Path
-) -> None:
+def test_cached_entry_still_checked_against_each_disk(cache: ImageCache, image_dir: Path) -> None:
     img = factory.qcow2(image_dir / "disk.qcow2", size=4 * MiB)
     cache.get(source(img.as_uri(), img), disk_size=None)
     with pytest.raises(ImageLargerThanDisk) as info:
@@ -243,7 +241,7 @@ def test_image_larger_than_disk_refused(
 ) -> None:
     img = factory.qcow2(tmp_path / "a.qcow2", size=4 * MiB)
     url = server.add("/a.qcow2", img.read_bytes())
-    with pytest.raises(ImageLargerThanDisk, match="spec.size"):
+    with pytest.raises(ImageLargerThanDisk, match=r"spec\.size"):
         cache.get(source(url, img), disk_size=2 * MiB)
     assert cache_files(cache) == []
 

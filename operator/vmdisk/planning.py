@@ -31,15 +31,18 @@ Action = Create | Resize | Restore
 
 
 def backend_for(spec: VMDiskSpec, status: VMDiskStatus | None, default: str) -> str:
-    """The backend of a disk: pinned in status once created, never switched."""
-    wanted = spec.backend or default
+    """The backend of a disk: pinned in status once created, never switched.
+
+    A changed node default does not move existing disks; only an explicit
+    different ``spec.backend`` is an error.
+    """
     pinned = status.backend if status is not None and status.format is not None else None
-    if pinned is not None and pinned != wanted:
+    if pinned is not None and spec.backend is not None and pinned != spec.backend:
         raise InvalidSpec(
-            f"spec.backend: cannot change from {pinned!r} to {wanted!r} after creation",
+            f"spec.backend: cannot change from {pinned!r} to {spec.backend!r} after creation",
             reason="ImmutableField",
         )
-    return pinned or wanted
+    return pinned or spec.backend or default
 
 
 def plan_disk(

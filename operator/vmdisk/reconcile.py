@@ -160,7 +160,7 @@ class Engine:
         source = spec.source
         if source.image is not None:
             image = self.cache.get(
-                source.image, disk_size=size, progress=_progress(ref, status, publish)
+                source.image, disk_size=size, progress=_progress(status, publish)
             )
             content, minimum = FromImage(image), image.virtual_size
         elif source.blank is not None:
@@ -308,10 +308,8 @@ def host_error(exc: OSError) -> VMDiskError:
     return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
 
 
-def _progress(
-    ref: DiskRef, status: VMDiskStatus, publish: Publish | None
-) -> Callable[[int, int | None], None]:
-    """A throttled progress callback that updates status and logs."""
+def _progress(status: VMDiskStatus, publish: Publish | None) -> Callable[[int, int | None], None]:
+    """A throttled progress callback that publishes status (the cache logs progress)."""
     last = [0.0, -1]
 
     def report(done: int, total: int | None) -> None:
@@ -321,7 +319,6 @@ def _progress(
             return
         last[0], last[1] = now, percent
         text = f"{percent}%" if percent >= 0 else f"{done // (1024 * 1024)}MiB"
-        log.info("%s: downloading image: %s", ref, text)
         if publish is not None:
             publish(status.model_copy(update={"progress": text}))
 

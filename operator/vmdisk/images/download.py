@@ -63,21 +63,22 @@ class _Reporter:
     def __init__(self, name: str, callback: Progress | None) -> None:
         self.name = name
         self.callback = callback
-        self.last_call = (-1, 0.0)
-        self.last_log = (-1, time.monotonic())
+        self.last_call: tuple[int, int, float] = (-1, -1, 0.0)  # (bytes, percent, time)
+        self.last_log: tuple[int, int, float] = (-1, -1, time.monotonic())
 
     def __call__(self, done: int, total: int | None, *, final: bool = False) -> None:
         now = time.monotonic()
         pct = done * 100 // total if total else -1
-        if self.callback is not None and (
-            final or pct != self.last_call[0] or now - self.last_call[1] >= 1.0
-        ):
+        sent, sent_pct, sent_at = self.last_call
+        due = final or pct != sent_pct or now - sent_at >= 1.0
+        if self.callback is not None and done != sent and due:
             self.callback(done, total)
-            self.last_call = (pct, now)
-        if final or pct // 10 != self.last_log[0] // 10 or now - self.last_log[1] >= 5.0:
+            self.last_call = (done, pct, now)
+        logged, logged_pct, logged_at = self.last_log
+        if done != logged and (final or pct // 10 != logged_pct // 10 or now - logged_at >= 5.0):
             shown = f"{pct}%" if total else "?%"
             log.info("image %s: %d/%s bytes (%s)", self.name, done, total or "?", shown)
-            self.last_log = (pct, now)
+            self.last_log = (done, pct, now)
 
 
 class _Partial:
@@ -146,7 +147,7 @@ def fetch_http(
     partial = _Partial(part)
     partial.adopt(url, trust_content=expected is not None)
     with urllib3.PoolManager(retries=False) as pool:
-        while True:
+        for _ in range(2):
             digest = _download(pool, url, partial, options, _Reporter(redact(url), progress))
             if expected is None or digest.sha256 == expected or not partial.resumed:
                 break

@@ -1,0 +1,1 @@
+"""Benchmarks of vmdisk against the bare tools it drives (``make bench``)."""
