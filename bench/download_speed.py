@@ -7,6 +7,7 @@ into place.  Each client runs three times, alternating; the median counts.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -33,11 +34,13 @@ def run(scratch: Path) -> list[Row]:
         for i in range(RUNS):
             root = scratch / f"cache{i}"
             cache = ImageCache(root, image_dirs=(), max_virtual_size=Settings().max_virtual_size)
+            os.sync()  # no writeback left over from the previous step
             engine_times.append(timed(lambda c=cache: c.get(source, disk_size=None)))
             if (root / f"sha256-{sha}").stat().st_size != size:
                 raise RuntimeError("ImageCache.get produced a file of the wrong size")
             shutil.rmtree(root)
             target = scratch / "curl.raw"
+            os.sync()
             curl_times.append(timed(lambda t=target: sh("curl", "-s", "-o", t, source.url)))
             if target.stat().st_size != size:
                 raise RuntimeError("curl produced a file of the wrong size")

@@ -8,6 +8,7 @@ of the baselines are the engine's own cache entry, on the same filesystem.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from vmdisk.backends.base import DiskRef
@@ -67,14 +68,17 @@ def _measure(workdir: Path, source: Path, sha: str, *, reflink_expected: bool) -
     engine_used = []
     for i in range(RUNS):
         name = f"r{i}"
+        os.sync()  # no writeback left over from the previous step
         before = free_bytes(workdir)
         times["engine"].append(timed(lambda name=name: disk(name)))
         engine_used.append(before - free_bytes(workdir))
         engine.registry.get("raw").delete(DiskRef("bench", name))
         target = out / "cp.raw"
+        os.sync()
         times["cp"].append(timed(lambda t=target: sh("cp", "--sparse=always", cached.path, t)))
         target.unlink()
         target = out / "convert.raw"
+        os.sync()
         times["convert"].append(
             timed(
                 lambda t=target: sh("qemu-img", "convert", "-f", "raw", "-O", "raw", cached.path, t)

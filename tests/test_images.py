@@ -124,6 +124,15 @@ def test_url_without_checksum_is_downloaded_once(
     assert len(server.gets("/a.raw")) == 1
 
 
+def test_http_download_keeps_holes(cache: ImageCache, server: ImageServer, tmp_path: Path) -> None:
+    img = factory.raw(tmp_path / "holes.raw", size=8 * MiB)
+    url = server.add("/holes.raw", img.read_bytes())  # served as plain bytes, zeroes included
+    got = cache.get(source(url, img, "raw"), disk_size=None)
+    assert factory.sha256(got.path) == factory.sha256(img)
+    assert got.path.stat().st_size == 8 * MiB
+    assert got.path.stat().st_blocks * 512 <= 4 * MiB  # the zero half became a hole
+
+
 def test_file_source_copies_sparse(cache: ImageCache, image_dir: Path) -> None:
     img = factory.raw(image_dir / "disk.raw", size=8 * MiB)
     got = cache.get(source(img.as_uri(), img, "raw"), disk_size=8 * MiB)
@@ -314,6 +323,22 @@ def test_partial_left_by_a_crash_is_hashed_and_resumed(
     got = cache.get(source(url, img), disk_size=None)
     assert factory.sha256(got.path) == factory.sha256(img)
     assert [(s.status, s.range) for s in server.gets("/a.raw")] == [(206, f"bytes={3 * MiB}-")]
+    assert cache_files(cache) == sorted([got.id, f"{got.id}.json"])
+
+
+def test_failed_download_keeps_partial_for_the_next_attempt(
+    make_cache: Callable[..., ImageCache], server: ImageServer, tmp_path: Path
+) -> None:
+    cache = make_cache(retries=0)
+    img = factory.raw(tmp_path / "a.raw", size=4 * MiB)
+    url = server.add("/a.raw", img.read_bytes())
+    server.switches.drop_once_after = 2 * MiB
+    with pytest.raises(DownloadFailed):
+        cache.get(source(url), disk_size=None)
+    assert [p for p in cache_files(cache) if p.endswith(".part")] != []
+    got = cache.get(source(url), disk_size=None)  # no checksum: If-Range guards the resume
+    assert factory.sha256(got.path) == factory.sha256(img)
+    assert [s.status for s in server.gets("/a.raw")] == [200, 206]
     assert cache_files(cache) == sorted([got.id, f"{got.id}.json"])
 
 

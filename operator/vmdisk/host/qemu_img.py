@@ -54,7 +54,7 @@ def check(path: Path, fmt: str, *, timeout: float = 600.0) -> str | None:
     """
     try:
         run(
-            [_QEMU_IMG, "check", "-f", fmt, "--output=json", str(path)],
+            [_QEMU_IMG, "check", "-f", fmt, str(path)],
             timeout=timeout,
             limits=UNTRUSTED,
         )

@@ -173,7 +173,7 @@ class ImageCache:
         return removed
 
     def _prune_leftovers(self, cutoff: float, in_use: set[str]) -> None:
-        candidates = [(p, p.name) for p in self.root.glob("sha256-*")]
+        candidates = [(p, p.name.split(".")[0]) for p in self.root.glob("sha256-*")]
         if self.tmp_dir.is_dir():
             candidates += [(p, p.name.split(".")[0]) for p in self.tmp_dir.iterdir()]
         for path, key in candidates:

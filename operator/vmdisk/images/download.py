@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urljoin
 
 import urllib3
@@ -33,6 +35,8 @@ log = logging.getLogger("vmdisk.images")
 Progress = Callable[[int, int | None], None]
 
 _CHUNK = 1024 * 1024
+_SPARSE_BLOCK = 64 * 1024
+_ZEROES = bytes(_SPARSE_BLOCK)
 _MAX_REDIRECTS = 5
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 8.0
@@ -206,13 +210,17 @@ def _attempt(
             raise ImageTooLarge(f"image {report.name} is {total} bytes, over the size limit")
         report(partial.size, total)
         if has_body:
-            with open(partial.path, "ab") as out:
-                for chunk in resp.stream(_CHUNK, decode_content=False):
-                    out.write(chunk)
-                    partial.append(chunk)
-                    if partial.size > options.max_bytes:
-                        raise ImageTooLarge(f"image {report.name} exceeds the size limit")
-                    report(partial.size, total)
+            with open(partial.path, "r+b") as out:
+                out.seek(partial.size)
+                try:
+                    for chunk in resp.stream(_CHUNK, decode_content=False):
+                        _write_sparse(out, chunk)
+                        partial.append(chunk)
+                        if partial.size > options.max_bytes:
+                            raise ImageTooLarge(f"image {report.name} exceeds the size limit")
+                        report(partial.size, total)
+                finally:
+                    out.truncate(partial.size)  # materialise a trailing hole
         if total is not None and partial.size != total:
             raise _Retry(f"connection closed after {partial.size} of {total} bytes")
         report(partial.size, total or partial.size, final=True)
@@ -223,6 +231,17 @@ def _attempt(
     finally:
         resp.release_conn()
         resp.close()
+
+
+def _write_sparse(out: BinaryIO, chunk: bytes) -> None:
+    """Write ``chunk``, leaving holes for all-zero blocks so cached images stay sparse."""
+    view = memoryview(chunk)
+    for start in range(0, len(view), _SPARSE_BLOCK):
+        block = view[start : start + _SPARSE_BLOCK]
+        if block == _ZEROES[: len(block)]:
+            out.seek(len(block), os.SEEK_CUR)
+        else:
+            out.write(block)
 
 
 def _start(resp: urllib3.BaseHTTPResponse, url: str, partial: _Partial) -> tuple[int | None, bool]:
