@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 
+T = TypeVar("T")
 MiB = 1024**2
 GiB = 1024**3
 SCRATCH_PARENT = Path(os.environ.get("VMDISK_BENCH_DIR", "/var/tmp"))
@@ -28,6 +30,13 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def clocked(fn: Callable[[], T]) -> tuple[float, T]:
+    """Seconds one call of ``fn`` takes, and what it returned."""
+    start = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - start, value
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,9 @@ def _wait_until(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str)
         if proc.poll() is not None:
             pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not answer in {START_TIMEOUT:.0f} s:\n{log.read_text()[-2000:]}")
+            pytest.fail(
+                f"{what} did not answer in {START_TIMEOUT:.0f} s:\n{log.read_text()[-2000:]}"
+            )
         time.sleep(0.1)
 
 

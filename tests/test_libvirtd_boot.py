@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from libvirtd import boot_and_inspect, boot_and_query
 
+from libvirtd import boot_and_inspect, boot_and_query
 from vmdisk.api.vmdisk import IoTune, LibvirtSpec
 from vmdisk.backends.base import DiskLocation
 from vmdisk.libvirt import render_disk
