@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import MiB, PATTERN, Manifest, qemu_read, sha256_of
 
+from conftest import PATTERN, Manifest, MiB, qemu_read, sha256_of
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.local import LocalRunner
 from vmdisk.store import Resource
@@ -128,7 +128,9 @@ def test_grow_keeps_data_and_shrink_is_refused(
 
 
 def test_blank_with_filesystem(runner: LocalRunner, disk: Manifest, backend: str):
-    (obj,) = apply(runner, disk("fs", backend, source={"blank": {"filesystem": "ext4"}}, size="32Mi"))
+    (obj,) = apply(
+        runner, disk("fs", backend, source={"blank": {"filesystem": "ext4"}}, size="32Mi")
+    )
     st = status_of(obj)
     # ext2/3/4 superblock magic 0xEF53 at byte 1080.
     assert qemu_read(Path(st.path or ""), FORMATS[backend], 1080, 2) == b"\x53\xef"
@@ -219,7 +221,9 @@ def test_vanished_data_is_reported_not_recreated(runner: LocalRunner, disk: Mani
 
 
 def test_preallocation(runner: LocalRunner, disk: Manifest, backend: str):
-    (obj,) = apply(runner, disk("pre", backend, source={"blank": {}}, size="16Mi", preallocation="falloc"))
+    (obj,) = apply(
+        runner, disk("pre", backend, source={"blank": {}}, size="16Mi", preallocation="falloc")
+    )
     st = status_of(obj)
     if backend == "ploop":
         assert (st.phase, ready_reason(obj)) == ("Failed", "InvalidSpec")

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import sha256_of
 
 VMDISK = [sys.executable, "-m", "vmdisk.cli"]
 
 
-def vmdisk(*args: str, state: Path, image_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def vmdisk(
+    *args: str, state: Path, image_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "VMDISK_NODE_NAME": "node-a"}
     if image_dir is not None:
         env["VMDISK_IMAGE_DIRS"] = str(image_dir)
@@ -107,7 +110,9 @@ def test_exit_code_and_reason_when_not_ready(tmp_path: Path, image_dir: Path):
     wrong = "sha256:" + "0" * 64
     manifest = write_manifests(
         tmp_path / "m.yaml",
-        vmdisk_doc("bad", size="64Mi", source={"image": {"url": f"file://{image}", "checksum": wrong}}),
+        vmdisk_doc(
+            "bad", size="64Mi", source={"image": {"url": f"file://{image}", "checksum": wrong}}
+        ),
     )
     result = vmdisk("apply", "-f", str(manifest), state=tmp_path / "state", image_dir=image_dir)
     assert result.returncode == 1

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import Manifest, sha256_of
 from libvirtd import boot_and_inspect
-
 from vmdisk.api.vmdisk import VMDisk
 from vmdisk.local import LocalRunner
 

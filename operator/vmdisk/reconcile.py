@@ -36,8 +36,8 @@ from .errors import (
     DependencyNotReady,
     HasDependents,
     HostIOError,
-    InsufficientSpace,
     ImageLargerThanDisk,
+    InsufficientSpace,
     UnsupportedOperation,
     VMDiskError,
 )

@@ -13,7 +13,7 @@ from .errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMD
 from .host import qemu_img
 from .host.files import remove_on_error, remove_path
 from .host.locks import file_lock
-from .reconcile import Engine, Lookup, host_error
+from .reconcile import Engine, Lookup
 from .status import failed_status, with_condition
 
 log = logging.getLogger(__name__)
