@@ -11,6 +11,7 @@ lint: setup
 	$(VENV)/bin/ruff check operator tests bench
 	$(VENV)/bin/ruff format --check operator tests bench
 	$(VENV)/bin/mypy operator/vmdisk
+	PYTHONPATH=operator $(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -155,13 +155,12 @@ class Engine:
         publish: Publish | None,
     ) -> DiskState:
         spec = disk.spec
+        progress = _ProgressPublisher(status, publish)
         content: Content
         size = spec.size_bytes
         source = spec.source
         if source.image is not None:
-            image = self.cache.get(
-                source.image, disk_size=size, progress=_progress(status, publish)
-            )
+            image = self.cache.get(source.image, disk_size=size, progress=progress.download)
             content, minimum = FromImage(image), image.virtual_size
         elif source.blank is not None:
             content, minimum = Blank(source.blank.filesystem), 0
@@ -173,7 +172,12 @@ class Engine:
             raise ImageLargerThanDisk(
                 f"spec.size: {spec.size} is smaller than the source's {minimum} bytes"
             )
-        request = CreateRequest(size=size, content=content, preallocation=spec.preallocation)
+        request = CreateRequest(
+            size=size,
+            content=content,
+            preallocation=spec.preallocation,
+            progress=progress.percent,
+        )
         if isinstance(content, FromDisk):
             # Hold the source still while it is copied.
             owner = spec.source.disk.name if spec.source.disk else self._snapshot_disk(disk, lookup)
@@ -308,18 +312,20 @@ def host_error(exc: OSError) -> VMDiskError:
     return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
 
 
-def _progress(status: VMDiskStatus, publish: Publish | None) -> Callable[[int, int | None], None]:
-    """A throttled progress callback that publishes status (the cache logs progress)."""
-    last = [0.0, -1]
+class _ProgressPublisher:
+    """Throttled progress: publishes ``status.progress`` at most every two seconds."""
 
-    def report(done: int, total: int | None) -> None:
+    def __init__(self, status: VMDiskStatus, publish: Publish | None) -> None:
+        self.status = status
+        self.publish = publish
+        self.last = 0.0
+
+    def percent(self, value: float) -> None:
         now = time.monotonic()
-        percent = int(done * 100 / total) if total else -1
-        if now - last[0] < 2.0 and percent - last[1] < 10 and done != total:
+        if self.publish is None or (now - self.last < 2.0 and value < 100):
             return
-        last[0], last[1] = now, percent
-        text = f"{percent}%" if percent >= 0 else f"{done // (1024 * 1024)}MiB"
-        if publish is not None:
-            publish(status.model_copy(update={"progress": text}))
+        self.last = now
+        self.publish(self.status.model_copy(update={"progress": f"{int(value)}%"}))
 
-    return report
+    def download(self, done: int, total: int | None) -> None:
+        self.percent(done * 100 / total if total else 0.0)

@@ -7,6 +7,7 @@ SupportsSnapshots), never silent no-ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
@@ -90,6 +91,7 @@ class CreateRequest:
     size: int
     content: Content
     preallocation: Preallocation = "none"
+    progress: Callable[[float], None] | None = None  # percent of a long copy or conversion
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 
 from ..host import qemu_img
 from ..host.files import atomic_write, remove_on_error, remove_path
+from ..host.run import Progress
 from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
 from .copysnap import CopySnapshots
 from .record import DiskRecord
@@ -83,12 +84,14 @@ class PloopBackend(CopySnapshots):
                 assert isinstance(content, FromDisk)
                 source = content.source
                 base = content.base.id if content.base else None
-            self._write_grown(source, data, request.size)
+            self._write_grown(source, data, request.size, request.progress)
         self._write_descriptor(directory, data)
         return DiskRecord(backend=self.name, format="parallels", base_image=base)
 
     @staticmethod
-    def _write_grown(source: Readable, data: Path, size: int) -> None:
+    def _write_grown(
+        source: Readable, data: Path, size: int, progress: Progress | None = None
+    ) -> None:
         """Copy ``source`` into a fresh parallels image of at least ``size`` bytes."""
         source_size = qemu_img.info(source.path, source.format).virtual_size
         qemu_img.create(data, "parallels", max(size, source_size))
@@ -99,6 +102,7 @@ class PloopBackend(CopySnapshots):
             "parallels",
             snapshot=source.snapshot,
             target_exists=True,
+            progress=progress,
         )
 
     @staticmethod

@@ -65,6 +65,7 @@ class Qcow2Backend(FileBackend):
             snapshot=content.source.snapshot,
             target_backing=base.path if base else None,
             target_backing_format=base.format if base else None,
+            progress=request.progress,
         )
         if qemu_img.info(data, "qcow2").virtual_size < request.size:
             qemu_img.resize(data, "qcow2", request.size)

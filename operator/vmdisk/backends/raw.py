@@ -35,11 +35,11 @@ class RawBackend(CopySnapshots):
         base: str | None
         if isinstance(content, FromImage):
             source = Readable(content.image.path, content.image.format)
-            self._copy(source, data)
+            self._copy(source, data, request)
             base = content.image.id
         else:
             assert isinstance(content, FromDisk)
-            self._copy(content.source, data)
+            self._copy(content.source, data, request)
             base = content.base.id if content.base else None
         self._grow(data, request.size)
         self._preallocate(data, request.size, request.preallocation)
@@ -47,13 +47,20 @@ class RawBackend(CopySnapshots):
         return DiskRecord(backend=self.name, format="raw", base_image=base)
 
     @staticmethod
-    def _copy(source: Readable, data: Path) -> None:
+    def _copy(source: Readable, data: Path, request: CreateRequest) -> None:
         """Sparse-aware copy; qemu-img converts anything that is not plain raw."""
         if source.format == "raw" and source.snapshot is None:
             sparse_copy(source.path, data)
         else:
             remove_path(data)
-            qemu_img.convert(source.path, source.format, data, "raw", snapshot=source.snapshot)
+            qemu_img.convert(
+                source.path,
+                source.format,
+                data,
+                "raw",
+                snapshot=source.snapshot,
+                progress=request.progress,
+            )
 
     @staticmethod
     def _grow(data: Path, size: int) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .run import UNTRUSTED, CommandError, run
+from .run import UNTRUSTED, CommandError, Progress, run
 
 _QEMU_IMG = "qemu-img"
 
@@ -105,9 +105,11 @@ def convert(
     options: dict[str, str] | None = None,
     target_exists: bool = False,
     timeout: float = 3600.0,
+    progress: Progress | None = None,
 ) -> None:
     """Convert ``source`` to ``target``; both formats explicit, sparse output."""
-    argv: list[str] = [_QEMU_IMG, "convert", "-q", "-f", source_format, "-O", target_format]
+    quiet = "-p" if progress is not None else "-q"
+    argv: list[str] = [_QEMU_IMG, "convert", quiet, "-f", source_format, "-O", target_format]
     if snapshot is not None:
         argv += ["-l", f"snapshot.name={snapshot}"]
     if target_backing is not None:
@@ -116,7 +118,7 @@ def convert(
         argv.append("-n")
     argv += _options(options or {})
     argv += [str(source), str(target)]
-    run(argv, timeout=timeout)
+    run(argv, timeout=timeout, progress=progress)
 
 
 def resize(path: Path, fmt: str, size: int, *, timeout: float = 600.0) -> None:

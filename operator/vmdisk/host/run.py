@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import TemporaryError, VMDiskError
@@ -78,6 +80,10 @@ def _which(name: str) -> str:
     return path
 
 
+Progress = Callable[[float], None]
+_PERCENT = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
 def run(
     argv: Sequence[str],
     *,
@@ -85,8 +91,13 @@ def run(
     limits: Limits | None = None,
     input_data: str | None = None,
     env: Mapping[str, str] | None = None,
+    progress: Progress | None = None,
 ) -> Result:
-    """Run a command and return its output, or raise CommandError / CommandTimeout."""
+    """Run a command and return its output, or raise CommandError / CommandTimeout.
+
+    With ``progress``, the command's ``(NN.NN/100%)`` progress lines (qemu-img
+    ``-p``) are passed on as they arrive.
+    """
     full = [_which(argv[0]), *argv[1:]]
     if limits is not None:
         full = [*limits.prefix(), *full]
@@ -94,6 +105,8 @@ def run(
     if env:
         environment.update(env)
     log.debug("run: %s", " ".join(full))
+    if progress is not None:
+        return _run_with_progress(full, timeout, environment, progress)
     try:
         proc = subprocess.run(
             full,
@@ -109,3 +122,44 @@ def run(
     if proc.returncode != 0:
         raise CommandError(full, proc.returncode, proc.stdout, proc.stderr)
     return Result(full, proc.stdout, proc.stderr)
+
+
+def _run_with_progress(
+    argv: list[str], timeout: float, env: Mapping[str, str], progress: Progress
+) -> Result:
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(stderr.read()), daemon=True)
+    timer = threading.Timer(timeout, expire)
+    reader.start()
+    timer.start()
+    out = bytearray()
+    try:
+        # Progress arrives as \r-separated updates on stdout; pass it on as it comes.
+        while chunk := os.read(stdout.fileno(), 4096):
+            out += chunk
+            matches = _PERCENT.findall(chunk)
+            if matches:
+                progress(float(matches[-1]))
+        proc.wait()
+    finally:
+        timer.cancel()
+        reader.join()
+        stdout.close()
+        stderr.close()
+    if expired.is_set():
+        raise CommandTimeout(argv, timeout)
+    text = b"".join(errors).decode(errors="replace")
+    if proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, out.decode(errors="replace"), text)
+    return Result(argv, out.decode(errors="replace"), text)
