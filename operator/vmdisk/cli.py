@@ -58,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
     delete.add_argument("name", nargs="?")
 
+    run = sub.add_parser("run", parents=[common], help="run the node agent (cluster mode)")
+    run.add_argument(
+        "--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
+    )
+    run.add_argument("--workers", type=int, default=4, help="concurrent disk operations [4]")
+    run.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
+    run.add_argument(
+        "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds"
+    )
+
+    orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
+    orphans.add_argument("-n", "--namespace", help="only this namespace")
+
     crds = sub.add_parser("crds", help="print the CustomResourceDefinitions")
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
@@ -217,7 +230,43 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .operator.main import run  # kopf is needed only here
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    run(
+        _settings(args),
+        liveness=args.liveness,
+        workers=args.workers,
+        namespaces=tuple(args.namespace),
+        scan_interval=args.scan_interval,
+    )
+    return 0
+
+
+def _cmd_orphans(args: argparse.Namespace) -> int:
+    """Disks on this host that no object owns: the agent's last scan, else local mode's."""
+    engine = Engine.build(_settings(args))
+    report = engine.layout.root / "orphans.json"
+    if report.exists():
+        data = json.loads(report.read_text())
+        print(f"# agent scan of {data['time']} on node {data['node']}", file=sys.stderr)
+        orphans = list(data["orphans"])
+    else:
+        owned = {
+            f"{o.metadata.namespace}/{o.metadata.name}"
+            for o in LocalStore(engine.layout).list_objects("vmdisks")
+        }
+        orphans = sorted(str(ref) for ref in engine.host_disks() if str(ref) not in owned)
+    for ref in orphans:
+        if args.namespace is None or ref.startswith(f"{args.namespace}/"):
+            print(ref)
+    return 0
+
+
 COMMANDS = {
+    "run": _cmd_run,
+    "orphans": _cmd_orphans,
     "apply": _cmd_apply,
     "get": _cmd_get,
     "delete": _cmd_delete,

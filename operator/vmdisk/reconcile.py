@@ -29,11 +29,12 @@ from .backends.base import (
     FromImage,
     SupportsSnapshots,
 )
-from .backends.record import bases_in_use
+from .backends.record import bases_in_use, disks_on_host
 from .backends.registry import Registry
 from .config import Settings
 from .errors import (
     DependencyNotReady,
+    DiskMissing,
     HasDependents,
     HostIOError,
     ImageLargerThanDisk,
@@ -301,6 +302,36 @@ class Engine:
     def cache_in_use(self) -> set[str]:
         """Cache entries that existing disks still read from (qcow2 backing files)."""
         return bases_in_use(self.layout.disks_dir)
+
+    def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
+        """Compare a Ready disk with the host; a new status when they disagree, else None.
+
+        Never changes data: a vanished disk turns Failed with DiskMissing.
+        """
+        status = disk.status
+        if status is None or status.phase != "Ready" or status.backend is None:
+            return None
+        ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
+        try:
+            with self._disk_lock(ref.namespace, ref.name):
+                state = self.registry.get(status.backend).state(ref)
+        except OSError as exc:
+            return failed_status(status, disk.metadata.generation, host_error(exc))
+        if state is None:
+            return failed_status(
+                status,
+                disk.metadata.generation,
+                DiskMissing(f"the disk's data at {status.path} no longer exists on this node"),
+            )
+        if (state.virtual_size, state.actual_size) != (status.virtual_size, status.actual_size):
+            return status.model_copy(
+                update={"virtual_size": state.virtual_size, "actual_size": state.actual_size}
+            )
+        return None
+
+    def host_disks(self) -> set[DiskRef]:
+        """Every disk that exists on this host under our naming, whatever its resource."""
+        return set(disks_on_host(self.layout.disks_dir))
 
 
 def host_error(exc: OSError) -> VMDiskError:

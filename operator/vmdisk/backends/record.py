@@ -8,10 +8,12 @@ re-probing would then hand it the host (Nova bug 1221190).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..host.files import atomic_write
+from .base import DiskRef
 
 RECORD_NAME = "disk.json"
 
@@ -56,3 +58,11 @@ def bases_in_use(disks_dir: Path) -> set[str]:
         if data.get("base_path") and data.get("base_image"):
             used.add(data["base_image"])
     return used
+
+
+def disks_on_host(disks_dir: Path) -> Iterator[DiskRef]:
+    """References of the complete file disks under ``disks_dir`` (partials excluded)."""
+    for path in sorted(disks_dir.glob(f"*/*/{RECORD_NAME}")):
+        name, namespace = path.parent.name, path.parent.parent.name
+        if not name.startswith("."):
+            yield DiskRef(namespace, name)

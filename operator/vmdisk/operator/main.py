@@ -1,0 +1,117 @@
+"""``vmdisk run``: the node agent a DaemonSet runs on every node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import kopf
+
+from ..config import Settings
+from ..host.files import atomic_write
+from ..reconcile import Engine
+from . import handlers, keys
+from .kubeapi import ApiConnection, KubeApi
+from .orphans import OrphanScanner
+
+log = logging.getLogger(__name__)
+
+
+def operator_settings(node: str, workers: int) -> kopf.OperatorSettings:
+    """kopf settings chosen for a node-local DaemonSet."""
+    s = kopf.OperatorSettings()
+    # Every node runs an agent of equal priority; peering would freeze all but one.
+    s.peering.standalone = True
+    # Per-node keys: agents never overwrite each other's bookkeeping.
+    prefix = keys.annotation_prefix(node)
+    s.persistence.finalizer = keys.finalizer(node)
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration"
+    )
+    # Bound concurrent provisioning per node: each sync handler takes one worker.
+    s.execution.max_workers = workers
+    # Reconnect watches regularly so a silently dropped connection is noticed.
+    s.watching.server_timeout = 300
+    s.watching.client_timeout = 330
+    s.watching.connect_timeout = 30
+    s.posting.level = logging.INFO
+    return s
+
+
+def _path(value: object) -> str | None:
+    return None if value is None else os.fsdecode(value)  # type: ignore[arg-type]
+
+
+def _connection(info: kopf.ConnectionInfo, settings: Settings) -> ApiConnection:
+    cert_path, key_path = _path(info.certificate_path), _path(info.private_key_path)
+    if info.certificate_data and info.private_key_data:
+        # urllib3 takes client certificates only as files; keep them in the state dir.
+        run_dir = settings.state_dir / "run"
+        cert_path, key_path = str(run_dir / "client.crt"), str(run_dir / "client.key")
+        atomic_write(run_dir / "client.crt", info.certificate_data, mode=0o600)
+        atomic_write(run_dir / "client.key", info.private_key_data, mode=0o600)
+    return ApiConnection(
+        server=info.server,
+        token=info.token,
+        ca_path=_path(info.ca_path),
+        ca_data=info.ca_data.encode() if isinstance(info.ca_data, str) else info.ca_data,
+        insecure=bool(info.insecure),
+        cert_path=cert_path,
+        key_path=key_path,
+    )
+
+
+def build_registry(engine: Engine, scan_interval: float) -> kopf.OperatorRegistry:
+    """All handlers of the agent, on a registry of its own."""
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, engine)
+
+    @kopf.on.login(registry=registry)
+    def login(*, memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        if info is not None:
+            memo.api = KubeApi(_connection(info, engine.settings))
+        return info
+
+    @kopf.on.startup(registry=registry)
+    def start_scanner(*, memo: Any, **_: Any) -> None:
+        memo.scanner = OrphanScanner(engine, lambda: getattr(memo, "api", None), scan_interval)
+        memo.scanner.start()
+
+    @kopf.on.cleanup(registry=registry)
+    def stop_scanner(*, memo: Any, **_: Any) -> None:
+        scanner = getattr(memo, "scanner", None)
+        if scanner is not None:
+            scanner.stop()
+        api = getattr(memo, "api", None)
+        if api is not None:
+            api.close()
+
+    return registry
+
+
+def run(
+    settings: Settings,
+    *,
+    liveness: str | None = None,
+    workers: int = 4,
+    namespaces: tuple[str, ...] = (),
+    scan_interval: float = 600.0,
+) -> None:
+    """Run the node agent until it is stopped."""
+    engine = Engine.build(settings)
+    log.info("vmdisk agent for node %s, state in %s", settings.node_name, settings.state_dir)
+    asyncio.run(
+        kopf.operator(
+            registry=build_registry(engine, scan_interval),
+            settings=operator_settings(settings.node_name, workers),
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+            standalone=True,
+            memo=kopf.Memo(),
+        )
+    )
