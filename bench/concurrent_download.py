@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
@@ -45,11 +46,12 @@ def run(scratch: Path) -> list[Row]:
 
         # Baseline: one disk (the download), then the other overlays in turn.
         alone = Engine.build(Settings(state_dir=scratch / "alone"))
-        single = timed(lambda: require_ready(alone.reconcile_disk(model("d00"), lookup), "d00"))
-        rest = sum(
-            timed(lambda i=i: require_ready(alone.reconcile_disk(model(f"d{i:02d}"), lookup), "d"))
-            for i in range(1, DISKS)
-        )
+
+        def one(name: str) -> None:
+            require_ready(alone.reconcile_disk(model(name), lookup), name)
+
+        single = timed(partial(one, "d00"))
+        rest = sum(timed(partial(one, f"d{i:02d}")) for i in range(1, DISKS))
         before = server.counts(IMAGE)
 
         engine = Engine.build(Settings(state_dir=scratch / "concurrent"))
@@ -84,14 +86,15 @@ def run(scratch: Path) -> list[Row]:
             f"(c) full image downloads, {DISKS} concurrent disks (256 MiB over HTTP)",
             f"{full} ({after.gets - before.gets} GETs)",
             "1",
-            f"{full}x",
+            "-",
             "exactly 1",
             full == 1,
         ),
         Row(
             f"(c) wall time, {DISKS} concurrent disks from the uncached image",
             fmt_s(wall),
-            f"1 download {fmt_s(single)} + {DISKS - 1} overlays {fmt_s(rest)} = {fmt_s(baseline)}",
+            f"first disk (download) {fmt_s(single)} + {DISKS - 1} overlays {fmt_s(rest)}"
+            f" = {fmt_s(baseline)}",
             ratio(wall, baseline),
             f"≤ {TARGET}x",
             wall <= TARGET * baseline,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from vmdisk.config import Settings
@@ -43,17 +44,15 @@ def run(scratch: Path) -> list[Row]:
     assert cached is not None
     bare_dir = scratch / "bare"
     bare_dir.mkdir()
+    backing = cached.path
+
+    def qemu_img_create(overlay: Path) -> None:
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", "raw", overlay)
+
     engine_times, bare_times = [], []
     for i in range(DISKS):
-        engine_times.append(timed(lambda i=i: disk(f"d{i:02d}")))
-        overlay = bare_dir / f"o{i:02d}.qcow2"
-        bare_times.append(
-            timed(
-                lambda o=overlay: sh(
-                    "qemu-img", "create", "-q", "-f", "qcow2", "-b", cached.path, "-F", "raw", o
-                )
-            )
-        )
+        engine_times.append(timed(partial(disk, f"d{i:02d}")))
+        bare_times.append(timed(partial(qemu_img_create, bare_dir / f"o{i:02d}.qcow2")))
     eng, bare = Stats(tuple(engine_times)), Stats(tuple(bare_times))
     return [
         Row(

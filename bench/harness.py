@@ -120,21 +120,32 @@ def scratch_dir() -> Iterator[Path]:
 
 @contextmanager
 def loop_xfs(image: Path, mountpoint: Path, size: int) -> Iterator[Path]:
-    """A reflink-capable xfs on a loop device, mounted at ``mountpoint``; torn down after."""
-    with open(image, "wb") as handle:
-        handle.truncate(size)
-    sh("mkfs.xfs", "-q", "-m", "reflink=1", image)
-    device = sh("losetup", "--find", "--show", image).strip()
+    """A reflink-capable xfs on a loop device, mounted at ``mountpoint``; torn down after.
+
+    Teardown finds the mount and the loop device from the system, not from
+    local variables, so an interrupt between any two steps leaks nothing.
+    """
     try:
+        with open(image, "wb") as handle:
+            handle.truncate(size)
+        sh("mkfs.xfs", "-q", "-m", "reflink=1", image)
         mountpoint.mkdir(parents=True, exist_ok=True)
+        device = sh("losetup", "--find", "--show", image).strip()
         sh("mount", "-t", "xfs", device, mountpoint)
-        try:
-            yield mountpoint
-        finally:
+        yield mountpoint
+    finally:
+        _teardown(image, mountpoint)
+
+
+def _teardown(image: Path, mountpoint: Path) -> None:
+    try:
+        if os.path.ismount(mountpoint):
             sh("umount", mountpoint)
     finally:
-        sh("losetup", "-d", device)
-        image.unlink(missing_ok=True)
+        if image.exists():
+            for line in sh("losetup", "--associated", image).splitlines():
+                sh("losetup", "--detach", line.split(":", 1)[0])
+            image.unlink()
 
 
 def free_bytes(path: Path) -> int:

@@ -125,6 +125,7 @@ class FileServer:
             [sys.executable, "-m", "bench.httpserver", str(self.root)],
             stdout=subprocess.PIPE,
             text=True,
+            cwd=Path(__file__).resolve().parent.parent,  # where the bench package lives
         )
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()

@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds"
     )
+    run.add_argument(
+        "--verify-interval", type=float, default=60.0, help="host check of Ready disks, seconds"
+    )
 
     orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
     orphans.add_argument("-n", "--namespace", help="only this namespace")
@@ -240,6 +243,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         namespaces=tuple(args.namespace),
         scan_interval=args.scan_interval,
+        verify_interval=args.verify_interval,
     )
     return 0
 

@@ -72,7 +72,9 @@ def _invalid(body: Any, exc: ValidationError, status: S) -> S:
     return failed_status(status, body.get("metadata", {}).get("generation"), InvalidSpec(message))
 
 
-def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
+def register(
+    registry: kopf.OperatorRegistry, engine: Engine, *, verify_interval: float = 60.0
+) -> None:
     """Register every handler of this node's agent on ``registry``."""
     node = engine.settings.node_name
 
@@ -83,11 +85,11 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         # DiskSnapshots carry no node: they belong to the node of their disk.
         return (namespace, spec.get("diskName")) in kwargs["node_disks"]
 
-    @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, registry=registry)
+    @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="node_disks", registry=registry)
     def node_disks(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): dict(body)}
 
-    @kopf.index(GROUP, VERSION, "disksnapshots", registry=registry)
+    @kopf.index(GROUP, VERSION, "disksnapshots", id="snapshots", registry=registry)
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): dict(body)}
 
@@ -106,9 +108,21 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
 
         return publish
 
-    @kopf.on.resume(GROUP, VERSION, "vmdisks", when=on_this_node, registry=registry)
-    @kopf.on.create(GROUP, VERSION, "vmdisks", when=on_this_node, registry=registry)
-    @kopf.on.update(GROUP, VERSION, "vmdisks", when=on_this_node, field="spec", registry=registry)
+    @kopf.on.resume(
+        GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_changed", registry=registry
+    )
+    @kopf.on.create(
+        GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_changed", registry=registry
+    )
+    @kopf.on.update(
+        GROUP,
+        VERSION,
+        "vmdisks",
+        when=on_this_node,
+        field="spec",
+        id="vmdisk_changed",
+        registry=registry,
+    )
     def vmdisk_changed(
         *, body: Any, meta: Any, patch: Any, retry: Any, memo: Any, **kw: Any
     ) -> None:
@@ -122,7 +136,9 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         new = engine.reconcile_disk(disk, lookup(kw), publish)
         _finish(body, patch, old if body.get("status") else None, new, retry)
 
-    @kopf.on.delete(GROUP, VERSION, "vmdisks", when=on_this_node, registry=registry)
+    @kopf.on.delete(
+        GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_deleted", registry=registry
+    )
     def vmdisk_deleted(*, body: Any, patch: Any, retry: Any, **kw: Any) -> None:
         try:
             disk = VMDisk.model_validate(dict(body))
@@ -147,9 +163,10 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         GROUP,
         VERSION,
         "vmdisks",
-        interval=60,
-        initial_delay=30,
+        interval=verify_interval,
+        initial_delay=verify_interval,
         when=on_this_node,
+        id="vmdisk_verified",
         registry=registry,
     )
     def vmdisk_verified(*, body: Any, patch: Any, **_: Any) -> None:
@@ -162,10 +179,30 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
             patch.status.update(dump(new))
             _report(body, disk.status, new)
 
-    @kopf.on.resume(GROUP, VERSION, "disksnapshots", when=disk_on_this_node, registry=registry)
-    @kopf.on.create(GROUP, VERSION, "disksnapshots", when=disk_on_this_node, registry=registry)
+    @kopf.on.resume(
+        GROUP,
+        VERSION,
+        "disksnapshots",
+        when=disk_on_this_node,
+        id="snapshot_changed",
+        registry=registry,
+    )
+    @kopf.on.create(
+        GROUP,
+        VERSION,
+        "disksnapshots",
+        when=disk_on_this_node,
+        id="snapshot_changed",
+        registry=registry,
+    )
     @kopf.on.update(
-        GROUP, VERSION, "disksnapshots", when=disk_on_this_node, field="spec", registry=registry
+        GROUP,
+        VERSION,
+        "disksnapshots",
+        when=disk_on_this_node,
+        field="spec",
+        id="snapshot_changed",
+        registry=registry,
     )
     def snapshot_changed(*, body: Any, patch: Any, retry: Any, **kw: Any) -> None:
         old = DiskSnapshotStatus.model_validate(body.get("status") or {})
@@ -177,7 +214,14 @@ def register(registry: kopf.OperatorRegistry, engine: Engine) -> None:
         new = reconcile_snapshot(engine, snap, lookup(kw))
         _finish(body, patch, old if body.get("status") else None, new, retry)
 
-    @kopf.on.delete(GROUP, VERSION, "disksnapshots", when=disk_on_this_node, registry=registry)
+    @kopf.on.delete(
+        GROUP,
+        VERSION,
+        "disksnapshots",
+        when=disk_on_this_node,
+        id="snapshot_deleted",
+        registry=registry,
+    )
     def snapshot_deleted(*, body: Any, retry: Any, **kw: Any) -> None:
         try:
             snap = DiskSnapshot.model_validate(dict(body))

@@ -64,10 +64,12 @@ def _connection(info: kopf.ConnectionInfo, settings: Settings) -> ApiConnection:
     )
 
 
-def build_registry(engine: Engine, scan_interval: float) -> kopf.OperatorRegistry:
+def build_registry(
+    engine: Engine, *, scan_interval: float, verify_interval: float
+) -> kopf.OperatorRegistry:
     """All handlers of the agent, on a registry of its own."""
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, engine)
+    handlers.register(registry, engine, verify_interval=verify_interval)
 
     @kopf.on.login(registry=registry)
     def login(*, memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -100,13 +102,16 @@ def run(
     workers: int = 4,
     namespaces: tuple[str, ...] = (),
     scan_interval: float = 600.0,
+    verify_interval: float = 60.0,
 ) -> None:
     """Run the node agent until it is stopped."""
     engine = Engine.build(settings)
     log.info("vmdisk agent for node %s, state in %s", settings.node_name, settings.state_dir)
     asyncio.run(
         kopf.operator(
-            registry=build_registry(engine, scan_interval),
+            registry=build_registry(
+                engine, scan_interval=scan_interval, verify_interval=verify_interval
+            ),
             settings=operator_settings(settings.node_name, workers),
             clusterwide=not namespaces,
             namespaces=namespaces,
