@@ -14,6 +14,7 @@ import pytest
 from vmdisk.errors import InsufficientSpace
 from vmdisk.host import qemu_img
 from vmdisk.host.files import allocated_bytes, atomic_write, remove_on_error, sparse_copy
+from vmdisk.host.headers import HeaderMismatch, parallels_virtual_size, qcow2_virtual_size
 from vmdisk.host.locks import LockTimeout, file_lock
 from vmdisk.host.run import CommandError, CommandTimeout, Limits, run
 
@@ -141,3 +142,20 @@ def test_full_filesystem_is_a_typed_retryable_error(tiny_fs: Path, tmp_path: Pat
     with pytest.raises(InsufficientSpace) as err:
         sparse_copy(source, tiny_fs / "copy")
     assert not err.value.permanent
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "parallels"])
+@pytest.mark.parametrize("size", [MiB, 64 * MiB + 512, 3 * 1024 * MiB])
+def test_header_sizes_agree_with_qemu_img(tmp_path: Path, fmt: str, size: int):
+    path = tmp_path / f"img.{fmt}"
+    qemu_img.create(path, fmt, size)
+    read = qcow2_virtual_size if fmt == "qcow2" else parallels_virtual_size
+    assert read(path) == qemu_img.info(path, fmt).virtual_size
+
+
+def test_header_readers_refuse_other_formats(tmp_path: Path):
+    raw = tmp_path / "raw"
+    raw.write_bytes(b"\0" * 4096)
+    for read in (qcow2_virtual_size, parallels_virtual_size):
+        with pytest.raises(HeaderMismatch):
+            read(raw)

@@ -215,7 +215,11 @@ def test_snapshot_blocks_deletion_until_removed(
         }
     )
     snap = api_server.wait_for(
-        "disksnapshots", NS, "snap", lambda o: bool((o or {}).get("status", {}).get("readyToUse")), 30
+        "disksnapshots",
+        NS,
+        "snap",
+        lambda o: bool((o or {}).get("status", {}).get("readyToUse")),
+        30,
     )
     assert snap is not None and Path(snap["status"]["exportPath"]).is_relative_to(agent.state)
 
@@ -237,7 +241,9 @@ def test_temporary_failure_retries_until_the_source_appears(
     agents("node-a")
     late = image_dir / "late-arrival.qcow2"
     api_server.create(vmdisk("late", size="32Mi", source={"image": {"url": f"file://{late}"}}))
-    waiting = api_server.wait_for("vmdisks", NS, "late", phase("Pending", reason="DownloadFailed"), 30)
+    waiting = api_server.wait_for(
+        "vmdisks", NS, "late", phase("Pending", reason="DownloadFailed"), 30
+    )
     assert waiting is not None
     message = next(c for c in waiting["status"]["conditions"] if c["type"] == "Ready")["message"]
     assert "will retry" in message

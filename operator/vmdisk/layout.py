@@ -19,13 +19,11 @@ class StateLayout:
     root: Path
 
     def _inside(self, *parts: str) -> Path:
-        path = self.root.joinpath(*parts)
-        resolved = path.resolve()
-        if not resolved.is_relative_to(self.root.resolve()) or any(
-            p in ("", ".", "..") or "/" in p for p in parts
-        ):
+        # Lexical check: each part must be one plain path component.  Names
+        # are validated Kubernetes names already; this is the last line.
+        if any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts):
             raise OutsideStateDir(f"{'/'.join(parts)!r} would leave the state directory")
-        return path
+        return self.root.joinpath(*parts)
 
     @property
     def cache_dir(self) -> Path:

@@ -8,7 +8,7 @@ SupportsSnapshots), never silent no-ops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -102,7 +102,6 @@ class DiskState:
     virtual_size: int
     actual_size: int
     base_image: str | None = None
-    snapshots: tuple[str, ...] = field(default_factory=tuple)
     restored_snapshot: str | None = None  # the last spec.restore applied, pinned
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from ..errors import InvalidSpec
-from ..host import qemu_img
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
 from ..host.mkfs import make_filesystem
 from ..layout import StateLayout
@@ -56,15 +55,17 @@ class FileBackend(ABC):
         data = self.data_path(ref)
         if not data.exists():
             return None
-        info = qemu_img.info(data, record.format)
         return DiskState(
             format=record.format,
-            virtual_size=info.virtual_size,
+            virtual_size=self.virtual_size(data),
             actual_size=allocated_bytes(data),
             base_image=record.base_image,
-            snapshots=self.snapshots(ref),
             restored_snapshot=record.restored_snapshot,
         )
+
+    @abstractmethod
+    def virtual_size(self, data: Path) -> int:
+        """The guest-visible size of this backend's image file."""
 
     def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
         if request.preallocation not in self.preallocations:

@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 
 from ..host import qemu_img
 from ..host.files import atomic_write, remove_on_error, remove_path
+from ..host.headers import parallels_virtual_size
 from ..host.run import Progress
 from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
 from .copysnap import CopySnapshots
@@ -107,7 +108,7 @@ class PloopBackend(CopySnapshots):
 
     @staticmethod
     def _write_descriptor(directory: Path, data: Path) -> None:
-        size = qemu_img.info(data, "parallels").virtual_size
+        size = parallels_virtual_size(data)
         descriptor = directory / DESCRIPTOR
         disk_uuid = str(uuid.uuid4())
         if descriptor.exists():  # keep the disk's identity across resizes
@@ -115,6 +116,9 @@ class PloopBackend(CopySnapshots):
             if uid:
                 disk_uuid = uid.strip("{}")
         atomic_write(descriptor, render_descriptor(size, data.name, disk_uuid))
+
+    def virtual_size(self, data: Path) -> int:
+        return parallels_virtual_size(data)
 
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)

@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 
 from ..host import qemu_img
 from ..host.files import remove_path
+from ..host.headers import qcow2_virtual_size
 from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
 from .copysnap import SnapshotMissing
 from .filebase import FileBackend
@@ -75,6 +76,9 @@ class Qcow2Backend(FileBackend):
             base_image=base.id if base else None,
             base_path=str(base.path) if base else None,
         )
+
+    def virtual_size(self, data: Path) -> int:
+        return qcow2_virtual_size(data)
 
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         qemu_img.resize(self.data_path(ref), "qcow2", size)

@@ -67,6 +67,9 @@ class RawBackend(CopySnapshots):
         if data.stat().st_size < size:
             os.truncate(data, size)
 
+    def virtual_size(self, data: Path) -> int:
+        return data.stat().st_size
+
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)
         self._grow(data, size)

@@ -100,6 +100,8 @@ def sparse_copy(source: Path, target: Path) -> str:
     """
     try:
         if try_reflink(source, target):
+            with open(target, "rb") as handle:
+                os.fsync(handle.fileno())
             return "reflink"
         size = source.stat().st_size
         with open(source, "rb") as src, open(target, "r+b") as dst:
