@@ -73,6 +73,10 @@ def _measure(workdir: Path, source: Path, sha: str, *, reflink_expected: bool) -
         "cp": lambda: sh("cp", "--sparse=always", base, copy),
         "convert": lambda: sh("qemu-img", "convert", "-f", "raw", "-O", "raw", base, copy),
         "cp+sync": lambda: (sh("cp", "--sparse=always", base, copy), sh("sync", copy)),
+        "convert+sync": lambda: (
+            sh("qemu-img", "convert", "-f", "raw", "-O", "raw", base, copy),
+            sh("sync", copy),
+        ),
     }
     times: dict[str, list[float]] = {"engine": [], **{k: [] for k in baselines}}
     engine_used = []
@@ -88,28 +92,32 @@ def _measure(workdir: Path, source: Path, sha: str, *, reflink_expected: bool) -
             copy.unlink()
 
     med = {k: Stats(tuple(v)).median for k, v in times.items()}
-    fastest = min(med["cp"], med["convert"])
     used = max(engine_used)
     shared = used < 16 * MiB
-    baseline = (
-        f"cp --sparse=always: {fmt_s(med['cp'])}; qemu-img convert: {fmt_s(med['convert'])}"
-        f" (for reference, not judged: cp + fsync {fmt_s(med['cp+sync'])})"
-    )
     figure = f"(b) raw disk, 1 GiB base with 256 MiB data, {fstype}"
-    note = f" (new space used: {used // MiB} MiB{', reflinked' if shared else ''})"
-    passed = med["engine"] <= fastest
-    goal = "≤ faster baseline"
     if reflink_expected:
         figure += " loop mount, reflink=1"
-        goal += f", < {fmt_s(INSTANT)}"
-        passed = passed and med["engine"] < INSTANT
-    return [
-        Row(
-            figure,
-            fmt_s(med["engine"]) + note,
-            baseline,
-            ratio(med["engine"], fastest),
-            goal,
-            passed,
+    note = f" (new space used: {used // MiB} MiB{', reflinked' if shared else ''})"
+    rows = []
+    # The engine fsyncs a disk before renaming it into place (a crash must
+    # never leave a "complete" disk with unwritten data); the bare commands
+    # do not.  Judge against both, and say which is which.
+    for label, keys in (("as given", ("cp", "convert")), ("+ fsync", ("cp+sync", "convert+sync"))):
+        fastest = min(med[k] for k in keys)
+        baseline = "; ".join(f"{k.replace('+sync', ' + fsync')}: {fmt_s(med[k])}" for k in keys)
+        goal = f"≤ faster baseline ({label})"
+        passed = med["engine"] <= fastest
+        if reflink_expected:
+            goal += f", < {fmt_s(INSTANT)}"
+            passed = passed and med["engine"] < INSTANT
+        rows.append(
+            Row(
+                f"{figure}, baselines {label}",
+                fmt_s(med["engine"]) + note,
+                baseline,
+                ratio(med["engine"], fastest),
+                goal,
+                passed,
+            )
         )
-    ]
+    return rows
