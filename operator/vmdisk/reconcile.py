@@ -27,9 +27,11 @@ from .backends.base import (
     DiskState,
     FromDisk,
     FromImage,
+    FromStore,
+    SupportsInventory,
     SupportsSnapshots,
 )
-from .backends.record import bases_in_use, disks_on_host
+from .backends.record import bases_in_use
 from .backends.registry import Registry
 from .config import Settings
 from .errors import (
@@ -99,7 +101,7 @@ class Engine:
         """Bring the host in line with ``disk.spec``; return the new status."""
         status = disk.status or VMDiskStatus()
         generation = disk.metadata.generation
-        ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
+        ref = self.disk_ref(disk)
         try:
             backend = self.registry.get(
                 backend_for(disk.spec, disk.status, self.settings.default_backend)
@@ -160,7 +162,10 @@ class Engine:
         content: Content
         size = spec.size_bytes
         source = spec.source
-        if source.image is not None:
+        if source.image is not None and source.image.url.startswith("rbd://"):
+            # Already in the backend's store: the backend clones it (and checks its size).
+            content, minimum = FromStore(source.image.url), 0
+        elif source.image is not None:
             image = self.cache.get(source.image, disk_size=size, progress=progress.download)
             content, minimum = FromImage(image), image.virtual_size
         elif source.blank is not None:
@@ -212,7 +217,7 @@ class Engine:
             raise DependencyNotReady(f"source VMDisk {source_name!r} is not Ready yet")
         assert source.status.backend is not None
         backend = self.registry.get(source.status.backend)
-        source_ref = DiskRef(namespace, source_name)
+        source_ref = self.disk_ref(source)
         state = backend.state(source_ref)
         if state is None:
             raise DependencyNotReady(f"source VMDisk {source_name!r} has no data on this node")
@@ -293,11 +298,9 @@ class Engine:
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
             return
-        backend_name = (disk.status.backend if disk.status else None) or (
-            disk.spec.backend or self.settings.default_backend
-        )
+        backend_name = self.backend_name(disk)
         with self._disk_lock(namespace, name):
-            self.registry.get(backend_name).delete(DiskRef(namespace, name))
+            self.registry.get(backend_name).delete(self.disk_ref(disk))
 
     def cache_in_use(self) -> set[str]:
         """Cache entries that existing disks still read from (qcow2 backing files)."""
@@ -311,7 +314,7 @@ class Engine:
         status = disk.status
         if status is None or status.phase != "Ready" or status.backend is None:
             return None
-        ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
+        ref = self.disk_ref(disk)
         try:
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
@@ -330,8 +333,30 @@ class Engine:
         return None
 
     def host_disks(self) -> set[DiskRef]:
-        """Every disk that exists on this host under our naming, whatever its resource."""
-        return set(disks_on_host(self.layout.disks_dir))
+        """Every disk that exists in this node's storage under our naming."""
+        found: set[DiskRef] = set()
+        for backend in self.registry.backends.values():
+            if isinstance(backend, SupportsInventory):
+                found.update(backend.inventory())
+        return found
+
+    def backend_name(self, disk: VMDisk) -> str:
+        """The disk's backend: pinned in status once created, else the spec's or the default."""
+        status = disk.status
+        if status is not None and status.format is not None and status.backend is not None:
+            return status.backend
+        return disk.spec.backend or self.settings.default_backend
+
+    def disk_ref(self, disk: VMDisk) -> DiskRef:
+        """The backend reference of a VMDisk, with its pool or volume group."""
+        spec, status = disk.spec, disk.status
+        backend = self.backend_name(disk)
+        placement = None
+        if backend == "rbd":
+            placement = (spec.rbd.pool if spec.rbd else None) or self.settings.rbd_pool
+        elif backend == "lvm":
+            placement = (spec.lvm.volume_group if spec.lvm else None) or self.settings.lvm_vg
+        return DiskRef(disk.metadata.namespace, disk.metadata.name, placement)
 
 
 def host_error(exc: OSError) -> VMDiskError:

@@ -30,7 +30,7 @@ def _snapshot_backend(
     backend = engine.registry.get(disk.status.backend)
     if not isinstance(backend, SupportsSnapshots):
         raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
-    return backend, backend, DiskRef(namespace, disk_name)
+    return backend, backend, engine.disk_ref(disk)
 
 
 def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
@@ -111,6 +111,4 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
     backend = engine.registry.get(disk.status.backend)
     if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
-            backend.remove_snapshot(
-                DiskRef(namespace, snap.spec.disk_name), name, ignore_missing=True
-            )
+            backend.remove_snapshot(engine.disk_ref(disk), name, ignore_missing=True)

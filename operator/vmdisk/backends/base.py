@@ -17,13 +17,22 @@ from ..api.vmdisk import Preallocation
 
 @dataclass(frozen=True)
 class DiskRef:
-    """Identifies one disk: the VMDisk's namespace and name."""
+    """Identifies one disk: the VMDisk's namespace and name.
+
+    ``placement`` is the backend's container for it where there is one (the
+    RBD pool, the LVM volume group); file backends ignore it.
+    """
 
     namespace: str
     name: str
+    placement: str | None = None
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,16 @@ class FromImage:
 
 
 @dataclass(frozen=True)
+class FromStore:
+    """An image that already lives in the backend's own store (``rbd://fsid/pool/image/snap``).
+
+    Only backends that can clone from their store accept it.
+    """
+
+    url: str
+
+
+@dataclass(frozen=True)
 class FromDisk:
     """Copy of another disk or snapshot; ``base`` is the source's cached base, if any."""
 
@@ -83,7 +102,7 @@ class FromDisk:
     base: BaseImage | None = None
 
 
-Content = Blank | FromImage | FromDisk
+Content = Blank | FromImage | FromDisk | FromStore
 
 
 @dataclass(frozen=True)
@@ -153,3 +172,10 @@ class SupportsSnapshots(Protocol):
         ...
 
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]: ...
+
+
+@runtime_checkable
+class SupportsInventory(Protocol):
+    """Lists the disks that exist in the backend's storage under vmdisk's naming."""
+
+    def inventory(self) -> list[DiskRef]: ...

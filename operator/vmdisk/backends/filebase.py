@@ -14,12 +14,12 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from ..errors import InvalidSpec
+from ..errors import InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
 from ..host.mkfs import make_filesystem
 from ..layout import StateLayout
-from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, Readable
-from .record import DiskRecord, read_record, write_record
+from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, FromStore, Readable
+from .record import DiskRecord, disks_on_host, read_record, write_record
 
 
 class FileBackend(ABC):
@@ -73,6 +73,12 @@ class FileBackend(ABC):
                 f"spec.preallocation: {request.preallocation!r} is not supported by the "
                 f"{self.name} backend (supported: {', '.join(sorted(self.preallocations))})"
             )
+        if isinstance(request.content, FromStore):
+            raise UnsupportedOperation(
+                f"spec.source.image.url: {request.content.url.split('/')[0]}// images live in "
+                f"Ceph and can only back rbd disks, not {self.name} ones",
+                reason="SourceNotSupported",
+            )
         final = self.directory(ref)
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
         remove_path(partial)  # leftovers of a crashed attempt
@@ -100,6 +106,9 @@ class FileBackend(ABC):
 
     def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
         return Readable(self.data_path(ref), self.format)
+
+    def inventory(self) -> list[DiskRef]:
+        return list(disks_on_host(self.layout.disks_dir, self.name))
 
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
         return ()

@@ -60,9 +60,10 @@ def bases_in_use(disks_dir: Path) -> set[str]:
     return used
 
 
-def disks_on_host(disks_dir: Path) -> Iterator[DiskRef]:
-    """References of the complete file disks under ``disks_dir`` (partials excluded)."""
+def disks_on_host(disks_dir: Path, backend: str) -> Iterator[DiskRef]:
+    """The complete file disks of ``backend`` under ``disks_dir`` (partials excluded)."""
     for path in sorted(disks_dir.glob(f"*/*/{RECORD_NAME}")):
         name, namespace = path.parent.name, path.parent.parent.name
-        if not name.startswith("."):
+        record = read_record(path.parent)
+        if not name.startswith(".") and record is not None and record.backend == backend:
             yield DiskRef(namespace, name)

@@ -63,7 +63,8 @@ class OrphanScanner:
         if api is None:
             return set()
         node = self.engine.settings.node_name
-        orphans = self.engine.host_disks() - owned_here(api.list_objects("vmdisks"), node)
+        owned = {ref.key for ref in owned_here(api.list_objects("vmdisks"), node)}
+        orphans = {ref for ref in self.engine.host_disks() if ref.key not in owned}
         for ref in sorted(orphans - self.reported, key=str):
             message = f"disk data for {ref} exists on this node but no VMDisk owns it"
             log.warning("orphan: %s", message)
