@@ -349,7 +349,7 @@ class Engine:
 
     def disk_ref(self, disk: VMDisk) -> DiskRef:
         """The backend reference of a VMDisk, with its pool or volume group."""
-        spec, status = disk.spec, disk.status
+        spec = disk.spec
         backend = self.backend_name(disk)
         placement = None
         if backend == "rbd":
