@@ -29,6 +29,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``path`` so that readers see the old or the new content, never half."""
     payload = data.encode() if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
@@ -43,6 +44,25 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
             tmp.unlink()
         raise_if_no_space(exc)
         raise
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temp files of this target left by writers that died (kill -9, power loss)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def raise_if_no_space(exc: OSError) -> None:
