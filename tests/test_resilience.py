@@ -71,7 +71,9 @@ def apply(manifest: Path, state: Path) -> subprocess.Popen[bytes]:
 def leftovers(state: Path) -> list[str]:
     """Temporary or half-made files anywhere in the state dir."""
     markers = (".partial", ".tmp-", ".rollback", ".grow")
-    found = [str(p.relative_to(state)) for p in state.rglob("*") if any(m in p.name for m in markers)]
+    found = [
+        str(p.relative_to(state)) for p in state.rglob("*") if any(m in p.name for m in markers)
+    ]
     tmp = state / "cache" / "tmp"
     if tmp.exists():
         found += [str(p.relative_to(state)) for p in tmp.iterdir()]
@@ -85,7 +87,13 @@ def check_disks(state: Path, names: list[str], image: Path) -> None:
     expected = image.read_bytes()[: 4 * MiB]
     for name in names:
         record = json.loads((state / "disks" / "vms" / name / "disk.json").read_text())
-        data = state / "disks" / "vms" / name / ("root.hds" if record["backend"] == "ploop" else "disk")
+        data = (
+            state
+            / "disks"
+            / "vms"
+            / name
+            / ("root.hds" if record["backend"] == "ploop" else "disk")
+        )
         fmt = record["format"]
         if fmt == "qcow2":
             assert qemu_img.check(data, fmt) is None
