@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import urllib3
+
 from conftest import MiB, sha256_of
 from kube import KubeApi
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import MiB
 from httpserver import ImageServer
-
 from vmdisk.host import qemu_img
 
 BACKENDS = ("qcow2", "raw", "ploop")
