@@ -20,7 +20,7 @@ from types import FrameType
 
 import vmdisk
 
-from . import concurrent_download, download_speed, engine_qcow2, raw_copy
+from . import concurrent_download, download_speed, engine_qcow2, operator_scale, raw_copy
 from .harness import Row, fs_type, scratch_dir, sh, table
 
 FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
@@ -28,6 +28,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "b": ("raw disk copy, native fs and xfs reflink", raw_copy.run),
     "c": ("20 concurrent disks, one download", concurrent_download.run),
     "d": ("download throughput vs curl", download_speed.run),
+    "e": ("the operator at scale against the kmock API server", operator_scale.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"
 
