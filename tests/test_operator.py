@@ -302,3 +302,40 @@ def test_orphans_are_reported_never_deleted(
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert out.stdout.split() == [f"{NS}/kept"]
+
+
+def test_permanent_failure_is_not_retried(
+    api_server: KubeApi, agents: Callable[..., Agent], image_dir: Path
+) -> None:
+    agents("node-a")
+    image = image_dir / "base.qcow2"
+    wrong = {"image": {"url": f"file://{image}", "checksum": "sha256:" + "0" * 64}}
+    api_server.create(vmdisk("bad", size="32Mi", source=wrong))
+    failed = api_server.wait_for("vmdisks", NS, "bad", phase("Failed"), timeout=30)
+    assert ready_reason(failed) == "ChecksumMismatch"
+    writes = len([s for s in api_server.statuses if s.name == "bad"])
+    time.sleep(6)  # the first backoff periods of a temporary error
+    events = [e for e in api_server.list("events", NS) if e["reason"] == "ChecksumMismatch"]
+    assert len(events) == 1
+    assert len([s for s in api_server.statuses if s.name == "bad"]) == writes  # no retry loop
+
+    # A new spec is a new attempt.
+    fixed = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
+    with pytest.raises(api_server.Error):  # source is immutable in the CRD
+        api_server.patch("vmdisks", NS, "bad", {"spec": {"source": fixed}})
+    assert_clean(api_server)
+
+
+def test_progress_is_published_while_provisioning(
+    api_server: KubeApi, agents: Callable[..., Agent], image_dir: Path
+) -> None:
+    agents("node-a")
+    image = image_dir / "base.qcow2"
+    source = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
+    api_server.create(vmdisk("slow", backend="raw", size="32Mi", source=source))
+    api_server.wait_for("vmdisks", NS, "slow", phase("Ready"), timeout=30)
+    phases = [s.status.get("phase") for s in api_server.statuses if s.name == "slow"]
+    assert phases[0] == "Provisioning" and phases[-1] == "Ready"
+    progress = [s.status.get("progress") for s in api_server.statuses if s.name == "slow"]
+    assert "0%" in progress and progress[-1] == "100%"
+    assert_clean(api_server)
