@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from vmdisk.local import LocalRunner
 from vmdisk.reconcile import Engine
 from vmdisk.store import LocalStore
 
-pytest_plugins = ["libvirtd", "kube"]
+pytest_plugins = ["libvirtd", "kube", "lvmfixtures"]
 
 MiB = 1024 * 1024
 # A recognisable pattern at known offsets, so tests can prove data survived.
@@ -107,3 +108,19 @@ def disk() -> Manifest:
         )
 
     return make
+
+
+@contextmanager
+def loop_mounted_ext4(directory: Path, size_mib: int) -> Iterator[Path]:
+    """A small ext4 filesystem, loop-mounted under ``directory``, to fill up for real."""
+    image = directory / f"fs-{size_mib}.img"
+    mount = directory / f"mnt-{size_mib}"
+    mount.mkdir()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image), f"{size_mib}M"], check=True)
+    result = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"loop mounts are not available here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

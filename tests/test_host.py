@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from conftest import loop_mounted_ext4
 from vmdisk.errors import InsufficientSpace
 from vmdisk.host import qemu_img
 from vmdisk.host.files import allocated_bytes, atomic_write, remove_on_error, sparse_copy
@@ -121,19 +123,9 @@ def test_sparse_copy_keeps_holes_and_bytes(tmp_path: Path):
 
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path):
-    """A 16 MiB ext4 loop mount, to fill up for real."""
-    image = tmp_path / "fs.img"
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image), "16M"], check=True)
-    result = subprocess.run(["mount", "-o", "loop", str(image), str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"loop mounts are not available here: {result.stderr.decode().strip()}")
-    try:
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    with loop_mounted_ext4(tmp_path, 16) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_filesystem_is_a_typed_retryable_error(tiny_fs: Path, tmp_path: Path):

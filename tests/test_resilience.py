@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import MiB
+from conftest import MiB, loop_mounted_ext4
 from httpserver import ImageServer
 from vmdisk.host import qemu_img
 
@@ -166,18 +166,9 @@ def test_two_processes_on_one_state_dir(tmp_path: Path, slow_server: ImageServer
 
 @pytest.fixture
 def small_state(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB ext4 filesystem, loop-mounted, for a state dir that fills up."""
-    fs = tmp_path / "fs.img"
-    mount = tmp_path / "small"
-    mount.mkdir()
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(fs), "64M"], check=True)
-    result = subprocess.run(["mount", "-o", "loop", str(fs), str(mount)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"loop mounts are not available here: {result.stderr.decode().strip()}")
-    try:
+    """A 64 MiB filesystem for a state dir that fills up."""
+    with loop_mounted_ext4(tmp_path, 64) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_full_filesystem_fails_cleanly_and_recovers(
