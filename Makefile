@@ -24,6 +24,7 @@ bench: setup
 
 crds: setup
 	$(VENV)/bin/vmdisk crds --split crds
+	cp crds/*.yaml charts/vmdisk-operator/crds/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,276 @@
+"""The Helm chart: rendered with Helm's own Go SDK (helm-python-sdk), linted, and
+every rendered object validated against the Kubernetes schemas
+(kubernetes-validate, strict); its RBAC compared with what the agent calls.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+import vmdisk
+from vmdisk.config import Settings
+from vmdisk.operator import rbac
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "vmdisk-operator"
+FULL_VALUES = CHART / "ci" / "full-values.yaml"
+KUBE_VERSION = "1.30.0"  # the oldest Kubernetes the chart is validated against
+Obj = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[helm.Chart]:
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+def render(chart: helm.Chart, values: Obj | None = None) -> list[Obj]:
+    """Every object the chart renders (NOTES.txt aside), as a release in vmdisk-system."""
+    manifests = chart.render(values, name="vmdisk", namespace="vmdisk-system", is_install=True)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        objects += [doc for doc in yaml.safe_load_all(text) if doc]
+    return objects
+
+
+def full_values() -> Obj:
+    values: Obj = yaml.safe_load(FULL_VALUES.read_text())
+    return values
+
+
+def one(objects: list[Obj], kind: str) -> Obj:
+    found = [o for o in objects if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def test_app_version_is_the_package_version() -> None:
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["appVersion"] == project["version"] == vmdisk.__version__
+
+
+@pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["defaults", "full"])
+def test_chart_lints_strictly(values: Path | None) -> None:
+    given = yaml.safe_load(values.read_text()) if values else None
+    report = helm.lint(CHART, given, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["errors"] == []
+    # Only the "icon is recommended" kind of advice (severity 1) is left.
+    assert [m for m in report["messages"] if m["severity"] > 1] == []
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["defaults", "full"])
+def test_every_rendered_object_is_valid_kubernetes(chart: helm.Chart, full: bool) -> None:
+    objects = render(chart, full_values() if full else None)
+    kinds = sorted(o["kind"] for o in objects)
+    base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]
+    assert kinds == sorted(base + (["Service", "ServiceMonitor"] if full else []))
+    for obj in objects:
+        if obj["kind"] == "ServiceMonitor":  # a Prometheus Operator CRD: no upstream schema
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            assert obj["spec"]["endpoints"][0]["port"] == "metrics"
+            continue
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    chart_crds = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert chart_crds == sorted(p.name for p in (ROOT / "crds").glob("*.yaml"))
+    for name in chart_crds:
+        text = (CHART / "crds" / name).read_text()
+        assert text == (ROOT / "crds" / name).read_text(), f"{name}: run `make crds`"
+        kubernetes_validate.validate(yaml.safe_load(text), KUBE_VERSION, strict=True)
+
+
+def test_cluster_role_is_exactly_what_the_agent_calls(chart: helm.Chart) -> None:
+    role = one(render(chart), "ClusterRole")
+    assert role["rules"] == rbac.rules()
+    # Never Secrets, never writes beyond patch/create, never anything cluster-wide
+    # but reading CRDs.
+    flat = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+            for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    assert not any(r == "secrets" for _, r, _ in flat)
+    assert {v for _, _, v in flat} <= {"list", "watch", "patch", "create"}
+
+
+def test_rbac_switches_off(chart: helm.Chart) -> None:
+    values = {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "agent"}}
+    objects = render(chart, values)
+    assert {o["kind"] for o in objects} == {"ConfigMap", "DaemonSet"}
+    spec = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "agent"
+
+
+def test_configmap_is_read_by_the_settings(chart: helm.Chart) -> None:
+    config = one(render(chart, full_values()), "ConfigMap")["data"]
+    assert all(key.startswith("VMDISK_") for key in config)
+    settings = Settings.from_env(config)
+    assert settings.default_backend == "lvm" and settings.lvm_vg == "vg0"
+    assert settings.rbd_pool == "vms" and settings.rbd_user == "vmdisk"
+    assert settings.rbd_secret_uuid == "5ab1e5f4-6f0c-4e42-9d1c-3f1e7a3b9c11"
+    assert str(settings.ceph_conf) == "/etc/ceph/ceph.conf"
+    assert settings.cache_max_age == 7 * 86400
+    assert [str(p) for p in settings.image_dirs] == ["/srv/images", "/var/lib/images"]
+    defaults = one(render(chart), "ConfigMap")["data"]
+    assert set(defaults) == {"VMDISK_STATE_DIR", "VMDISK_DEFAULT_BACKEND", "VMDISK_CACHE_MAX_AGE"}
+
+
+def _mounts(pod: Obj) -> dict[str, tuple[str, Obj]]:
+    """mountPath -> (volume name, volume source) of the agent container."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    container = pod["containers"][0]
+    return {m["mountPath"]: (m["name"], volumes[m["name"]]) for m in container["volumeMounts"]}
+
+
+def test_daemonset_defaults(chart: helm.Chart) -> None:
+    ds = one(render(chart), "DaemonSet")
+    assert ds["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1},
+    }
+    pod = ds["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    assert agent["image"] == f"ghcr.io/vmdisk/vmdisk-operator:{vmdisk.__version__}"
+    assert agent["securityContext"]["privileged"] is True
+    env = {e["name"]: e for e in agent["env"]}
+    for name in ("NODE_NAME", "VMDISK_NODE_NAME"):
+        assert env[name]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    # The probes ask kopf's liveness endpoint, on the port given to --liveness.
+    args = agent["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in args
+    assert "--metrics-port=9102" in args and "--log-format=json" in args
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert ports == {"health": 8080, "metrics": 9102}
+    for probe in (agent["livenessProbe"], agent["readinessProbe"]):
+        assert probe["httpGet"] == {"path": "/healthz", "port": "health"}
+    mounts = _mounts(pod)
+    assert mounts["/var/lib/vmdisk"][1]["hostPath"]["path"] == "/var/lib/vmdisk"
+    assert mounts["/dev"][1]["hostPath"]["path"] == "/dev"
+    assert "/etc/ceph" not in mounts and "/run/lvm" not in mounts
+    assert "checksum/config" in ds["spec"]["template"]["metadata"]["annotations"]
+    # The run flags the chart passes exist.
+    from vmdisk.cli import _parser
+
+    _parser().parse_args(["run", *args])
+
+
+def test_daemonset_with_everything_on(chart: helm.Chart) -> None:
+    objects = render(chart, full_values())
+    pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    assert "--metrics-port=9200" in agent["args"] and "--verbose" in agent["args"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "vmdisk.io/agent": "true"}
+    assert "nodeAffinity" in pod["affinity"]
+    mounts = _mounts(pod)
+    assert mounts["/etc/ceph"][1]["secret"]["secretName"] == "ceph-client-vmdisk"
+    for path in ("/run/lvm", "/run/udev", "/etc/lvm"):
+        assert mounts[path][1]["hostPath"]["path"] == path
+    for path in ("/srv/images", "/var/lib/images"):
+        name, volume = mounts[path]
+        assert volume["hostPath"]["path"] == path
+        mount = next(m for m in agent["volumeMounts"] if m["name"] == name)
+        assert mount["readOnly"] is True
+    service = one(objects, "Service")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+
+def test_host_ceph_config_without_a_secret(chart: helm.Chart) -> None:
+    pod = one(render(chart, {"rbd": {"enabled": True}}), "DaemonSet")["spec"]["template"]["spec"]
+    assert _mounts(pod)["/etc/ceph"][1]["hostPath"]["path"] == "/etc/ceph"
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"settings": {"defaultBackend": "zfs"}}, "defaultBackend"),
+        ({"agent": {"logFormat": "xml"}}, "logFormat"),
+        ({"settings": {"imageDirs": ["relative/dir"]}}, "imageDirs"),
+        ({"metrics": {"port": 70000}}, "port"),
+        ({"rbd": {"user": "client.vmdisk"}}, "user"),
+        ({"unknownSetting": 1}, "unknownSetting"),
+    ],
+)
+def test_schema_refuses_bad_values(chart: helm.Chart, values: Obj, field: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=field):
+        chart.render(values, name="vmdisk", namespace="vmdisk-system")
+
+
+def test_notes_tell_how_to_create_a_first_disk(chart: helm.Chart) -> None:
+    notes = next(
+        text
+        for path, text in chart.render(None, name="vmdisk", namespace="ns").items()
+        if path.endswith("NOTES.txt")
+    )
+    assert "kind: VMDisk" in notes and "libvirtXML" in notes
+
+
+# --- values.yaml documentation and README table -----------------------------
+
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z][A-Za-z0-9]*):(?P<rest>.*)$")
+
+
+def documented_values() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every value with a "# --" comment."""
+    rows, path, comment = [], [], []
+    documented: set[str] = set()
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = [stripped.removeprefix("# --").strip()]
+            continue
+        if stripped.startswith("#") and comment:
+            comment.append(stripped.removeprefix("#").strip())
+            continue
+        m = _KEY.match(line)
+        if not m:
+            continue
+        depth = len(m["indent"]) // 2
+        path = [*path[:depth], m["key"]]
+        key = ".".join(path)
+        if comment:
+            default = m["rest"].strip() or "(see values.yaml)"
+            rows.append((key, default, " ".join(comment)))
+            documented.add(key)
+        elif m["rest"].strip() and not any(key.startswith(f"{d}.") for d in documented):
+            raise AssertionError(f"values.yaml: {key} has no '# --' comment")
+        comment = []
+    return rows
+
+
+def readme_table() -> str:
+    lines = ["| Value | Default | Description |", "|---|---|---|"]
+    for key, default, text in documented_values():
+        lines.append(f"| `{key}` | `{default}` | {text} |")
+    return "\n".join(lines)
+
+
+def test_every_value_is_documented_and_in_the_readme() -> None:
+    rows = documented_values()
+    assert len(rows) > 30
+    schema_top = set(yaml.safe_load((CHART / "values.schema.json").read_text())["properties"])
+    assert {key.split(".")[0] for key, _, _ in rows} <= schema_top
+    readme = (ROOT / "README.md").read_text()
+    begin, end = "<!-- values-table:begin -->", "<!-- values-table:end -->"
+    assert begin in readme and end in readme, "README.md lacks the values table markers"
+    current = readme.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert current == readme_table(), "README.md's values table is stale; expected:\n" + (
+        readme_table()
+    )
