@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--verify-interval", type=float, default=60.0, help="host check of Ready disks, seconds"
     )
+    run.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
+    )
+    run.add_argument("--log-format", choices=("text", "json"), default="text", help="[text]")
 
     orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
     orphans.add_argument("-n", "--namespace", help="only this namespace")
@@ -234,9 +238,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .operator import logs
     from .operator.main import run  # kopf is needed only here
 
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logs.configure(args.log_format, logging.DEBUG if args.verbose else logging.INFO)
     run(
         _settings(args),
         liveness=args.liveness,
@@ -244,6 +249,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace),
         scan_interval=args.scan_interval,
         verify_interval=args.verify_interval,
+        metrics_port=args.metrics_port,
     )
     return 0
 

@@ -117,3 +117,13 @@ class InsufficientSpace(TemporaryError):
     """The state directory's filesystem is full; retried once space is freed."""
 
     reason = "InsufficientSpace"
+
+
+class InsufficientCapacity(PermanentError):
+    """The backend's storage (an LVM volume group, a thin pool) cannot hold the disk.
+
+    Permanent until the spec changes (a smaller size, another volume group)
+    or an administrator adds capacity and the object is touched again.
+    """
+
+    reason = "InsufficientCapacity"

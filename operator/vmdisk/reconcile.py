@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .api.common import Condition
@@ -28,6 +28,7 @@ from .backends.base import (
     FromDisk,
     FromImage,
     FromStore,
+    SupportsEncryption,
     SupportsInventory,
     SupportsSnapshots,
 )
@@ -46,7 +47,8 @@ from .errors import (
 )
 from .host.files import raise_if_no_space
 from .host.locks import file_lock
-from .images.cache import ImageCache
+from .host.secrets import FileSecrets
+from .images.cache import NO_CACHE_OBSERVER, CacheObserver, ImageCache
 from .layout import StateLayout
 from .libvirt import render_disk
 from .planning import Create, Resize, Restore, backend_for, plan_disk
@@ -69,15 +71,49 @@ class Lookup(Protocol):
     def list_snapshots(self, namespace: str) -> list[DiskSnapshot]: ...
 
 
+class Secrets(Protocol):
+    """Reads one key of a Secret: files in local mode, the Kubernetes API in the operator."""
+
+    def get(self, namespace: str, name: str, key: str) -> bytes: ...
+
+
+class Observer(CacheObserver, Protocol):
+    """Told what the engine did (the operator's metrics); the default ignores it."""
+
+    def disk_reconciled(self, backend: str, status: VMDiskStatus, seconds: float) -> None: ...
+
+
+class _NoObserver:
+    def disk_reconciled(self, backend: str, status: VMDiskStatus, seconds: float) -> None:
+        pass
+
+    def cache_lookup(self, hit: bool) -> None:
+        pass
+
+    def image_fetched(self, scheme: str, size: int, seconds: float) -> None:
+        pass
+
+
+NO_OBSERVER: Observer = _NoObserver()
+
+
 @dataclass(frozen=True)
 class Engine:
     settings: Settings
     layout: StateLayout
     registry: Registry
     cache: ImageCache
+    observer: Observer = field(default=NO_OBSERVER)
+    secrets: Secrets | None = None
 
     @classmethod
-    def build(cls, settings: Settings, registry: Registry | None = None) -> Engine:
+    def build(
+        cls,
+        settings: Settings,
+        registry: Registry | None = None,
+        observer: Observer | None = None,
+        secrets: Secrets | None = None,
+    ) -> Engine:
         """Wire the engine from settings (no I/O)."""
         from .backends.registry import default_registry
 
@@ -86,8 +122,16 @@ class Engine:
             layout.cache_dir,
             image_dirs=settings.image_dirs,
             max_virtual_size=settings.max_virtual_size,
+            observer=observer or NO_CACHE_OBSERVER,
         )
-        return cls(settings, layout, registry or default_registry(layout), cache)
+        return cls(
+            settings,
+            layout,
+            registry or default_registry(layout, lvm_vg=settings.lvm_vg),
+            cache,
+            observer or NO_OBSERVER,
+            secrets or FileSecrets(settings.state_dir / "secrets"),
+        )
 
     @contextmanager
     def _disk_lock(self, namespace: str, name: str) -> Iterator[None]:
@@ -99,6 +143,15 @@ class Engine:
         self, disk: VMDisk, lookup: Lookup, publish: Publish | None = None
     ) -> VMDiskStatus:
         """Bring the host in line with ``disk.spec``; return the new status."""
+        started = time.monotonic()
+        status = self._reconcile_disk(disk, lookup, publish)
+        backend = status.backend or self.backend_name(disk)
+        self.observer.disk_reconciled(backend, status, time.monotonic() - started)
+        return status
+
+    def _reconcile_disk(
+        self, disk: VMDisk, lookup: Lookup, publish: Publish | None
+    ) -> VMDiskStatus:
         status = disk.status or VMDiskStatus()
         generation = disk.metadata.generation
         ref = self.disk_ref(disk)
@@ -106,8 +159,12 @@ class Engine:
             backend = self.registry.get(
                 backend_for(disk.spec, disk.status, self.settings.default_backend)
             )
+            key = self._encryption_key(disk, backend)
             with self._disk_lock(ref.namespace, ref.name):
                 host = backend.state(ref)
+                if key is not None and host is not None:
+                    assert isinstance(backend, SupportsEncryption)
+                    backend.unlock(ref, key)  # after a reboot; resize needs it open
                 actions = plan_disk(disk.spec, disk.status, host)
                 for action in actions:
                     status = self._progressing(status, generation, action, publish)
@@ -120,6 +177,9 @@ class Engine:
                         if host.virtual_size < action.size:
                             host = backend.resize(ref, action.size)
                 assert host is not None
+                if key is not None:
+                    assert isinstance(backend, SupportsEncryption)
+                    backend.unlock(ref, key)  # a rollback closes the mapping
             return self._ready(disk, backend, ref, host, status, changed=bool(actions))
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
@@ -183,6 +243,8 @@ class Engine:
             content=content,
             preallocation=spec.preallocation,
             progress=progress.percent,
+            sparse=spec.lvm.sparse if spec.lvm else False,
+            encryption_key=self._encryption_key(disk, backend),
         )
         if isinstance(content, FromDisk):
             # Hold the source still while it is copied.
@@ -356,7 +418,23 @@ class Engine:
             placement = (spec.rbd.pool if spec.rbd else None) or self.settings.rbd_pool
         elif backend == "lvm":
             placement = (spec.lvm.volume_group if spec.lvm else None) or self.settings.lvm_vg
-        return DiskRef(disk.metadata.namespace, disk.metadata.name, placement)
+        return DiskRef(
+            disk.metadata.namespace, disk.metadata.name, placement, spec.encryption is not None
+        )
+
+    def _encryption_key(self, disk: VMDisk, backend: DiskBackend) -> bytes | None:
+        """The disk's key from its Secret, or None when it is not encrypted."""
+        encryption = disk.spec.encryption
+        if encryption is None:
+            return None
+        if not isinstance(backend, SupportsEncryption):
+            raise UnsupportedOperation(
+                f"spec.encryption: the {backend.name} backend cannot encrypt disks (use lvm)"
+            )
+        if self.secrets is None:
+            raise UnsupportedOperation("spec.encryption: no Secret reader is configured")
+        ref = encryption.secret_ref
+        return self.secrets.get(disk.metadata.namespace, ref.name, ref.key)
 
 
 def host_error(exc: OSError) -> VMDiskError:

@@ -143,6 +143,19 @@ class LvmSpec(Model):
     sparse: bool = False
 
 
+class SecretKeyRef(Model):
+    """One key of a Kubernetes Secret in the disk's namespace."""
+
+    name: ObjectName
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class EncryptionSpec(Model):
+    """Encryption at rest (lvm: dm-crypt LUKS2); the key is never copied into status."""
+
+    secret_ref: SecretKeyRef
+
+
 class RestoreSpec(Model):
     """Roll the disk back to a DiskSnapshot; applied once per new value."""
 
@@ -159,6 +172,7 @@ class VMDiskSpec(Model):
     libvirt: LibvirtSpec = Field(default_factory=LibvirtSpec)
     rbd: RbdSpec | None = None
     lvm: LvmSpec | None = None
+    encryption: EncryptionSpec | None = None
     restore: RestoreSpec | None = None
 
     @model_validator(mode="after")

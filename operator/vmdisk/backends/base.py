@@ -8,7 +8,7 @@ SupportsSnapshots), never silent no-ops.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -26,6 +26,7 @@ class DiskRef:
     namespace: str
     name: str
     placement: str | None = None
+    encrypted: bool = False  # spec.encryption is set: the disk is opened with its key
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -111,6 +112,9 @@ class CreateRequest:
     content: Content
     preallocation: Preallocation = "none"
     progress: Callable[[float], None] | None = None  # percent of a long copy or conversion
+    sparse: bool = False  # backends with thick and thin volumes make a thin one (spec.lvm.sparse)
+    # The key of an encrypted disk (spec.encryption); never printed.
+    encryption_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -179,3 +183,27 @@ class SupportsInventory(Protocol):
     """Lists the disks that exist in the backend's storage under vmdisk's naming."""
 
     def inventory(self) -> list[DiskRef]: ...
+
+
+@runtime_checkable
+class SupportsEncryption(Protocol):
+    """Disks encrypted at rest; the key comes with each call and is never kept."""
+
+    def unlock(self, ref: DiskRef, key: bytes) -> None:
+        """Make the decrypted device at ``location(ref)`` available (idempotent)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Space in one backend container (an LVM volume group), for metrics and scheduling."""
+
+    placement: str
+    size: int
+    free: int
+    thin_pool_free: int | None = None  # unwritten bytes in the thin pool, if there is one
+
+
+@runtime_checkable
+class SupportsCapacity(Protocol):
+    def capacity(self) -> Capacity: ...

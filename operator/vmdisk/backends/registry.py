@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from ..errors import UnsupportedOperation
 from ..layout import StateLayout
 from .base import DiskBackend
+from .lvm import LvmBackend
 from .ploop import PloopBackend
 from .qcow2 import Qcow2Backend
 from .raw import RawBackend
@@ -28,8 +29,9 @@ class Registry:
             ) from None
 
 
-def default_registry(layout: StateLayout) -> Registry:
-    """The backends every node has: the file-based ones."""
-    return Registry(
-        {b.name: b for b in (RawBackend(layout), Qcow2Backend(layout), PloopBackend(layout))}
-    )
+def default_registry(layout: StateLayout, *, lvm_vg: str | None = None) -> Registry:
+    """The backends every node has (the file-based ones), plus lvm when a VG is configured."""
+    backends: list[DiskBackend] = [RawBackend(layout), Qcow2Backend(layout), PloopBackend(layout)]
+    if lvm_vg:
+        backends.append(LvmBackend(lvm_vg))
+    return Registry({b.name: b for b in backends})

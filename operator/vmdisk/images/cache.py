@@ -24,6 +24,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
@@ -38,6 +39,25 @@ log = logging.getLogger("vmdisk.images")
 
 _ID = re.compile(r"^sha256-[0-9a-f]{64}$")
 _URL_KEY = re.compile(r"^url-[0-9a-f]{64}$")
+
+
+class CacheObserver(Protocol):
+    """Told about cache use and fetches (the operator's metrics)."""
+
+    def cache_lookup(self, hit: bool) -> None: ...
+
+    def image_fetched(self, scheme: str, size: int, seconds: float) -> None: ...
+
+
+class _NoCacheObserver:
+    def cache_lookup(self, hit: bool) -> None:
+        pass
+
+    def image_fetched(self, scheme: str, size: int, seconds: float) -> None:
+        pass
+
+
+NO_CACHE_OBSERVER: CacheObserver = _NoCacheObserver()
 
 
 @dataclass(frozen=True)
@@ -68,8 +88,10 @@ class ImageCache:
         tmp_dir: Path | None = None,
         http_timeout: float = 60.0,
         retries: int = 5,
+        observer: CacheObserver = NO_CACHE_OBSERVER,
     ) -> None:
         self.root = root
+        self.observer = observer
         self.image_dirs = image_dirs
         self.max_virtual_size = max_virtual_size
         self.tmp_dir = tmp_dir if tmp_dir is not None else root / "tmp"
@@ -92,6 +114,7 @@ class ImageCache:
             image_id = f"sha256-{expected}"
             with self._lock(image_id):
                 image = self.lookup(image_id)
+                self.observer.cache_lookup(hit=image is not None)
                 if image is None:
                     part = self._fetch(src, image_id, expected, progress)
                     image = self._verify_and_place(part, image_id, source, disk_size)
@@ -102,7 +125,9 @@ class ImageCache:
             with self._lock(known) if known else nullcontext():
                 image = self.lookup(known) if known else None
                 if image is not None:
+                    self.observer.cache_lookup(hit=True)
                     return self._use(image, source, disk_size)
+            self.observer.cache_lookup(hit=False)
             part = self._fetch(src, key, None, progress)
             image_id = f"sha256-{part.digest.sha256}"
             with self._lock(image_id):
@@ -196,6 +221,7 @@ class ImageCache:
         """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         path = self.tmp_dir / f"{key}.part"
+        started = time.monotonic()
         try:
             if isinstance(src, FileSource):
                 digest = copy_file(src.path, path, expected=expected, progress=progress)
@@ -208,6 +234,8 @@ class ImageCache:
         except Exception:
             _remove_partial(path)
             raise
+        scheme = src.url.partition(":")[0].lower()
+        self.observer.image_fetched(scheme, digest.size, time.monotonic() - started)
         return _Part(path, digest)
 
     def _verify_and_place(

@@ -14,6 +14,7 @@ from ..host.files import atomic_write
 from ..reconcile import Engine
 from . import handlers, keys
 from .kubeapi import ApiConnection, KubeApi
+from .metrics import Metrics, track_phases
 from .orphans import OrphanScanner
 
 log = logging.getLogger(__name__)
@@ -103,20 +104,29 @@ def run(
     namespaces: tuple[str, ...] = (),
     scan_interval: float = 600.0,
     verify_interval: float = 60.0,
+    metrics_port: int | None = None,
 ) -> None:
     """Run the node agent until it is stopped."""
-    engine = Engine.build(settings)
+    metrics = Metrics(settings.node_name) if metrics_port is not None else None
+    engine = Engine.build(settings, observer=metrics)
+    registry = build_registry(engine, scan_interval=scan_interval, verify_interval=verify_interval)
     log.info("vmdisk agent for node %s, state in %s", settings.node_name, settings.state_dir)
-    asyncio.run(
-        kopf.operator(
-            registry=build_registry(
-                engine, scan_interval=scan_interval, verify_interval=verify_interval
-            ),
-            settings=operator_settings(settings.node_name, workers),
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=liveness,
-            standalone=True,
-            memo=kopf.Memo(),
+    if metrics is not None and metrics_port is not None:
+        track_phases(registry, metrics)
+        metrics.watch_engine(engine)
+        log.info("metrics on port %d", metrics.serve(metrics_port))
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                settings=operator_settings(settings.node_name, workers),
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=liveness,
+                standalone=True,
+                memo=kopf.Memo(),
+            )
         )
-    )
+    finally:
+        if metrics is not None:
+            metrics.stop()

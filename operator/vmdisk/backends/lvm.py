@@ -1,0 +1,378 @@
+"""The LVM backend (Nova's Lvm): one logical volume per disk in a volume group.
+
+* Thick disks are linear LVs; ``spec.lvm.sparse`` disks are thin LVs in the
+  volume group's thin pool (``vmdisk-thinpool`` unless configured), which an
+  administrator creates once.  Not ``lvcreate --virtualsize`` without a pool:
+  current LVM turns that into one private thin pool per disk (metadata,
+  spare and free space fragmented per disk), and the older "snapshot of
+  zero" kind it replaced is invalidated for good when its COW area fills.
+* Everything an LV is besides its bytes is pinned in LV tags (owner, disk
+  name, filesystem, base image, LUKS2, restored snapshot), so the LVM
+  metadata is the one record; a ``vmdisk.partial`` tag marks a volume that
+  is still being made, and any failure removes it (Nova's
+  remove_volume_on_error), mapping included.
+* New thick volumes are zeroed where they are not written (their extents
+  may hold a deleted disk's data); thin pools zero new blocks themselves.
+* Encrypted disks (``DiskRef.encrypted``, key in ``CreateRequest``) are LUKS2
+  inside the LV and are used through ``/dev/mapper/vmdisk_<vg>-<lv>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import DiskMissing, InvalidSpec, PermanentError, UnsupportedOperation
+from ..host import blockdev, qemu_img
+from ..host.crypt import HEADER_BYTES, Crypt
+from ..host.lvm import LogicalVolume, Lvm
+from ..host.mkfs import make_filesystem
+from .base import (
+    Blank,
+    Capacity,
+    CreateRequest,
+    DiskLocation,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    Readable,
+)
+from .copysnap import SnapshotMissing
+from .lvm_activation import Activation, DeviceMapperActivation
+from .lvm_names import crypt_mapping, disk_lv, snapshot_lv
+
+log = logging.getLogger(__name__)
+
+OWNER = "vmdisk"
+DISK = "vmdisk.disk"  # vmdisk.disk=<namespace>/<name>
+SNAPSHOT = "vmdisk.snapshot"  # vmdisk.snapshot=<name>, on snapshot LVs
+PARTIAL = "vmdisk.partial"
+LUKS2 = "vmdisk.luks2"
+FILESYSTEM = "vmdisk.fs"
+BASE = "vmdisk.base"
+RESTORED = "vmdisk.restored"
+DEFAULT_THIN_POOL = "vmdisk-thinpool"
+
+
+class ThinPoolMissing(PermanentError):
+    reason = "ThinPoolMissing"
+
+
+class LvmBackend:
+    name: ClassVar[str] = "lvm"
+    shared: ClassVar[bool] = False
+    preallocations: ClassVar[frozenset[str]] = frozenset({"none", "full"})
+
+    def __init__(
+        self,
+        volume_group: str,
+        *,
+        lvm: Lvm | None = None,
+        crypt: Crypt | None = None,
+        activation: Activation | None = None,
+        thin_pool: str = DEFAULT_THIN_POOL,
+    ) -> None:
+        self.volume_group = volume_group
+        self.lvm = lvm or Lvm()
+        self.crypt = crypt or Crypt()
+        self.activation = activation or DeviceMapperActivation(self.lvm)
+        self.thin_pool = thin_pool
+
+    # -- names ---------------------------------------------------------------
+    def _vg(self, ref: DiskRef) -> str:
+        return ref.placement or self.volume_group
+
+    def _lv(self, ref: DiskRef) -> tuple[str, str]:
+        vg = self._vg(ref)
+        return vg, disk_lv(vg, ref.namespace, ref.name)
+
+    def _mapping(self, ref: DiskRef) -> str:
+        return crypt_mapping(*self._lv(ref))
+
+    def location(self, ref: DiskRef) -> DiskLocation:
+        vg, lv = self._lv(ref)
+        path = self.crypt.path(self._mapping(ref)) if ref.encrypted else Path("/dev") / vg / lv
+        return DiskLocation(type="block", path=str(path), format="raw")
+
+    # -- state ---------------------------------------------------------------
+    def _volume(self, ref: DiskRef) -> LogicalVolume | None:
+        """The disk's complete LV, checked against the spec's encryption."""
+        volume = self.lvm.volume(*self._lv(ref))
+        if volume is None or PARTIAL in volume.tags:
+            return None
+        if (LUKS2 in volume.tags) != ref.encrypted:
+            raise InvalidSpec(
+                "spec.encryption cannot be added to or removed from an existing disk "
+                f"(the LV of {ref} is {'' if LUKS2 in volume.tags else 'not '}encrypted)"
+            )
+        return volume
+
+    def state(self, ref: DiskRef) -> DiskState | None:
+        volume = self._volume(ref)
+        if volume is None:
+            return None
+        header = HEADER_BYTES if LUKS2 in volume.tags else 0
+        actual = volume.size
+        if volume.segtype == "thin" and volume.data_percent is not None:
+            actual = int(volume.size * volume.data_percent / 100)
+        return DiskState(
+            format="raw",
+            virtual_size=volume.size - header,
+            actual_size=actual,
+            base_image=volume.tag_value(BASE),
+            restored_snapshot=volume.tag_value(RESTORED),
+        )
+
+    def inventory(self) -> list[DiskRef]:
+        refs = []
+        for volume in self.lvm.volumes(self.volume_group, tag=OWNER):
+            disk = volume.tag_value(DISK)
+            if disk and volume.tag_value(SNAPSHOT) is None and PARTIAL not in volume.tags:
+                namespace, name = disk.split("/", 1)
+                refs.append(DiskRef(namespace, name, self.volume_group, LUKS2 in volume.tags))
+        return refs
+
+    def capacity(self) -> Capacity:
+        group = self.lvm.volume_group(self.volume_group)
+        pool = self.lvm.volume(self.volume_group, self.thin_pool)
+        pool_free = None
+        if pool is not None and pool.data_percent is not None:
+            pool_free = int(pool.size * (100 - pool.data_percent) / 100)
+        return Capacity(self.volume_group, group.size, group.free, pool_free)
+
+    # -- lifecycle -----------------------------------------------------------
+    def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
+        self._check(ref, request)
+        vg, lv = self._lv(ref)
+        leftover = self.lvm.volume(vg, lv)
+        if leftover is not None and PARTIAL in leftover.tags:
+            self._discard(ref)  # a crashed attempt
+        elif leftover is not None:
+            state = self.state(ref)
+            assert state is not None
+            return state
+        key = request.encryption_key
+        tags = [OWNER, f"{DISK}={ref.namespace}/{ref.name}", PARTIAL]
+        content = request.content
+        if key is not None:
+            tags.append(LUKS2)
+        if isinstance(content, Blank) and content.filesystem:
+            tags.append(f"{FILESYSTEM}={content.filesystem}")
+        if isinstance(content, FromImage):
+            tags.append(f"{BASE}={content.image.id}")
+        elif isinstance(content, FromDisk) and content.base is not None:
+            tags.append(f"{BASE}={content.base.id}")
+        pool = self.thin_pool if request.sparse else None
+        size = request.size + (HEADER_BYTES if key is not None else 0)
+        self.lvm.create(vg, lv, size, tags=tags, thin_pool=pool)
+        with self._remove_on_error(ref):
+            device = self.activation.open(vg, lv)
+            if key is not None:
+                self.crypt.format(device, key)
+                device = self.crypt.open(device, self._mapping(ref), key)
+            # Thin pools hand out zeroed blocks; anything else may hold old data.
+            self._populate(device, request, zero=not (request.sparse and key is None))
+            self.lvm.tag(vg, lv, remove=[PARTIAL])
+        state = self.state(ref)
+        assert state is not None
+        return state
+
+    def _check(self, ref: DiskRef, request: CreateRequest) -> None:
+        if request.preallocation not in self.preallocations:
+            raise InvalidSpec(
+                f"spec.preallocation: {request.preallocation!r} is not supported by the lvm "
+                "backend (thick volumes are always fully allocated; use none or full)"
+            )
+        if request.sparse and request.preallocation == "full":
+            raise InvalidSpec("spec.preallocation: full contradicts spec.lvm.sparse: true")
+        if not isinstance(request.content, Blank | FromImage | FromDisk):
+            raise UnsupportedOperation(
+                "spec.source.image.url: rbd:// images can only back rbd disks, not lvm ones",
+                reason="SourceNotSupported",
+            )
+        if ref.encrypted != (request.encryption_key is not None):
+            raise InvalidSpec(f"disk {ref}: spec.encryption is set but no key was given")
+        vg = self._vg(ref)
+        if request.sparse and self.lvm.volume(vg, self.thin_pool) is None:
+            raise ThinPoolMissing(
+                f"spec.lvm.sparse: volume group {vg} has no thin pool {self.thin_pool!r}; an "
+                f"administrator creates it once (lvcreate --type thin-pool -l 50%FREE -n "
+                f"{self.thin_pool} {vg}), or use sparse: false"
+            )
+
+    def _populate(self, device: Path, request: CreateRequest, *, zero: bool) -> None:
+        content = request.content
+        if isinstance(content, Blank):
+            if zero:
+                blockdev.zero(device)
+            if content.filesystem:
+                make_filesystem(device, content.filesystem)
+            return
+        if isinstance(content, FromImage):
+            source = Readable(content.image.path, content.image.format)
+            written = content.image.virtual_size
+        else:
+            assert isinstance(content, FromDisk)
+            source = content.source
+            written = qemu_img.info(source.path, source.format).virtual_size
+        if zero and written < request.size:
+            blockdev.zero(device, written)  # the tail the copy will not write
+        # -n: the target exists; with -n qemu-img writes zeroes explicitly too.
+        qemu_img.convert(
+            source.path,
+            source.format,
+            device,
+            "raw",
+            snapshot=source.snapshot,
+            target_exists=True,
+            progress=request.progress,
+        )
+
+    @contextmanager
+    def _remove_on_error(self, ref: DiskRef) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            try:
+                self._discard(ref)
+            except Exception:  # keep the original error; the next create retries
+                log.exception("%s: could not remove the half-made volume", ref)
+            raise
+
+    def _discard(self, ref: DiskRef) -> None:
+        """Remove the disk's mapping and LV, whatever state they are in."""
+        vg, lv = self._lv(ref)
+        self.crypt.close(self._mapping(ref))
+        if self.lvm.volume(vg, lv) is not None:
+            self.activation.close(vg, lv)
+            self.lvm.remove(vg, lv)
+
+    def resize(self, ref: DiskRef, size: int) -> DiskState:
+        vg, lv = self._lv(ref)
+        volume = self._volume(ref)
+        if volume is None:
+            raise DiskMissing(f"disk {ref} has no volume in volume group {vg}")
+        header = HEADER_BYTES if ref.encrypted else 0
+        if volume.size - header < size:
+            self.lvm.extend(vg, lv, size + header)
+        device = self.activation.open(vg, lv)
+        mapping = self._mapping(ref)
+        if ref.encrypted and self.crypt.is_open(mapping):
+            self.crypt.resize(mapping)
+            device = self.crypt.path(mapping)
+        filesystem = volume.tag_value(FILESYSTEM)
+        if filesystem and (not ref.encrypted or self.crypt.is_open(mapping)):
+            blockdev.grow_filesystem(device, filesystem)
+        state = self.state(ref)
+        assert state is not None
+        return state
+
+    def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
+        vg, lv = self._lv(ref)
+        if snapshot is None:
+            if ref.encrypted:
+                return Readable(self.crypt.path(self._mapping(ref)), "raw")
+            return Readable(self.activation.open(vg, lv), "raw")
+        if ref.encrypted:
+            raise UnsupportedOperation(
+                f"snapshot {snapshot!r} of encrypted disk {ref} cannot be exported or cloned "
+                "(it would need its own key mapping)"
+            )
+        name = self._snapshot(ref, snapshot)
+        return Readable(self.activation.open(vg, name), "raw")
+
+    def delete(self, ref: DiskRef) -> None:
+        for snapshot in self.snapshots(ref):
+            self.remove_snapshot(ref, snapshot, ignore_missing=True)
+        self._discard(ref)
+
+    def unlock(self, ref: DiskRef, key: bytes) -> None:
+        vg, lv = self._lv(ref)
+        if self._volume(ref) is None:
+            return
+        device = self.activation.open(vg, lv)
+        self.crypt.open(device, self._mapping(ref), key)
+
+    # -- snapshots -----------------------------------------------------------
+    def _snapshot(self, ref: DiskRef, name: str) -> str:
+        vg, _ = self._lv(ref)
+        snap = snapshot_lv(vg, ref.namespace, ref.name, name)
+        if self.lvm.volume(vg, snap) is None:
+            raise SnapshotMissing(f"snapshot {name!r} of disk {ref} does not exist")
+        return snap
+
+    def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
+        vg, _ = self._lv(ref)
+        wanted = f"{ref.namespace}/{ref.name}"
+        return tuple(
+            sorted(
+                snap
+                for v in self.lvm.volumes(vg, tag=OWNER)
+                if v.tag_value(DISK) == wanted and (snap := v.tag_value(SNAPSHOT)) is not None
+            )
+        )
+
+    def create_snapshot(self, ref: DiskRef, name: str) -> int:
+        vg, _ = self._lv(ref)
+        origin = self._volume(ref)
+        if origin is None:
+            raise SnapshotMissing(f"disk {ref} does not exist")
+        snap = snapshot_lv(vg, ref.namespace, ref.name, name)
+        if self.lvm.volume(vg, snap) is None:
+            self._take_snapshot(ref, origin, name)
+        return origin.size - (HEADER_BYTES if ref.encrypted else 0)
+
+    def _take_snapshot(self, ref: DiskRef, origin: LogicalVolume, name: str) -> None:
+        vg, lv = self._lv(ref)
+        snap = snapshot_lv(vg, ref.namespace, ref.name, name)
+        # Thick: a COW area as large as the origin, so it can never overflow
+        # and be invalidated.  Thin: shares the pool, no size.
+        cow = None if origin.segtype == "thin" else origin.size
+        tags = [OWNER, f"{DISK}={ref.namespace}/{ref.name}", f"{SNAPSHOT}={name}"]
+        self.lvm.snapshot(vg, lv, snap, cow_size=cow, tags=tags)
+
+    def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
+        vg, _ = self._lv(ref)
+        snap = snapshot_lv(vg, ref.namespace, ref.name, name)
+        if self.lvm.volume(vg, snap) is None:
+            if ignore_missing:
+                return
+            raise SnapshotMissing(f"snapshot {name!r} of disk {ref} does not exist")
+        self.activation.close(vg, snap)
+        self.lvm.remove(vg, snap)
+
+    def rollback(self, ref: DiskRef, name: str) -> DiskState:
+        """Merge the snapshot into the disk, then take it again under the same name.
+
+        A merge consumes the snapshot; re-taking it right away keeps the
+        DiskSnapshot usable, with the same content.  The disk must not be in
+        use: an encrypted disk's mapping is closed here and reopened by the
+        engine's next ``unlock``.
+        """
+        vg, lv = self._lv(ref)
+        origin = self._volume(ref)
+        if origin is None:
+            raise SnapshotMissing(f"disk {ref} does not exist")
+        snap = self._snapshot(ref, name)
+        self.crypt.close(self._mapping(ref))
+        self.activation.open(vg, lv)  # active and not open: a thick merge runs now
+        self.lvm.merge(vg, snap)
+        if origin.segtype == "thin":
+            # A thin merge into an active origin waits for its next activation.
+            self.activation.close(vg, lv)
+            self.activation.open(vg, lv)
+        self._take_snapshot(ref, origin, name)
+        previous = origin.tag_value(RESTORED)
+        self.lvm.tag(
+            vg,
+            lv,
+            remove=[f"{RESTORED}={previous}"] if previous else [],
+            add=[f"{RESTORED}={name}"],
+        )
+        state = self.state(ref)
+        assert state is not None
+        return state

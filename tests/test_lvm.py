@@ -1,0 +1,294 @@
+"""The LVM backend against real lvm2, cryptsetup and qemu-img on loop-device PVs.
+
+Where the kernel has no device-mapper, LVs are made with ``--driverloaded n``
+(metadata only) and their extents are read and written through a loop device
+over the PV (``LoopActivation``): the real data path of a linear LV.  What
+needs device-mapper runs in the ``needs_dm`` tests; the exact commands are
+covered in test_lvm_commands.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import PATTERN, Manifest, read_at
+from lvmfixtures import LoopActivation, VolumeGroup, needs_dm, sh
+from vmdisk.backends.base import (
+    BaseImage,
+    Blank,
+    CreateRequest,
+    DiskRef,
+    FromImage,
+    SupportsCapacity,
+    SupportsEncryption,
+    SupportsInventory,
+    SupportsSnapshots,
+)
+from vmdisk.backends.lvm import LvmBackend, ThinPoolMissing
+from vmdisk.backends.lvm_names import crypt_mapping, disk_lv, dm_escape, snapshot_lv
+from vmdisk.backends.registry import Registry, default_registry
+from vmdisk.config import Settings
+from vmdisk.errors import InsufficientCapacity
+from vmdisk.host.crypt import Crypt, WrongKey
+from vmdisk.host.run import run
+from vmdisk.layout import StateLayout
+from vmdisk.reconcile import Engine
+from vmdisk.store import LocalStore
+
+MiB = 1024 * 1024
+KEY = bytes(range(32))
+
+
+def image(image_dir: Path) -> BaseImage:
+    return BaseImage("sha256-test", image_dir / "base.qcow2", "qcow2", 16 * MiB)
+
+
+@pytest.fixture
+def backend(volume_group: VolumeGroup, loop_activation: LoopActivation) -> LvmBackend:
+    return LvmBackend(volume_group.name, lvm=volume_group.lvm, activation=loop_activation)
+
+
+# -- names ------------------------------------------------------------------------
+def test_names_are_distinct_valid_and_short() -> None:
+    pairs = [("vms", "a_b"), ("vms_a", "b"), ("vms", "a+ub"), ("vms", "a__b"), ("v", "ms_a_b")]
+    names = {disk_lv("vg0", ns, n) for ns, n in pairs}
+    assert len(names) == len(pairs)
+    assert disk_lv("vg0", "vms", "web-root") == "vms_web-root"
+    for reserved in ("db-snapshot", "pvmove-x", "cdata", "tmeta-1", "rimage"):
+        lv = disk_lv("vg0", "vms", reserved)
+        assert "snapshot" not in lv and "pvmove" not in lv and "_cdata" not in lv
+        assert "_tmeta" not in lv and "_rimage" not in lv
+    long_a, long_b = "x" * 250 + "a", "x" * 250 + "b"
+    hashed = {disk_lv("vg0", "ns", long_a), disk_lv("vg0", "ns", long_b)}
+    assert len(hashed) == 2 and all(len(dm_escape(n)) < 110 for n in hashed)
+    assert snapshot_lv("vg0", "vms", "a", "s1") != disk_lv("vg0", "vms", "a_s1")
+    assert crypt_mapping("vg-0", "vms_web-root") == "vmdisk_vg--0-vms_web--root"
+
+
+def test_lvm_accepts_every_kind_of_name(volume_group: VolumeGroup) -> None:
+    """The escaped names (reserved words, long names) are accepted by lvcreate itself."""
+    lvm, vg = volume_group.lvm, volume_group.name
+    names = [
+        disk_lv(vg, "vms", "db-snapshot"),
+        disk_lv(vg, "vms", "cdata"),
+        disk_lv(vg, "n" * 63, "x" * 253),
+        snapshot_lv(vg, "vms", "pvmove", "tmeta"),
+    ]
+    for name in names:
+        lvm.create(vg, name, 4 * MiB)
+    assert {v.name for v in lvm.volumes(vg)} == set(names)
+
+
+# -- the real data path (loop over the LV's extents) --------------------------------
+def test_image_written_into_the_lv_extents_and_resized(
+    backend: LvmBackend, volume_group: VolumeGroup, image_dir: Path
+) -> None:
+    # Old data on the PV, as a deleted disk would leave it: must not show through.
+    sh(
+        "dd",
+        "if=/dev/urandom",
+        f"of={volume_group.pv}",
+        "bs=1M",
+        "seek=1",
+        "count=100",
+        "conv=notrunc",
+        "status=none",
+    )
+    ref = DiskRef("vms", "web-root", volume_group.name)
+    state = backend.create(ref, CreateRequest(24 * MiB, FromImage(image(image_dir))))
+    assert (state.format, state.virtual_size, state.base_image) == ("raw", 24 * MiB, "sha256-test")
+    location = backend.location(ref)
+    assert (location.type, location.path) == ("block", f"/dev/{volume_group.name}/vms_web-root")
+    segment = volume_group.lvm.segments(volume_group.name, "vms_web-root")[0]
+    for offset, data in PATTERN.items():  # read at the extents on the PV itself
+        assert read_at(volume_group.pv, segment.offset + offset, len(data)) == data
+    device = backend.readable(ref).path
+    assert read_at(device, 16 * MiB, 8 * MiB) == bytes(8 * MiB)  # tail zeroed
+
+    state = backend.resize(ref, 40 * MiB)
+    assert state.virtual_size == 40 * MiB
+    device = backend.readable(ref).path
+    assert int(sh("blockdev", "--getsize64", str(device))) == 40 * MiB
+    for offset, data in PATTERN.items():
+        assert read_at(device, offset, len(data)) == data
+    assert backend.inventory() == [ref]
+    for protocol in (SupportsSnapshots, SupportsInventory, SupportsCapacity, SupportsEncryption):
+        assert isinstance(backend, protocol)
+
+    backend.delete(ref)
+    assert backend.state(ref) is None
+    assert volume_group.lvm.volumes(volume_group.name) == []
+
+
+def test_blank_filesystem_grows_with_the_volume(
+    backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    ref = DiskRef("vms", "data", volume_group.name)
+    backend.create(ref, CreateRequest(16 * MiB, Blank("ext4")))
+    backend.resize(ref, 32 * MiB)
+    out = sh("dumpe2fs", "-h", str(backend.readable(ref).path))
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    assert int(fields["Block count"]) * int(fields["Block size"]) == 32 * MiB
+
+
+def test_full_volume_group_is_insufficient_capacity_and_leaves_nothing(
+    backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    ref = DiskRef("vms", "huge", volume_group.name)
+    with pytest.raises(InsufficientCapacity) as caught:
+        backend.create(ref, CreateRequest(1024 * MiB, Blank()))
+    assert caught.value.reason == "InsufficientCapacity" and caught.value.permanent
+    assert volume_group.lvm.volumes(volume_group.name) == []
+    capacity = backend.capacity()
+    assert capacity.free == capacity.size > 100 * MiB
+
+
+def test_failure_midway_removes_the_half_made_volume(
+    backend: LvmBackend, volume_group: VolumeGroup, tmp_path: Path
+) -> None:
+    ref = DiskRef("vms", "broken", volume_group.name)
+    missing = BaseImage("sha256-gone", tmp_path / "gone.qcow2", "qcow2", 4 * MiB)
+    with pytest.raises(Exception, match="qemu-img"):
+        backend.create(ref, CreateRequest(8 * MiB, FromImage(missing)))
+    assert volume_group.lvm.volumes(volume_group.name) == []
+    assert backend.state(ref) is None
+
+
+def test_sparse_without_thin_pool_says_what_to_do(
+    backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    ref = DiskRef("vms", "thin", volume_group.name)
+    with pytest.raises(ThinPoolMissing, match="lvcreate --type thin-pool"):
+        backend.create(ref, CreateRequest(8 * MiB, Blank(), sparse=True))
+
+
+def test_luks2_header_and_wrong_key_with_the_key_only_on_stdin(
+    volume_group: VolumeGroup, loop_activation: LoopActivation
+) -> None:
+    """Real cryptsetup writes LUKS2 into the LV's extents and checks keys (no dm needed)."""
+    calls: list[tuple[list[str], str | None]] = []
+
+    def recording(argv: list[str], **kwargs: object) -> object:
+        calls.append((list(argv), kwargs.get("input_data")))  # type: ignore[arg-type]
+        return run(argv, **kwargs)  # type: ignore[arg-type]
+
+    crypt = Crypt(runner=recording)  # type: ignore[arg-type]
+    volume_group.lvm.create(volume_group.name, "enc", 24 * MiB)
+    device = loop_activation.open(volume_group.name, "enc")
+    crypt.format(device, KEY)
+    crypt.check_key(device, KEY)
+    with pytest.raises(WrongKey):
+        crypt.check_key(device, b"not the key")
+    dump = sh("cryptsetup", "luksDump", str(device))
+    assert "Version:       \t2" in dump and "offset: 16777216 [bytes]" in dump
+    assert all(KEY.hex() not in " ".join(argv) for argv, _ in calls)
+    assert [stdin for _, stdin in calls] == [KEY.hex(), KEY.hex(), b"not the key".hex()]
+
+
+# -- device-mapper paths (a real node) -----------------------------------------------
+@pytest.fixture
+def dm_backend(volume_group: VolumeGroup) -> LvmBackend:
+    return LvmBackend(volume_group.name, lvm=volume_group.lvm)
+
+
+@needs_dm
+def test_dm_thick_snapshot_rollback_and_export(dm_backend: LvmBackend, image_dir: Path) -> None:
+    ref = DiskRef("vms", "snappy", dm_backend.volume_group)
+    dm_backend.create(ref, CreateRequest(24 * MiB, FromImage(image(image_dir))))
+    dm_backend.create_snapshot(ref, "before")
+    device = dm_backend.readable(ref).path
+    with open(device, "r+b") as handle:
+        handle.write(b"overwritten")
+    assert read_at(dm_backend.readable(ref, "before").path, 0, 18) == PATTERN[0]
+    state = dm_backend.rollback(ref, "before")
+    assert state.restored_snapshot == "before"
+    assert read_at(dm_backend.readable(ref).path, 0, 18) == PATTERN[0]
+    assert dm_backend.snapshots(ref) == ("before",)
+    dm_backend.delete(ref)
+    assert dm_backend.state(ref) is None
+
+
+@needs_dm
+def test_dm_thin_volume_and_thin_snapshot(
+    dm_backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    sh(
+        "lvcreate",
+        "-q",
+        "--type",
+        "thin-pool",
+        "-L",
+        "48m",
+        "-n",
+        "vmdisk-thinpool",
+        volume_group.name,
+        env=volume_group.env,
+    )
+    ref = DiskRef("vms", "thin", volume_group.name)
+    state = dm_backend.create(ref, CreateRequest(200 * MiB, Blank(), sparse=True))
+    assert state.virtual_size == 200 * MiB and state.actual_size < 8 * MiB
+    dm_backend.create_snapshot(ref, "s1")
+    assert dm_backend.snapshots(ref) == ("s1",)
+    dm_backend.rollback(ref, "s1")
+    assert dm_backend.capacity().thin_pool_free is not None
+    dm_backend.delete(ref)
+
+
+@needs_dm
+def test_dm_encrypted_disk_opens_at_dev_mapper(dm_backend: LvmBackend, image_dir: Path) -> None:
+    ref = DiskRef("vms", "secret", dm_backend.volume_group, encrypted=True)
+    request = CreateRequest(24 * MiB, FromImage(image(image_dir)), encryption_key=KEY)
+    state = dm_backend.create(ref, request)
+    assert state.virtual_size == 24 * MiB
+    path = Path(dm_backend.location(ref).path)
+    assert path.parent == Path("/dev/mapper") and path.exists()
+    assert read_at(path, 0, 18) == PATTERN[0]
+    assert isinstance(dm_backend, SupportsEncryption)
+    dm_backend.resize(ref, 32 * MiB)
+    dm_backend.delete(ref)
+    assert not path.exists()
+
+
+# -- through the engine (local mode) --------------------------------------------------
+def test_engine_makes_an_lvm_disk_ready_with_block_xml(
+    settings: Settings, volume_group: VolumeGroup, loop_activation: LoopActivation, disk: Manifest
+) -> None:
+    settings = replace(settings, lvm_vg=volume_group.name)
+    layout = StateLayout(settings.state_dir)
+    lvm = LvmBackend(volume_group.name, lvm=volume_group.lvm, activation=loop_activation)
+    registry = default_registry(layout, lvm_vg=volume_group.name)
+    engine = Engine.build(settings, Registry({**registry.backends, "lvm": lvm}))
+    store = LocalStore(layout)
+    obj = disk("web-root", "lvm", source={"blank": {"filesystem": "ext4"}}, size="16Mi")
+    status = engine.reconcile_disk(obj, store)
+    assert status.phase == "Ready", status.conditions
+    assert status.path == f"/dev/{volume_group.name}/vms_web-root"
+    assert status.format == "raw" and status.virtual_size == 16 * MiB
+    assert status.libvirt_xml is not None and '<disk type="block"' in status.libvirt_xml
+    assert 'io="native"' in status.libvirt_xml
+
+    secret = disk(
+        "enc",
+        "lvm",
+        source={"blank": {}},
+        size="16Mi",
+        encryption={"secretRef": {"name": "k", "key": "key"}},
+    )
+    status = engine.reconcile_disk(secret, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Pending", "SecretNotFound")  # retried
+    assert (
+        str(settings.state_dir / "secrets" / "vms" / "k" / "key") in status.conditions[-1].message
+    )
+    on_raw = disk(
+        "raw-enc",
+        "raw",
+        source={"blank": {}},
+        size="16Mi",
+        encryption={"secretRef": {"name": "k", "key": "key"}},
+    )
+    status = engine.reconcile_disk(on_raw, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "Unsupported")
+    assert volume_group.lvm.volumes(volume_group.name, tag="vmdisk.luks2") == []
