@@ -96,12 +96,12 @@ def test_chart_crds_are_the_generated_ones() -> None:
 def test_cluster_role_is_exactly_what_the_agent_calls(chart: helm.Chart) -> None:
     role = one(render(chart), "ClusterRole")
     assert role["rules"] == rbac.rules()
-    # Never Secrets, never writes beyond patch/create, never anything cluster-wide
-    # but reading CRDs.
+    # Secrets only read one by one (get, never list), never writes beyond
+    # patch/create, never anything cluster-wide but reading CRDs.
     flat = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
             for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
-    assert not any(r == "secrets" for _, r, _ in flat)
-    assert {v for _, _, v in flat} <= {"list", "watch", "patch", "create"}
+    assert {v for _, r, v in flat if r == "secrets"} == {"get"}
+    assert {v for _, _, v in flat} <= {"get", "list", "watch", "patch", "create"}
 
 
 def test_rbac_switches_off(chart: helm.Chart) -> None:

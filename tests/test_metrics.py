@@ -173,7 +173,9 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
     # derived rule was used: the ClusterRole is neither short nor generous.
     made = {tuple(key.split(" ", 1)) for key in api_server.request_details}
     allowed = {(p.verb, p.resource) for p in rbac.permissions()}
-    assert made == allowed
+    # Secrets are read only for encrypted (LVM) disks, which need device-mapper,
+    # absent here; the derivation covers that call through ApiSecrets.
+    assert made == allowed - {("get", "secrets")}
     assert_clean(api_server)
 
     # JSON logs: every line is one object; handler lines name their object.

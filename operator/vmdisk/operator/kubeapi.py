@@ -8,8 +8,11 @@ with, so there is one login.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -18,6 +21,7 @@ import urllib3
 
 from ..api.common import GROUP, VERSION, now_rfc3339
 from ..errors import TemporaryError
+from ..host.secrets import SecretMissing
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,13 @@ class KubeApi:
             self._pool.clear()
 
     def request(
-        self, method: str, path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        missing_ok: bool = False,
     ) -> Any:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         if self.connection.token:
@@ -77,6 +87,8 @@ class KubeApi:
             )
         except urllib3.exceptions.HTTPError as exc:
             raise ApiError(f"{method} {path}: {exc}") from exc
+        if resp.status == 404 and missing_ok:
+            return None
         if resp.status >= 400:
             raise ApiError(f"{method} {path}: HTTP {resp.status}: {resp.data[:300]!r}")
         return json.loads(resp.data) if resp.data else None
@@ -123,3 +135,30 @@ class KubeApi:
                 "count": 1,
             },
         )
+
+    def secret_value(self, namespace: str, name: str, key: str) -> bytes:
+        """One key of a Secret, decoded; SecretMissing when the Secret or key is absent."""
+        path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
+        secret = self.request("GET", path, missing_ok=True)
+        encoded = ((secret or {}).get("data") or {}).get(key)
+        if encoded is None:
+            raise SecretMissing(
+                f"spec.encryption: key {key!r} of Secret {namespace}/{name} not found"
+            )
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error as exc:
+            raise SecretMissing(f"key {key!r} of Secret {namespace}/{name} is not base64") from exc
+
+
+class ApiSecrets:
+    """The engine's Secrets reader in cluster mode: Kubernetes Secrets via the agent's login."""
+
+    def __init__(self, api: Callable[[], KubeApi | None]) -> None:
+        self.api = api
+
+    def get(self, namespace: str, name: str, key: str) -> bytes:
+        api = self.api()
+        if api is None:
+            raise SecretMissing("the agent has not logged in to the API server yet")
+        return api.secret_value(namespace, name, key)

@@ -13,7 +13,7 @@ from ..config import Settings
 from ..host.files import atomic_write
 from ..reconcile import Engine
 from . import handlers, keys
-from .kubeapi import ApiConnection, KubeApi
+from .kubeapi import ApiConnection, ApiSecrets, KubeApi
 from .metrics import Metrics, track_phases
 from .orphans import OrphanScanner
 
@@ -108,7 +108,10 @@ def run(
 ) -> None:
     """Run the node agent until it is stopped."""
     metrics = Metrics(settings.node_name) if metrics_port is not None else None
-    engine = Engine.build(settings, observer=metrics)
+    memo = kopf.Memo()
+    engine = Engine.build(
+        settings, observer=metrics, secrets=ApiSecrets(lambda: getattr(memo, "api", None))
+    )
     registry = build_registry(engine, scan_interval=scan_interval, verify_interval=verify_interval)
     log.info("vmdisk agent for node %s, state in %s", settings.node_name, settings.state_dir)
     if metrics is not None and metrics_port is not None:
@@ -124,7 +127,7 @@ def run(
                 namespaces=namespaces,
                 liveness_endpoint=liveness,
                 standalone=True,
-                memo=kopf.Memo(),
+                memo=memo,
             )
         )
     finally:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
+from contextlib import suppress
 from typing import Any, NamedTuple
 
 import kopf
 import yaml
 
 from ..config import Settings
+from ..host.secrets import SecretMissing
 from ..reconcile import Engine
 from .kubeapi import ApiConnection, KubeApi
 from .main import build_registry, operator_settings
@@ -88,19 +90,27 @@ class _Recorder(KubeApi):
         self.requests: list[tuple[str, str]] = []
 
     def request(
-        self, method: str, path: str, body: Any = None, *, content_type: str = "application/json"
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        missing_ok: bool = False,
     ) -> Any:
         self.requests.append((method, path.partition("?")[0]))
         return None
 
 
 def client_permissions(patched: Iterable[str]) -> set[Permission]:
-    """What our own client calls: status progress, the orphan scan's list, Node events."""
+    """What our own client calls: status progress, the orphan scan's list, Node events, Secrets."""
     api = _Recorder()
     for plural in patched:
         api.patch_status(plural, "ns", "name", {})
     api.list_objects("vmdisks")  # OrphanScanner.scan
     api.node_event("node", "Warning", "OrphanDisk", "")
+    with suppress(SecretMissing):  # the recorder answers nothing
+        api.secret_value("ns", "name", "key")  # ApiSecrets: spec.encryption keys
     return {permission_of(method, path) for method, path in api.requests}
 
 
