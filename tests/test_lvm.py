@@ -292,3 +292,32 @@ def test_engine_makes_an_lvm_disk_ready_with_block_xml(
     status = engine.reconcile_disk(on_raw, store)
     assert (status.phase, status.conditions[-1].reason) == ("Failed", "Unsupported")
     assert volume_group.lvm.volumes(volume_group.name, tag="vmdisk.luks2") == []
+
+
+def test_volume_group_capacity_reaches_the_metrics(
+    backend: LvmBackend, volume_group: VolumeGroup, tmp_path: Path
+) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vmdisk.backends.registry import Registry
+    from vmdisk.config import Settings
+    from vmdisk.operator.metrics import Metrics
+    from vmdisk.reconcile import Engine
+
+    engine = Engine.build(
+        Settings(state_dir=tmp_path / "state"), registry=Registry({"lvm": backend})
+    )
+    backend.create(DiskRef("vms", "used", volume_group.name), CreateRequest(16 * MiB, Blank()))
+    metrics = Metrics("node-a")
+    metrics.watch_engine(engine)
+    samples = {
+        (sample.name, sample.labels.get("placement")): sample.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for sample in family.samples
+        if sample.labels.get("backend") == "lvm"
+    }
+    capacity = backend.capacity()
+    assert samples[("vmdisk_backend_free_bytes", volume_group.name)] == capacity.free
+    assert samples[("vmdisk_backend_size_bytes", volume_group.name)] == capacity.size
+    assert capacity.size - capacity.free >= 16 * MiB

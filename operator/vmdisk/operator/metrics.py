@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import kopf
@@ -24,19 +24,13 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..api.common import GROUP, VERSION
 from ..api.vmdisk import VMDiskStatus
+from ..backends.base import SupportsCapacity
 from ..reconcile import Engine
 
 PHASES = ("Pending", "Provisioning", "Ready", "Failed", "Deleting")
 # Disk work spans milliseconds (a blank qcow2) to an hour (a large download).
 _RECONCILE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
 _FETCH_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 900, 3600)
-
-
-@runtime_checkable
-class SupportsCapacity(Protocol):
-    """A backend that knows its free space per placement (RBD pool, LVM volume group)."""
-
-    def free_bytes(self) -> Mapping[str, int]: ...
 
 
 def result_of(status: VMDiskStatus) -> str:
@@ -172,20 +166,31 @@ class _EngineCollector(Collector):
                 "Free bytes in the state directory (file-based backends and the cache).",
                 value=vfs.f_bavail * vfs.f_frsize,
             )
+        labels = ["backend", "placement"]
         free = GaugeMetricFamily(
             "vmdisk_backend_free_bytes",
             "Free bytes per backend placement (pool, volume group), where the backend knows.",
-            labels=["backend", "placement"],
+            labels=labels,
+        )
+        size = GaugeMetricFamily(
+            "vmdisk_backend_size_bytes", "Size of each backend placement.", labels=labels
+        )
+        thin = GaugeMetricFamily(
+            "vmdisk_backend_thin_pool_free_bytes",
+            "Unwritten bytes in the thin pool.",
+            labels=labels,
         )
         for name, backend in sorted(self.engine.registry.backends.items()):
             if isinstance(backend, SupportsCapacity):
                 try:
-                    places = backend.free_bytes()
+                    capacity = backend.capacity()
                 except Exception:  # a scrape never fails because one backend cannot answer
                     continue
-                for placement, size in sorted(places.items()):
-                    free.add_metric([name, placement], size)
-        yield free
+                free.add_metric([name, capacity.placement], capacity.free)
+                size.add_metric([name, capacity.placement], capacity.size)
+                if capacity.thin_pool_free is not None:
+                    thin.add_metric([name, capacity.placement], capacity.thin_pool_free)
+        yield from (free, size, thin)
 
 
 def track_phases(registry: kopf.OperatorRegistry, metrics: Metrics) -> None:
