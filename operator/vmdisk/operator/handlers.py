@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from pydantic import ValidationError
@@ -25,6 +25,7 @@ from .lookup import IndexLookup
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 def backoff(retry: int) -> float:
@@ -32,25 +33,19 @@ def backoff(retry: int) -> float:
     return float(min(300, 5 * 2 ** min(retry, 10)))
 
 
-def _ready(status: Status) -> Condition | None:
+def _ready(status: Status | None) -> Condition | None:
+    if status is None:
+        return None
     return next((c for c in status.conditions if c.type == "Ready"), None)
 
 
 def _report(body: Any, old: Status | None, new: Status) -> None:
     """A Kubernetes Event for every change of phase or reason, none for repeats."""
-    after = _ready(new)
+    before, after = _ready(old), _ready(new)
     if after is None:
         return
-    before = _ready(old) if old is not None else None
-    if (
-        old is not None
-        and before is not None
-        and (old.phase, before.reason)
-        == (
-            new.phase,
-            after.reason,
-        )
-    ):
+    unchanged = old is not None and old.phase == new.phase
+    if unchanged and before is not None and before.reason == after.reason:
         return
     if after.status == "True":
         kopf.info(body, reason=after.reason, message=after.message)
@@ -58,18 +53,30 @@ def _report(body: Any, old: Status | None, new: Status) -> None:
         kopf.warn(body, reason=after.reason, message=after.message)
 
 
-def _finish(body: Any, patch: Any, old: Status | None, new: Status, retry: int) -> None:
-    """Write status; ask kopf to retry (with backoff) only for temporary failures."""
+def _retry_later(message: str, retry: int) -> kopf.TemporaryError:
+    return kopf.TemporaryError(message, delay=backoff(retry))
+
+
+def _reconciled(
+    body: Any,
+    patch: Any,
+    retry: int,
+    model: type[VMDisk] | type[DiskSnapshot],
+    status_model: type[S],
+    reconcile: Callable[[Any], S],
+) -> None:
+    """Parse, reconcile, write status and events; retry (with backoff) only temporary failures."""
+    old = status_model.model_validate(body.get("status") or {})
+    try:
+        new = reconcile(model.model_validate(dict(body)))
+    except ValidationError as exc:
+        generation = body.get("metadata", {}).get("generation")
+        new = failed_status(old, generation, InvalidSpec("; ".join(describe_errors(exc))))
     patch.status.update(dump(new))
-    _report(body, old, new)
+    _report(body, old if body.get("status") else None, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
-        raise kopf.TemporaryError(f"{ready.reason}: {ready.message}", delay=backoff(retry))
-
-
-def _invalid(body: Any, exc: ValidationError, status: S) -> S:
-    message = "; ".join(describe_errors(exc))
-    return failed_status(status, body.get("metadata", {}).get("generation"), InvalidSpec(message))
+        raise _retry_later(f"{ready.reason}: {ready.message}", retry)
 
 
 def register(
@@ -85,6 +92,19 @@ def register(
         # DiskSnapshots carry no node: they belong to the node of their disk.
         return (namespace, spec.get("diskName")) in kwargs["node_disks"]
 
+    def on_changes(plural: str, when: Any, handler_id: str) -> Callable[[Handler], Handler]:
+        """Resume, create and spec updates all lead to the same level-based handler."""
+
+        def decorate(fn: Handler) -> Handler:
+            for on in (kopf.on.resume, kopf.on.create):
+                on(GROUP, VERSION, plural, when=when, id=handler_id, registry=registry)(fn)
+            kopf.on.update(
+                GROUP, VERSION, plural, when=when, field="spec", id=handler_id, registry=registry
+            )(fn)
+            return fn
+
+        return decorate
+
     @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="node_disks", registry=registry)
     def node_disks(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): dict(body)}
@@ -96,45 +116,31 @@ def register(
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
         return IndexLookup(kwargs["node_disks"], kwargs["snapshots"])
 
-    def publisher(memo: Any, plural: str, meta: Any) -> Callable[[VMDiskStatus], None]:
+    def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
         def publish(status: VMDiskStatus) -> None:
             api = getattr(memo, "api", None)
             if api is None:
                 return
             try:
-                api.patch_status(plural, meta["namespace"], meta["name"], dump(status))
+                api.patch_status("vmdisks", meta["namespace"], meta["name"], dump(status))
             except VMDiskError as exc:  # progress is best effort; the handler goes on
                 log.debug("progress not published: %s", exc)
 
         return publish
 
-    @kopf.on.resume(
-        GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_changed", registry=registry
-    )
-    @kopf.on.create(
-        GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_changed", registry=registry
-    )
-    @kopf.on.update(
-        GROUP,
-        VERSION,
-        "vmdisks",
-        when=on_this_node,
-        field="spec",
-        id="vmdisk_changed",
-        registry=registry,
-    )
+    @on_changes("vmdisks", on_this_node, "vmdisk_changed")
     def vmdisk_changed(
         *, body: Any, meta: Any, patch: Any, retry: Any, memo: Any, **kw: Any
     ) -> None:
-        old = VMDiskStatus.model_validate(body.get("status") or {})
-        try:
-            disk = VMDisk.model_validate(dict(body))
-        except ValidationError as exc:
-            _finish(body, patch, old, _invalid(body, exc, old), retry)
-            return
-        publish = publisher(memo, "vmdisks", meta)
-        new = engine.reconcile_disk(disk, lookup(kw), publish)
-        _finish(body, patch, old if body.get("status") else None, new, retry)
+        publish = publisher(memo, meta)
+        _reconciled(
+            body,
+            patch,
+            retry,
+            VMDisk,
+            VMDiskStatus,
+            lambda disk: engine.reconcile_disk(disk, lookup(kw), publish),
+        )
 
     @kopf.on.delete(
         GROUP, VERSION, "vmdisks", when=on_this_node, id="vmdisk_deleted", registry=registry
@@ -148,16 +154,15 @@ def register(
             engine.delete_disk(disk, lookup(kw))
         except HasDependents as exc:
             old = disk.status or VMDiskStatus()
-            new = with_condition(
-                old,
-                Condition(type="Ready", status="False", reason=exc.reason, message=exc.message),
-            ).model_copy(update={"phase": "Deleting"})
+            refused = Condition(
+                type="Ready", status="False", reason=exc.reason, message=exc.message
+            )
+            new = with_condition(old, refused).model_copy(update={"phase": "Deleting"})
             patch.status.update(dump(new))
             _report(body, old, new)
-            raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
-        kopf.info(
-            body, reason="Deleted", message=f"disk data removed ({disk.spec.deletion_policy})"
-        )
+            raise _retry_later(exc.message, retry) from exc
+        policy = disk.spec.deletion_policy
+        kopf.info(body, reason="Deleted", message=f"disk data removed ({policy})")
 
     @kopf.timer(
         GROUP,
@@ -179,40 +184,16 @@ def register(
             patch.status.update(dump(new))
             _report(body, disk.status, new)
 
-    @kopf.on.resume(
-        GROUP,
-        VERSION,
-        "disksnapshots",
-        when=disk_on_this_node,
-        id="snapshot_changed",
-        registry=registry,
-    )
-    @kopf.on.create(
-        GROUP,
-        VERSION,
-        "disksnapshots",
-        when=disk_on_this_node,
-        id="snapshot_changed",
-        registry=registry,
-    )
-    @kopf.on.update(
-        GROUP,
-        VERSION,
-        "disksnapshots",
-        when=disk_on_this_node,
-        field="spec",
-        id="snapshot_changed",
-        registry=registry,
-    )
+    @on_changes("disksnapshots", disk_on_this_node, "snapshot_changed")
     def snapshot_changed(*, body: Any, patch: Any, retry: Any, **kw: Any) -> None:
-        old = DiskSnapshotStatus.model_validate(body.get("status") or {})
-        try:
-            snap = DiskSnapshot.model_validate(dict(body))
-        except ValidationError as exc:
-            _finish(body, patch, old, _invalid(body, exc, old), retry)
-            return
-        new = reconcile_snapshot(engine, snap, lookup(kw))
-        _finish(body, patch, old if body.get("status") else None, new, retry)
+        _reconciled(
+            body,
+            patch,
+            retry,
+            DiskSnapshot,
+            DiskSnapshotStatus,
+            lambda snap: reconcile_snapshot(engine, snap, lookup(kw)),
+        )
 
     @kopf.on.delete(
         GROUP,
@@ -231,4 +212,4 @@ def register(
             delete_snapshot(engine, snap, lookup(kw))
         except HasDependents as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
-            raise kopf.TemporaryError(exc.message, delay=backoff(retry)) from exc
+            raise _retry_later(exc.message, retry) from exc
