@@ -38,6 +38,7 @@ def make_image(path: Path, size: int = 24 * MiB) -> str:
 
 
 def write_disks(directory: Path, url: str, checksum: str, names: list[str]) -> Path:
+    """Manifests for ``names``; a disk's backend depends on its name only."""
     directory.mkdir(parents=True, exist_ok=True)
     docs = [
         {
@@ -45,12 +46,12 @@ def write_disks(directory: Path, url: str, checksum: str, names: list[str]) -> P
             "kind": "VMDisk",
             "metadata": {"name": name, "namespace": "vms"},
             "spec": {
-                "backend": BACKENDS[i % len(BACKENDS)],
+                "backend": BACKENDS[sum(name.encode()) % len(BACKENDS)],
                 "size": "32Mi",
                 "source": {"image": {"url": url, "checksum": checksum, "format": "raw"}},
             },
         }
-        for i, name in enumerate(names)
+        for name in names
     ]
     path = directory / "disks.yaml"
     path.write_text(yaml.safe_dump_all(docs))
@@ -156,9 +157,9 @@ def test_two_processes_on_one_state_dir(tmp_path: Path, slow_server: ImageServer
     second = write_disks(tmp_path / "b", url, checksum, names[4:])  # 4 disks in both
     state = tmp_path / "state"
     procs = [apply(first, state), apply(second, state)]
-    for proc in procs:
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr.decode()
+    results = [(proc.communicate(timeout=300)[1], proc.returncode) for proc in procs]
+    for stderr, returncode in results:
+        assert returncode == 0, stderr.decode()
     assert [s.status for s in slow_server.gets("/image.raw")] == [200]  # one download
     assert leftovers(state) == []
     check_disks(state, names, image)
