@@ -61,11 +61,15 @@ def test_results_and_engine_gauges(tmp_path: Path) -> None:
     metrics.disk_seen("ns", "a", "Ready")
     metrics.disk_seen("ns", "b", "Failed")
     metrics.disk_seen("ns", "b", None)
+    metrics.disk_seen("ns", "gone", "Failed", "DiskMissing")
+    (tmp_path / "orphans.json").write_text('{"time": "t", "node": "node-a", "orphans": ["a/x"]}')
     from prometheus_client import generate_latest
 
     found = samples(generate_latest(metrics.registry).decode())
     assert value(found, "vmdisk_disks", phase="Ready") == 1
-    assert value(found, "vmdisk_disks", phase="Failed") == 0
+    assert value(found, "vmdisk_disks", phase="Failed") == 1
+    assert value(found, "vmdisk_missing_disks") == 1
+    assert value(found, "vmdisk_orphan_disks") == 1
     assert (value(found, "vmdisk_state_dir_free_bytes") or 0) > 0
     assert value(found, "vmdisk_image_cache_bytes") == 0
     assert value(found, "vmdisk_agent_info", node="node-a", version=_version()) == 1

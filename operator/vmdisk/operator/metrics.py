@@ -10,6 +10,7 @@ own: nothing global, so tests and several agents in one process never mix.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ..api.common import GROUP, VERSION
 from ..api.vmdisk import VMDiskStatus
 from ..backends.base import SupportsCapacity
 from ..reconcile import Engine
+from .orphans import REPORT
 
 PHASES = ("Pending", "Provisioning", "Ready", "Failed", "Deleting")
 # Disk work spans milliseconds (a blank qcow2) to an hour (a large download).
@@ -80,6 +82,7 @@ class Metrics:
             registry=self.registry,
         )
         self._phases: dict[tuple[str, str], str] = {}
+        self._missing: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._server: WSGIServer | None = None
 
@@ -97,13 +100,25 @@ class Metrics:
         self.fetch_seconds.labels(scheme).observe(seconds)
 
     # -- disks per phase -------------------------------------------------------
-    def disk_seen(self, namespace: str, name: str, phase: str | None) -> None:
-        """Record a VMDisk's phase as the API has it; None when it is gone."""
+    def disk_seen(
+        self, namespace: str, name: str, phase: str | None, reason: str | None = None
+    ) -> None:
+        """Record a VMDisk's phase (and Ready reason) as the API has it; None when it is gone."""
+        key = (namespace, name)
         with self._lock:
             if phase is None:
-                self._phases.pop((namespace, name), None)
+                self._phases.pop(key, None)
+                self._missing.discard(key)
             else:
-                self._phases[(namespace, name)] = phase
+                self._phases[key] = phase
+                if reason == "DiskMissing":
+                    self._missing.add(key)
+                else:
+                    self._missing.discard(key)
+
+    def missing_count(self) -> int:
+        with self._lock:
+            return len(self._missing)
 
     def phase_counts(self) -> dict[str, int]:
         counts = dict.fromkeys(PHASES, 0)
@@ -155,7 +170,26 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "vmdisk_image_cache_entries", "Images in the base image cache.", value=len(entries)
         )
+        yield from self._host_truth()
         yield from self._free_space()
+
+    def _host_truth(self) -> Iterator[Metric]:
+        """Disks whose data vanished (from status) and orphans (from the last scan)."""
+        yield GaugeMetricFamily(
+            "vmdisk_missing_disks",
+            "This node's VMDisks whose data vanished from the host (reason DiskMissing).",
+            value=self.metrics.missing_count(),
+        )
+        report = self.engine.layout.root / REPORT
+        try:
+            orphans = len(json.loads(report.read_text())["orphans"])
+        except (OSError, ValueError, KeyError):
+            return  # no scan yet
+        yield GaugeMetricFamily(
+            "vmdisk_orphan_disks",
+            "Disk data on this node that no VMDisk owns, as of the last orphan scan.",
+            value=orphans,
+        )
 
     def _free_space(self) -> Iterator[Metric]:
         state = self.engine.layout.root
@@ -204,5 +238,9 @@ def track_phases(registry: kopf.OperatorRegistry, metrics: Metrics) -> None:
         GROUP, VERSION, "vmdisks", when=on_this_node, id="metrics_phase", registry=registry
     )
     def metrics_phase(*, type: Any, namespace: Any, name: Any, status: Any, **_: Any) -> None:
-        gone = type == "DELETED"
-        metrics.disk_seen(namespace, name, None if gone else status.get("phase") or "Pending")
+        if type == "DELETED":
+            metrics.disk_seen(namespace, name, None)
+            return
+        conditions: list[dict[str, Any]] = status.get("conditions", [])
+        ready = next((c for c in conditions if c.get("type") == "Ready"), {})
+        metrics.disk_seen(namespace, name, status.get("phase") or "Pending", ready.get("reason"))
