@@ -20,7 +20,14 @@ from types import FrameType
 
 import vmdisk
 
-from . import concurrent_download, download_speed, engine_qcow2, operator_scale, raw_copy
+from . import (
+    concurrent_download,
+    download_speed,
+    engine_qcow2,
+    operator_scale,
+    raw_copy,
+    rbd_clone,
+)
 from .harness import Row, fs_type, scratch_dir, sh, table
 
 FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
@@ -29,6 +36,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "c": ("20 concurrent disks, one download", concurrent_download.run),
     "d": ("download throughput vs curl", download_speed.run),
     "e": ("the operator at scale against the kmock API server", operator_scale.run),
+    "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"
 

@@ -20,6 +20,7 @@ from .api.vmdisk import VMDisk, VMDiskStatus
 from .backends.base import (
     BaseImage,
     Blank,
+    ClusterAccess,
     Content,
     CreateRequest,
     DiskBackend,
@@ -29,9 +30,11 @@ from .backends.base import (
     FromImage,
     FromStore,
     SupportsEncryption,
+    SupportsFlatten,
     SupportsInventory,
     SupportsSnapshots,
 )
+from .backends.rbd_config import RbdSettings
 from .backends.record import bases_in_use
 from .backends.registry import Registry
 from .config import Settings
@@ -127,7 +130,10 @@ class Engine:
         return cls(
             settings,
             layout,
-            registry or default_registry(layout, lvm_vg=settings.lvm_vg),
+            registry
+            or default_registry(
+                layout, lvm_vg=settings.lvm_vg, rbd=RbdSettings.from_settings(settings)
+            ),
             cache,
             observer or NO_OBSERVER,
             secrets or FileSecrets(settings.state_dir / "secrets"),
@@ -180,7 +186,14 @@ class Engine:
                 if key is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # a rollback closes the mapping
-            return self._ready(disk, backend, ref, host, status, changed=bool(actions))
+                # spec.rbd.flatten: a clone stops depending on its parent (once).
+                flatten = disk.spec.rbd is not None and disk.spec.rbd.flatten
+                flattened = flatten and host.parent is not None
+                if flattened:
+                    if not isinstance(backend, SupportsFlatten):
+                        raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
+                    host = backend.flatten(ref)
+            return self._ready(disk, backend, ref, host, status, changed=bool(actions) or flattened)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(status, generation, exc)
@@ -326,7 +339,11 @@ class Engine:
                 "node_name": disk.spec.node_name or self.settings.node_name,
                 "backend": backend.name,
                 "format": host.format,
-                "path": location.path,
+                "path": (
+                    f"{location.protocol}:{location.path}"
+                    if location.type == "network"
+                    else location.path
+                ),
                 "virtual_size": host.virtual_size,
                 "actual_size": host.actual_size,
                 "base_image": host.base_image,
@@ -334,6 +351,7 @@ class Engine:
                 "libvirt_xml": render_disk(location, disk.spec.libvirt),
                 "shared": backend.shared,
                 "restored_snapshot": host.restored_snapshot,
+                "parent": host.parent,
             }
         )
 
@@ -418,8 +436,15 @@ class Engine:
             placement = (spec.rbd.pool if spec.rbd else None) or self.settings.rbd_pool
         elif backend == "lvm":
             placement = (spec.lvm.volume_group if spec.lvm else None) or self.settings.lvm_vg
+        access = None
+        if backend == "rbd" and spec.rbd is not None:
+            access = ClusterAccess(spec.rbd.ceph_conf, spec.rbd.user, spec.rbd.secret_uuid)
         return DiskRef(
-            disk.metadata.namespace, disk.metadata.name, placement, spec.encryption is not None
+            disk.metadata.namespace,
+            disk.metadata.name,
+            placement,
+            spec.encryption is not None,
+            access,
         )
 
     def _encryption_key(self, disk: VMDisk, backend: DiskBackend) -> bytes | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .api.common import Condition, now_rfc3339
 from .api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from .backends.base import DiskBackend, DiskRef, SupportsSnapshots
+from .backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
 from .errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from .host import qemu_img
 from .host.files import remove_on_error, remove_path
@@ -42,8 +42,15 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
             size = snapshots.create_snapshot(ref, name)
-            export_path = None
-            if snap.spec.export is not None:
+            export_path = export_url = None
+            if snap.spec.export is not None and snap.spec.export.pool is not None:
+                if not isinstance(backend, SupportsDirectSnapshot):
+                    raise UnsupportedOperation(
+                        f"spec.export.pool: the {backend.name} backend cannot export into "
+                        "an RBD pool (only rbd disks can)"
+                    )
+                export_url = backend.direct_snapshot(ref, name, snap.spec.export.pool)
+            elif snap.spec.export is not None:
                 fmt = snap.spec.export.format
                 target = engine.layout.export_file(ref.namespace, name, fmt)
                 if not target.exists():
@@ -66,6 +73,7 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 "observed_generation": generation,
                 "snapshot_name": name,
                 "export_path": export_path,
+                "export_url": export_url,
                 "size": size,
                 "creation_time": status.creation_time or now_rfc3339(),
             }
@@ -103,12 +111,20 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
             f"DiskSnapshot {name!r} is still the source of VMDisk(s) being created: "
             f"{', '.join(sorted(users))}"
         )
-    if snap.spec.export is not None:
-        remove_path(engine.layout.export_file(namespace, name, snap.spec.export.format))
+    export = snap.spec.export
+    if export is not None and export.pool is None:
+        remove_path(engine.layout.export_file(namespace, name, export.format))
     disk = lookup.get_disk(namespace, snap.spec.disk_name)
     if disk is None or disk.status is None or disk.status.backend is None:
         return  # the disk (and with it the snapshot) is gone
     backend = engine.registry.get(disk.status.backend)
+    if (
+        export is not None
+        and export.pool is not None
+        and isinstance(backend, SupportsDirectSnapshot)
+    ):
+        # Refused (HasDependents) while disks are still clones of the published image.
+        backend.remove_direct_snapshot(engine.disk_ref(disk), name, export.pool)
     if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
             backend.remove_snapshot(engine.disk_ref(disk), name, ignore_missing=True)

@@ -15,6 +15,13 @@ class SnapshotExport(Model):
     """Also write the snapshot out as a standalone file in this format."""
 
     format: Literal["qcow2", "raw"] = "qcow2"
+    pool: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,255}$",
+        description="rbd disks only: clone the snapshot into this RBD pool and flatten it "
+        "(Nova's direct snapshot); status.exportURL is its rbd:// URL. RBD images are raw: "
+        "format does not apply.",
+    )
 
 
 class DiskSnapshotSpec(Model):
@@ -28,6 +35,11 @@ class DiskSnapshotStatus(StatusModel):
     ready_to_use: bool = False
     snapshot_name: str | None = None
     export_path: str | None = None
+    export_url: str | None = Field(
+        default=None,
+        alias="exportURL",
+        description="rbd://fsid/pool/image/snap of a direct snapshot (spec.export.pool).",
+    )
     size: int | None = None
     creation_time: str | None = None
     conditions: list[Condition] = Field(default_factory=list)

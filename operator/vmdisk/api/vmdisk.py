@@ -136,6 +136,11 @@ class RbdSpec(Model):
     user: str | None = None
     ceph_conf: str | None = None
     secret_uuid: str | None = Field(default=None, alias="secretUUID")
+    flatten: bool = Field(
+        default=False,
+        description="Copy a clone's parent data in so it no longer depends on the parent "
+        "image's snapshot (applied once; cannot be undone).",
+    )
 
 
 class LvmSpec(Model):
@@ -203,6 +208,9 @@ class VMDiskStatus(StatusModel):
     libvirt_xml: str | None = Field(default=None, alias="libvirtXML")
     shared: bool | None = None
     restored_snapshot: str | None = None
+    parent: str | None = Field(
+        default=None, description="Copy-on-write parent (rbd clones: pool/image@snap)."
+    )
     conditions: list[Condition] = Field(default_factory=list)
 
 

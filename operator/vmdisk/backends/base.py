@@ -16,6 +16,15 @@ from ..api.vmdisk import Preallocation
 
 
 @dataclass(frozen=True)
+class ClusterAccess:
+    """Per-disk overrides of how to reach a shared store (``spec.rbd``)."""
+
+    conf: str | None = None
+    user: str | None = None
+    secret_uuid: str | None = None
+
+
+@dataclass(frozen=True)
 class DiskRef:
     """Identifies one disk: the VMDisk's namespace and name.
 
@@ -27,6 +36,8 @@ class DiskRef:
     name: str
     placement: str | None = None
     encrypted: bool = False  # spec.encryption is set: the disk is opened with its key
+    # How to reach the store (rbd); not part of the disk's identity.
+    access: ClusterAccess | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -126,6 +137,7 @@ class DiskState:
     actual_size: int
     base_image: str | None = None
     restored_snapshot: str | None = None  # the last spec.restore applied, pinned
+    parent: str | None = None  # copy-on-write parent ("pool/image@snap" for rbd clones)
 
 
 @runtime_checkable
@@ -207,3 +219,25 @@ class Capacity:
 @runtime_checkable
 class SupportsCapacity(Protocol):
     def capacity(self) -> Capacity: ...
+
+
+@runtime_checkable
+class SupportsFlatten(Protocol):
+    """Copy-on-write children that can stop depending on their parent (rbd)."""
+
+    def flatten(self, ref: DiskRef) -> DiskState:
+        """Copy the parent's data in; afterwards ``state(ref).parent`` is None."""
+        ...
+
+
+@runtime_checkable
+class SupportsDirectSnapshot(Protocol):
+    """Nova's direct_snapshot: a snapshot published as a standalone image in the store."""
+
+    def direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> str:
+        """Clone snapshot ``name`` into ``pool``, flatten it; its ``rbd://`` URL (idempotent)."""
+        ...
+
+    def remove_direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> None:
+        """Remove what ``direct_snapshot`` made; missing is fine."""
+        ...

@@ -12,6 +12,7 @@ from .lvm import LvmBackend
 from .ploop import PloopBackend
 from .qcow2 import Qcow2Backend
 from .raw import RawBackend
+from .rbd_config import RbdSettings
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,16 @@ class Registry:
             ) from None
 
 
-def default_registry(layout: StateLayout, *, lvm_vg: str | None = None) -> Registry:
-    """The backends every node has (the file-based ones), plus lvm when a VG is configured."""
+def default_registry(
+    layout: StateLayout, *, lvm_vg: str | None = None, rbd: RbdSettings | None = None
+) -> Registry:
+    """The backends every node has (the file-based ones), plus lvm when a VG is configured
+    and rbd when the node is configured for Ceph (a default pool or a ceph.conf)."""
     backends: list[DiskBackend] = [RawBackend(layout), Qcow2Backend(layout), PloopBackend(layout)]
     if lvm_vg:
         backends.append(LvmBackend(lvm_vg))
+    if rbd is not None and (rbd.pool or rbd.ceph_conf):
+        from .rbd import RbdBackend  # imports librados: only on Ceph nodes
+
+        backends.append(RbdBackend(rbd, layout))
     return Registry({b.name: b for b in backends})
