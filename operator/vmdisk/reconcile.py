@@ -9,26 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from .api.common import Condition
-from .api.snapshot import DiskSnapshot
 from .api.vmdisk import VMDisk, VMDiskStatus
 from .backends.base import (
-    BaseImage,
-    Blank,
-    ClusterAccess,
-    Content,
     CreateRequest,
     DiskBackend,
     DiskRef,
     DiskState,
-    FromDisk,
-    FromImage,
-    FromStore,
     SupportsEncryption,
     SupportsFlatten,
     SupportsInventory,
@@ -39,65 +30,32 @@ from .backends.record import bases_in_use
 from .backends.registry import Registry
 from .config import Settings
 from .errors import (
-    DependencyNotReady,
     DiskMissing,
     HasDependents,
-    HostIOError,
     ImageLargerThanDisk,
-    InsufficientSpace,
     UnsupportedOperation,
     VMDiskError,
 )
-from .host.files import raise_if_no_space
+from .host.files import host_error
 from .host.locks import file_lock
 from .host.secrets import FileSecrets
-from .images.cache import NO_CACHE_OBSERVER, CacheObserver, ImageCache
+from .images.cache import NO_CACHE_OBSERVER, ImageCache
 from .layout import StateLayout
 from .libvirt import render_disk
-from .planning import Create, Resize, Restore, backend_for, plan_disk
-from .status import failed_status, with_condition
+from .planning import (
+    Create,
+    Resize,
+    Restore,
+    backend_for,
+    backend_name,
+    disk_ref,
+    plan_disk,
+)
+from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
+from .sources import resolve_source
+from .status import ProgressPublisher, failed_status, with_condition
 
 log = logging.getLogger(__name__)
-
-Publish = Callable[[VMDiskStatus], None]
-
-
-class Lookup(Protocol):
-    """Read access to the other resources a disk or snapshot depends on."""
-
-    def get_disk(self, namespace: str, name: str) -> VMDisk | None: ...
-
-    def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None: ...
-
-    def list_disks(self, namespace: str) -> list[VMDisk]: ...
-
-    def list_snapshots(self, namespace: str) -> list[DiskSnapshot]: ...
-
-
-class Secrets(Protocol):
-    """Reads one key of a Secret: files in local mode, the Kubernetes API in the operator."""
-
-    def get(self, namespace: str, name: str, key: str) -> bytes: ...
-
-
-class Observer(CacheObserver, Protocol):
-    """Told what the engine did (the operator's metrics); the default ignores it."""
-
-    def disk_reconciled(self, backend: str, status: VMDiskStatus, seconds: float) -> None: ...
-
-
-class _NoObserver:
-    def disk_reconciled(self, backend: str, status: VMDiskStatus, seconds: float) -> None:
-        pass
-
-    def cache_lookup(self, hit: bool) -> None:
-        pass
-
-    def image_fetched(self, scheme: str, size: int, seconds: float) -> None:
-        pass
-
-
-NO_OBSERVER: Observer = _NoObserver()
 
 
 @dataclass(frozen=True)
@@ -231,76 +189,35 @@ class Engine:
         publish: Publish | None,
     ) -> DiskState:
         spec = disk.spec
-        progress = _ProgressPublisher(status, publish)
-        content: Content
+        progress = ProgressPublisher(status, publish)
+        source = resolve_source(
+            disk,
+            lookup,
+            cache=self.cache,
+            registry=self.registry,
+            ref_of=self.disk_ref,
+            progress=progress.download,
+        )
         size = spec.size_bytes
-        source = spec.source
-        if source.image is not None and source.image.url.startswith("rbd://"):
-            # Already in the backend's store: the backend clones it (and checks its size).
-            content, minimum = FromStore(source.image.url), 0
-        elif source.image is not None:
-            image = self.cache.get(source.image, disk_size=size, progress=progress.download)
-            content, minimum = FromImage(image), image.virtual_size
-        elif source.blank is not None:
-            content, minimum = Blank(source.blank.filesystem), 0
-        else:
-            content, minimum = self._copy_source(disk, lookup)
         if size is None:
-            size = minimum
-        elif size < minimum:
+            size = source.minimum
+        elif size < source.minimum:
             raise ImageLargerThanDisk(
-                f"spec.size: {spec.size} is smaller than the source's {minimum} bytes"
+                f"spec.size: {spec.size} is smaller than the source's {source.minimum} bytes"
             )
         request = CreateRequest(
             size=size,
-            content=content,
+            content=source.content,
             preallocation=spec.preallocation,
             progress=progress.percent,
             sparse=spec.lvm.sparse if spec.lvm else False,
             encryption_key=self._encryption_key(disk, backend),
         )
-        if isinstance(content, FromDisk):
-            # Hold the source still while it is copied.
-            owner = spec.source.disk.name if spec.source.disk else self._snapshot_disk(disk, lookup)
-            with file_lock(self.layout.lock("disk", ref.namespace, owner), timeout=600):
+        if source.holds is not None:
+            # Hold the source disk still while it is copied.
+            with file_lock(self.layout.lock("disk", ref.namespace, source.holds), timeout=600):
                 return backend.create(ref, request)
         return backend.create(ref, request)
-
-    def _snapshot_disk(self, disk: VMDisk, lookup: Lookup) -> str:
-        assert disk.spec.source.snapshot is not None
-        snap = lookup.get_snapshot(disk.metadata.namespace, disk.spec.source.snapshot.name)
-        assert snap is not None
-        return snap.spec.disk_name
-
-    def _copy_source(self, disk: VMDisk, lookup: Lookup) -> tuple[FromDisk, int]:
-        """Resolve ``source.disk`` or ``source.snapshot`` to something to copy."""
-        namespace = disk.metadata.namespace
-        snapshot_name: str | None = None
-        if disk.spec.source.disk is not None:
-            source_name = disk.spec.source.disk.name
-        else:
-            assert disk.spec.source.snapshot is not None
-            snap = lookup.get_snapshot(namespace, disk.spec.source.snapshot.name)
-            if snap is None or snap.status is None or not snap.status.ready_to_use:
-                raise DependencyNotReady(
-                    f"spec.source.snapshot: DiskSnapshot {disk.spec.source.snapshot.name!r} "
-                    "is not ready to use yet"
-                )
-            source_name, snapshot_name = snap.spec.disk_name, snap.status.snapshot_name
-        source = lookup.get_disk(namespace, source_name)
-        if source is None or source.status is None or source.status.phase != "Ready":
-            raise DependencyNotReady(f"source VMDisk {source_name!r} is not Ready yet")
-        assert source.status.backend is not None
-        backend = self.registry.get(source.status.backend)
-        source_ref = self.disk_ref(source)
-        state = backend.state(source_ref)
-        if state is None:
-            raise DependencyNotReady(f"source VMDisk {source_name!r} has no data on this node")
-        base: BaseImage | None = None
-        if state.base_image is not None:
-            base = self.cache.lookup(state.base_image)
-        readable = backend.readable(source_ref, snapshot_name)
-        return FromDisk(readable, base), state.virtual_size
 
     def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
         if not isinstance(backend, SupportsSnapshots):
@@ -422,30 +339,11 @@ class Engine:
 
     def backend_name(self, disk: VMDisk) -> str:
         """The disk's backend: pinned in status once created, else the spec's or the default."""
-        status = disk.status
-        if status is not None and status.format is not None and status.backend is not None:
-            return status.backend
-        return disk.spec.backend or self.settings.default_backend
+        return backend_name(disk, self.settings.default_backend)
 
     def disk_ref(self, disk: VMDisk) -> DiskRef:
         """The backend reference of a VMDisk, with its pool or volume group."""
-        spec = disk.spec
-        backend = self.backend_name(disk)
-        placement = None
-        if backend == "rbd":
-            placement = (spec.rbd.pool if spec.rbd else None) or self.settings.rbd_pool
-        elif backend == "lvm":
-            placement = (spec.lvm.volume_group if spec.lvm else None) or self.settings.lvm_vg
-        access = None
-        if backend == "rbd" and spec.rbd is not None:
-            access = ClusterAccess(spec.rbd.ceph_conf, spec.rbd.user, spec.rbd.secret_uuid)
-        return DiskRef(
-            disk.metadata.namespace,
-            disk.metadata.name,
-            placement,
-            spec.encryption is not None,
-            access,
-        )
+        return disk_ref(disk, self.settings)
 
     def _encryption_key(self, disk: VMDisk, backend: DiskBackend) -> bytes | None:
         """The disk's key from its Secret, or None when it is not encrypted."""
@@ -460,31 +358,3 @@ class Engine:
             raise UnsupportedOperation("spec.encryption: no Secret reader is configured")
         ref = encryption.secret_ref
         return self.secrets.get(disk.metadata.namespace, ref.name, ref.key)
-
-
-def host_error(exc: OSError) -> VMDiskError:
-    """An OSError as a typed error: full disks are InsufficientSpace, the rest HostIOError."""
-    try:
-        raise_if_no_space(exc)
-    except InsufficientSpace as typed:
-        return typed
-    return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
-
-
-class _ProgressPublisher:
-    """Throttled progress: publishes ``status.progress`` at most every two seconds."""
-
-    def __init__(self, status: VMDiskStatus, publish: Publish | None) -> None:
-        self.status = status
-        self.publish = publish
-        self.last = 0.0
-
-    def percent(self, value: float) -> None:
-        now = time.monotonic()
-        if self.publish is None or (now - self.last < 2.0 and value < 100):
-            return
-        self.last = now
-        self.publish(self.status.model_copy(update={"progress": f"{int(value)}%"}))
-
-    def download(self, done: int, total: int | None) -> None:
-        self.percent(done * 100 / total if total else 0.0)

@@ -11,9 +11,10 @@ from .api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from .backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
 from .errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from .host import qemu_img
-from .host.files import remove_on_error, remove_path
+from .host.files import host_error, remove_on_error, remove_path
 from .host.locks import file_lock
-from .reconcile import Engine, Lookup
+from .ports import Lookup
+from .reconcile import Engine
 from .status import failed_status, with_condition
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
             "snapshot %s/%s: %s (%s)", snap.metadata.namespace, name, exc.message, exc.reason
         )
         return failed_status(status, generation, exc)
+    except OSError as exc:
+        log.exception("snapshot %s/%s: host error", snap.metadata.namespace, name)
+        return failed_status(status, generation, host_error(exc))
 
 
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import TypeVar
 
 from .api.common import Condition, set_condition
 from .api.snapshot import DiskSnapshotStatus
 from .api.vmdisk import VMDiskStatus
 from .errors import VMDiskError
+from .ports import Publish
 
 S = TypeVar("S", VMDiskStatus, DiskSnapshotStatus)
 
@@ -46,3 +48,22 @@ def failed_status(status: S, generation: int | None, exc: VMDiskError) -> S:
     else:
         phase = "Pending"
     return status.model_copy(update={"phase": phase, "observed_generation": generation})
+
+
+class ProgressPublisher:
+    """Throttled progress: publishes ``status.progress`` at most every two seconds."""
+
+    def __init__(self, status: VMDiskStatus, publish: Publish | None) -> None:
+        self.status = status
+        self.publish = publish
+        self.last = 0.0
+
+    def percent(self, value: float) -> None:
+        now = time.monotonic()
+        if self.publish is None or (now - self.last < 2.0 and value < 100):
+            return
+        self.last = now
+        self.publish(self.status.model_copy(update={"progress": f"{int(value)}%"}))
+
+    def download(self, done: int, total: int | None) -> None:
+        self.percent(done * 100 / total if total else 0.0)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from ..errors import InsufficientSpace
+from ..errors import HostIOError, InsufficientSpace, VMDiskError
 
 _FICLONE = 0x40049409  # ioctl(FICLONE): share extents (btrfs, xfs reflink=1)
 _CHUNK = 64 * 1024 * 1024
@@ -65,12 +65,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def host_error(exc: OSError) -> VMDiskError:
+    """An OSError as a typed error: full disks are InsufficientSpace, the rest HostIOError."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientSpace(
+            f"no space left on the state directory's filesystem ({exc.filename or ''})"
+        )
+    return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
+
+
 def raise_if_no_space(exc: OSError) -> None:
     """Turn ENOSPC/EDQUOT into the typed, retryable InsufficientSpace."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise InsufficientSpace(
-            f"no space left on the state directory's filesystem ({exc.filename or ''})"
-        ) from exc
+        raise host_error(exc) from exc
 
 
 def remove_path(path: Path) -> None:
