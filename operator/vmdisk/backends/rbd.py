@@ -33,9 +33,10 @@ from ..errors import (
     UnsupportedOperation,
     VMDiskError,
 )
-from ..host.ceph import CephAccess, CephNotFound, Cluster, ImageFacts, SnapshotSpec
+from ..host.ceph import CephAccess, CephNotFound
 from ..host.files import remove_path
 from ..host.mkfs import make_filesystem
+from ..host.rbd_images import Cluster, ImageFacts, SnapshotSpec
 from ..layout import StateLayout
 from .base import (
     Blank,
