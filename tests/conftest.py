@@ -18,7 +18,7 @@ from vmdisk.local import LocalRunner
 from vmdisk.reconcile import Engine
 from vmdisk.store import LocalStore
 
-pytest_plugins = ["libvirtd", "kube", "lvmfixtures", "ceph"]
+pytest_plugins = ["libvirtd", "kube", "agents", "lvmfixtures", "ceph"]
 
 MiB = 1024 * 1024
 # A recognisable pattern at known offsets, so tests can prove data survived.

@@ -10,20 +10,16 @@ those in test_chart.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
+from agents import NS, Agent, assert_clean, free_port, phase, vmdisk
 from conftest import sha256_of
 from kube import KubeApi
-from test_operator import NS, assert_clean, free_port, phase, vmdisk
 from vmdisk.api.common import Condition
 from vmdisk.api.vmdisk import VMDiskStatus
 from vmdisk.config import Settings
@@ -81,56 +77,29 @@ def _version() -> str:
     return vmdisk.__version__
 
 
-class MetricsAgent:
-    """`vmdisk run` with metrics and JSON logs (the chart's flags)."""
-
-    def __init__(self, tmp: Path, kubeconfig: Path, image_dir: Path) -> None:
-        self.metrics_port, self.health_port = free_port(), free_port()
-        self.log = tmp / "agent.log"
-        argv = [
-            sys.executable, "-m", "vmdisk.cli", "run", "--node", "node-a",
-            "--state-dir", str(tmp / "state"),
-            f"--liveness=http://127.0.0.1:{self.health_port}/healthz",
-            f"--metrics-port={self.metrics_port}", "--log-format=json",
-        ]  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "VMDISK_IMAGE_DIRS": str(image_dir)}
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.http = urllib3.PoolManager(retries=False)
-
-    def scrape(self, timeout: float = 15.0) -> Samples:
-        deadline = time.monotonic() + timeout
+def scrape(port: int, timeout: float = 15.0) -> Samples:
+    """The agent's /metrics, parsed; waits for the server to come up."""
+    http = urllib3.PoolManager(retries=False)
+    deadline = time.monotonic() + timeout
+    try:
         while True:
             try:
-                url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-                return samples(self.http.request("GET", url).data.decode())
+                return samples(
+                    http.request("GET", f"http://127.0.0.1:{port}/metrics").data.decode()
+                )
             except urllib3.exceptions.HTTPError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.http.clear()
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def agent(kubeconfig: Path, tmp_path: Path, image_dir: Path) -> Iterator[MetricsAgent]:
-    started = MetricsAgent(tmp_path, kubeconfig, image_dir)
-    yield started
-    logs = started.stop()
-    assert "Traceback" not in logs, logs
+    finally:
+        http.clear()
 
 
 def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
-    api_server: KubeApi, agent: MetricsAgent, image_dir: Path
+    api_server: KubeApi, agents: Callable[..., Agent], image_dir: Path
 ) -> None:
+    port = free_port()
+    agent = agents("node-a", args=[f"--metrics-port={port}", "--log-format=json"])
     image = image_dir / "base.qcow2"
     source = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
     api_server.create(vmdisk("root", size="32Mi", source=source))
@@ -150,7 +119,7 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
         "disksnapshots", NS, "snap", lambda o: bool(((o or {}).get("status") or {}).get("phase"))
     )
 
-    found = agent.scrape()
+    found = scrape(port)
     assert value(found, "vmdisk_reconcile_total", backend="qcow2", result="ready") == 1
     assert value(found, "vmdisk_reconcile_total", backend="raw", result="ready") == 1
     assert (value(found, "vmdisk_reconcile_total", backend="qcow2", result="retry") or 0) >= 1
@@ -169,7 +138,7 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
     api_server.delete("vmdisks", NS, "data")
     api_server.wait_for("vmdisks", NS, "data", lambda o: o is None, timeout=30)
     deadline = time.monotonic() + 10
-    while value(agent.scrape(), "vmdisk_disks", phase="Ready") != 1:
+    while value(scrape(port), "vmdisk_disks", phase="Ready") != 1:
         assert time.monotonic() < deadline, "vmdisk_disks did not follow the deletion"
         time.sleep(0.1)
 

@@ -164,7 +164,11 @@ def _not_ready(objects: Sequence[Resource]) -> list[str]:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     objects = load(args.filename)
-    results = _runner(_settings(args)).apply(objects)
+    runner = _runner(_settings(args))
+    try:
+        results = runner.apply(objects)
+    finally:
+        runner.engine.close()
     _print(results, args.output)
     problems = _not_ready(results)
     for line in problems:
@@ -202,7 +206,10 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     else:
         print("error: give -f FILE_OR_DIR, or a kind and a name", file=sys.stderr)
         return 2
-    problems = runner.delete(objects)
+    try:
+        problems = runner.delete(objects)
+    finally:
+        runner.engine.close()
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from .api.common import Condition
 from .api.vmdisk import VMDisk, VMDiskStatus
 from .backends.base import (
+    Closeable,
     CreateRequest,
     DiskBackend,
     DiskRef,
     DiskState,
+    SupportsClaim,
     SupportsEncryption,
     SupportsFlatten,
     SupportsInventory,
@@ -144,6 +146,8 @@ class Engine:
                 if key is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # a rollback closes the mapping
+                if backend.shared and isinstance(backend, SupportsClaim):
+                    backend.claim(ref)  # a VM moved here: this node now serves the disk
                 # spec.rbd.flatten: a clone stops depending on its parent (once).
                 flatten = disk.spec.rbd is not None and disk.spec.rbd.flatten
                 flattened = flatten and host.parent is not None
@@ -298,6 +302,12 @@ class Engine:
         backend_name = self.backend_name(disk)
         with self._disk_lock(namespace, name):
             self.registry.get(backend_name).delete(self.disk_ref(disk))
+
+    def close(self) -> None:
+        """Close the backends' connections (at process exit)."""
+        for backend in self.registry.backends.values():
+            if isinstance(backend, Closeable):
+                backend.close()
 
     def cache_in_use(self) -> set[str]:
         """Cache entries that existing disks still read from (qcow2 backing files)."""

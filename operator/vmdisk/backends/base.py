@@ -241,3 +241,17 @@ class SupportsDirectSnapshot(Protocol):
     def remove_direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> None:
         """Remove what ``direct_snapshot`` made; missing is fine."""
         ...
+
+
+@runtime_checkable
+class SupportsClaim(Protocol):
+    """Shared storage: records which node now serves the disk (after a VM moved)."""
+
+    def claim(self, ref: DiskRef) -> None: ...
+
+
+@runtime_checkable
+class Closeable(Protocol):
+    """Holds connections to close at process exit."""
+
+    def close(self) -> None: ...

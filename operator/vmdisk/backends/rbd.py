@@ -345,12 +345,20 @@ class RbdBackend:
     def remove_direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> None:
         self.cluster(ref).remove_image(pool, export_image(ref.namespace, name))
 
+    # -- SupportsClaim ----------------------------------------------------------------------
+    def claim(self, ref: DiskRef) -> None:
+        """Record this node as the disk's node, so inventories follow a moved VM."""
+        cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
+        if cluster.metadata(pool, image).get(NODE) != self.settings.node_name:
+            cluster.set_metadata(pool, image, {NODE: self.settings.node_name})
+
     # -- SupportsInventory ------------------------------------------------------------------
     def inventory(self) -> list[DiskRef]:
-        """Our images in the node's default pool that this node created.
+        """Our images in the node's default pool that this node serves.
 
         RBD is shared: listing every image would make each node report the
-        others' disks as orphans, so the creating node (metadata) is checked.
+        others' disks as orphans, so the serving node (metadata, updated by
+        ``claim`` when a disk moves) is checked.
         """
         pool = self.settings.pool
         if pool is None:

@@ -131,5 +131,6 @@ def run(
             )
         )
     finally:
+        engine.close()
         if metrics is not None:
             metrics.stop()
