@@ -25,6 +25,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to stable storage."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Begin writing a just-written range to disk without waiting for it.
+
+    A later fsync then has little left to do: writing and flushing overlap.
+    """
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``path`` so that readers see the old or the new content, never half."""
     payload = data.encode() if isinstance(data, str) else data
@@ -127,8 +141,7 @@ def sparse_copy(source: Path, target: Path) -> str:
     """
     try:
         if try_reflink(source, target):
-            with open(target, "rb") as handle:
-                os.fsync(handle.fileno())
+            fsync_file(target)
             return "reflink"
         size = source.stat().st_size
         with open(source, "rb") as src, open(target, "r+b") as dst:
@@ -164,9 +177,7 @@ def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
             copied = os.pwrite(dfd, os.pread(sfd, count, pos), pos)
         if copied == 0:
             break
-        # Start writeback of what was just copied, so the final fsync does not
-        # wait for all of it at once: copying and writing to disk overlap.
-        os.posix_fadvise(dfd, pos, copied, os.POSIX_FADV_DONTNEED)
+        start_writeback(dfd, pos, copied)
         pos += copied
 
 

@@ -29,7 +29,7 @@ from typing import Protocol
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
 from ..errors import DownloadFailed, ImageFormatMismatch
-from ..host.files import atomic_write, fsync_dir
+from ..host.files import atomic_write, fsync_dir, fsync_file
 from ..host.locks import LockTimeout, file_lock
 from .download import Digest, HttpOptions, Progress, copy_file, fetch_http
 from .inspect import check_size, inspect_image
@@ -251,6 +251,7 @@ class ImageCache:
                 disk_size=disk_size,
             )
             os.chmod(part.path, 0o444)
+            fsync_file(part.path)  # verified bytes must survive a power loss
             os.replace(part.path, self.root / image_id)
             fsync_dir(self.root)
         except Exception:

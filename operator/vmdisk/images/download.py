@@ -27,7 +27,7 @@ import urllib3
 from urllib3.exceptions import HTTPError
 
 from ..errors import ChecksumMismatch, DownloadFailed, ImageTooLarge
-from ..host.files import atomic_write, raise_if_no_space, sparse_copy
+from ..host.files import atomic_write, raise_if_no_space, sparse_copy, start_writeback
 from .source import check_redirect, redact
 
 log = logging.getLogger("vmdisk.images")
@@ -215,6 +215,7 @@ def _attempt(
                 try:
                     for chunk in resp.stream(_CHUNK, decode_content=False):
                         _write_sparse(out, chunk)
+                        start_writeback(out.fileno(), partial.size, len(chunk))
                         partial.append(chunk)
                         if partial.size > options.max_bytes:
                             raise ImageTooLarge(f"image {report.name} exceeds the size limit")
