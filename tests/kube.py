@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import datetime
@@ -920,6 +921,22 @@ class KubeApi:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
         self._http.clear()
+
+    def inject(self, obj: Obj) -> None:
+        """Store ``obj`` with no admission at all (no schema, no CEL), as an object written
+        under an older CRD, or straight into etcd, would be."""
+        assert self._loop is not None
+        done = concurrent.futures.Future[None]()
+
+        def put() -> None:
+            try:
+                self.server.put_object(obj)
+                done.set_result(None)
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(put)
+        done.result(timeout=10)
 
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig (no TLS, a dummy token) that kubectl and kopf accept."""

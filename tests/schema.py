@@ -14,6 +14,7 @@ pattern admits.
 from __future__ import annotations
 
 import copy
+import re
 from fractions import Fraction
 from functools import cache
 from typing import Any
@@ -135,18 +136,41 @@ def _check_rules(schema: Schema, value: Any, old: Any, path: str, errors: list[s
 def validate_against_crd(obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate `obj` (a create, or an update of `old`); return it defaulted.
 
-    Raises CRDValidationError listing every schema and CEL failure.
+    Raises CRDValidationError listing every schema and CEL failure.  On an
+    update, errors at values that did not change are dropped, as the
+    apiserver's validation ratcheting does (on by default since 1.30): an
+    object stored under an older, looser CRD can still get its status written.
     """
     schema = crd_schema(obj["kind"])
     new = apply_defaults(schema, copy.deepcopy(obj))
+    previous = _ABSENT if old is None else apply_defaults(schema, copy.deepcopy(old))
     errors = [
         f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
         for error in jsonschema.Draft202012Validator(schema).iter_errors(new)
     ]
+    errors = [e for e in errors if not _unchanged(e, new, previous)]
     if not errors:
-        previous = _ABSENT if old is None else apply_defaults(schema, copy.deepcopy(old))
         _check_rules(schema, new, previous, "", errors)
+        errors = [e for e in errors if not _unchanged(e, new, previous)]
     if errors:
         raise CRDValidationError(errors)
     result: dict[str, Any] = new
     return result
+
+
+def _unchanged(error: str, new: Any, old: Any) -> bool:
+    """Whether the value an error points at is the same in the old object (ratcheting)."""
+    if old is _ABSENT:
+        return False
+    path = error.split(": ", 1)[0]
+    if path == "<root>":
+        return False
+    for part in re.split(r"\.|\[(\d+)\]", path):
+        if not part:
+            continue
+        key: Any = int(part) if part.isdigit() else part
+        try:
+            new, old = new[key], old[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return bool(new == old)
