@@ -24,6 +24,7 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
+    operator_latency,
     operator_scale,
     raw_copy,
     rbd_clone,
@@ -36,6 +37,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "c": ("20 concurrent disks, one download", concurrent_download.run),
     "d": ("download throughput vs curl", download_speed.run),
     "e": ("the operator at scale against the kmock API server", operator_scale.run),
+    "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"
