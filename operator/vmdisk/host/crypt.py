@@ -68,10 +68,11 @@ class Crypt:
             *_PBKDF, "--key-file=-", str(device), key=key,
         )  # fmt: skip
 
-    def check_key(self, device: Path, key: bytes) -> None:
-        """Raise WrongKey unless ``key`` opens ``device`` (no device-mapper needed)."""
+    def _open(self, device: Path, key: bytes, *options: str, mapping: str | None = None) -> None:
+        """``cryptsetup open`` with the key on stdin; a wrong key is WrongKey."""
+        target = [mapping] if mapping is not None else []
         try:
-            self._run("open", "--test-passphrase", "--key-file=-", str(device), key=key)
+            self._run("open", *options, "--key-file=-", str(device), *target, key=key)
         except CommandError as exc:
             if exc.returncode == _WRONG_KEY:
                 raise WrongKey(
@@ -79,22 +80,16 @@ class Crypt:
                 ) from exc
             raise
 
+    def check_key(self, device: Path, key: bytes) -> None:
+        """Raise WrongKey unless ``key`` opens ``device`` (no device-mapper needed)."""
+        self._open(device, key, "--test-passphrase")
+
     def open(self, device: Path, mapping: str, key: bytes) -> Path:
         """Map the decrypted view of ``device`` at ``/dev/mapper/<mapping>`` (idempotent)."""
         if not self.is_open(mapping):
-            try:
-                # --disable-keyring: the volume key stays in the dm table, so a
-                # later resize needs no key.
-                self._run(
-                    "open", "--type", "luks2", "--disable-keyring", "--key-file=-",
-                    str(device), mapping, key=key,
-                )  # fmt: skip
-            except CommandError as exc:
-                if exc.returncode == _WRONG_KEY:
-                    raise WrongKey(
-                        f"the key in spec.encryption does not open the LUKS2 volume {device}"
-                    ) from exc
-                raise
+            # --disable-keyring: the volume key stays in the dm table, so a
+            # later resize needs no key.
+            self._open(device, key, "--type", "luks2", "--disable-keyring", mapping=mapping)
         return self.path(mapping)
 
     def resize(self, mapping: str) -> None:
