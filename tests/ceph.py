@@ -48,27 +48,22 @@ class CephTestCluster:
 
     def ceph(self, *args: str, timeout: float = 60.0) -> str:
         """Run the ``ceph`` CLI against this cluster; its stdout."""
-        proc = subprocess.run(
-            ["ceph", "--conf", str(self.conf), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"ceph {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
-        return proc.stdout
+        return self._cli("ceph", args, timeout)
 
     def rbd(self, *args: str, timeout: float = 120.0) -> str:
+        """Run the ``rbd`` CLI against this cluster; its stdout."""
+        return self._cli("rbd", args, timeout)
+
+    def _cli(self, tool: str, args: tuple[str, ...], timeout: float) -> str:
         proc = subprocess.run(
-            ["rbd", "--conf", str(self.conf), *args],
+            [tool, "--conf", str(self.conf), *args],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"rbd {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+            raise RuntimeError(f"{tool} {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc.stdout
 
     def create_pool(self, name: str) -> str:
