@@ -29,7 +29,7 @@ from .backends.base import (
 )
 from .backends.rbd_config import RbdSettings
 from .backends.record import bases_in_use
-from .backends.registry import Registry
+from .backends.registry import Registry, default_registry
 from .config import Settings
 from .errors import (
     DiskMissing,
@@ -78,8 +78,6 @@ class Engine:
         secrets: Secrets | None = None,
     ) -> Engine:
         """Wire the engine from settings (no I/O)."""
-        from .backends.registry import default_registry
-
         layout = StateLayout(settings.state_dir)
         cache = ImageCache(
             layout.cache_dir,

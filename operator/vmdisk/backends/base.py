@@ -95,6 +95,14 @@ class Blank:
 class FromImage:
     image: BaseImage
 
+    @property
+    def source(self) -> Readable:
+        return Readable(self.image.path, self.image.format)
+
+    @property
+    def base_id(self) -> str | None:
+        return self.image.id
+
 
 @dataclass(frozen=True)
 class FromStore:
@@ -112,6 +120,10 @@ class FromDisk:
 
     source: Readable
     base: BaseImage | None = None
+
+    @property
+    def base_id(self) -> str | None:
+        return self.base.id if self.base else None
 
 
 Content = Blank | FromImage | FromDisk | FromStore

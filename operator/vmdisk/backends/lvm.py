@@ -212,12 +212,11 @@ class LvmBackend:
             if content.filesystem:
                 make_filesystem(device, content.filesystem)
             return
+        assert isinstance(content, FromImage | FromDisk)
+        source = content.source
         if isinstance(content, FromImage):
-            source = Readable(content.image.path, content.image.format)
             written = content.image.virtual_size
         else:
-            assert isinstance(content, FromDisk)
-            source = content.source
             written = qemu_img.info(source.path, source.format).virtual_size
         if zero and written < request.size:
             blockdev.zero(device, written)  # the tail the copy will not write

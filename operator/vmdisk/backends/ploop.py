@@ -78,14 +78,9 @@ class PloopBackend(CopySnapshots):
                 qemu_img.convert(scratch, "raw", data, "parallels")
                 remove_path(scratch)
         else:
-            if isinstance(content, FromImage):
-                source = Readable(content.image.path, content.image.format)
-                base = content.image.id
-            else:
-                assert isinstance(content, FromDisk)
-                source = content.source
-                base = content.base.id if content.base else None
-            self._write_grown(source, data, request.size, request.progress)
+            assert isinstance(content, FromImage | FromDisk)
+            base = content.base_id
+            self._write_grown(content.source, data, request.size, request.progress)
         self._write_descriptor(directory, data)
         return DiskRecord(backend=self.name, format="parallels", base_image=base)
 

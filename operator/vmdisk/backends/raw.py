@@ -32,19 +32,12 @@ class RawBackend(CopySnapshots):
                     options["preallocation"] = request.preallocation
                 qemu_img.create(data, "raw", request.size, options=options)
             return DiskRecord(backend=self.name, format="raw")
-        base: str | None
-        if isinstance(content, FromImage):
-            source = Readable(content.image.path, content.image.format)
-            self._copy(source, data, request)
-            base = content.image.id
-        else:
-            assert isinstance(content, FromDisk)
-            self._copy(content.source, data, request)
-            base = content.base.id if content.base else None
+        assert isinstance(content, FromImage | FromDisk)
+        self._copy(content.source, data, request)
         self._grow(data, request.size)
         self._preallocate(data, request.size, request.preallocation)
         # A raw copy does not keep its base in use, so no base_path.
-        return DiskRecord(backend=self.name, format="raw", base_image=base)
+        return DiskRecord(backend=self.name, format="raw", base_image=content.base_id)
 
     @staticmethod
     def _copy(source: Readable, data: Path, request: CreateRequest) -> None:
