@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.config import Settings
-from vmdisk.reconcile import Engine
+from vmdisk.engine.reconcile import Engine
 
 from .harness import (
     MemoryLookup,

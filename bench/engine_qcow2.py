@@ -6,7 +6,7 @@ from functools import partial
 from pathlib import Path
 
 from vmdisk.config import Settings
-from vmdisk.reconcile import Engine
+from vmdisk.engine.reconcile import Engine
 
 from .harness import (
     GiB,

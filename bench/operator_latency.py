@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from vmdisk.config import Settings
-from vmdisk.reconcile import Engine
+from vmdisk.engine.reconcile import Engine
 
 from .harness import MemoryLookup, MiB, Row, fmt_s, image_disk, require_ready, write_image
 

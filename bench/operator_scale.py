@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmdisk.config import Settings
-from vmdisk.reconcile import Engine
+from vmdisk.engine.reconcile import Engine
 
 from .harness import MemoryLookup, MiB, Row, fmt_s, image_disk, require_ready, sh, write_image
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vmdisk.api.vmdisk import VMDisk
 from vmdisk.config import Settings
-from vmdisk.reconcile import Engine
+from vmdisk.engine.reconcile import Engine
 
 from .harness import (
     GiB,

@@ -13,10 +13,10 @@ import pytest
 
 from vmdisk.api.vmdisk import VMDisk
 from vmdisk.config import Settings
+from vmdisk.engine.reconcile import Engine
 from vmdisk.layout import StateLayout
-from vmdisk.local import LocalRunner
-from vmdisk.reconcile import Engine
-from vmdisk.store import LocalStore
+from vmdisk.local.runner import LocalRunner
+from vmdisk.local.store import LocalStore
 
 pytest_plugins = ["libvirtd", "kube", "agents", "lvmfixtures", "ceph"]
 

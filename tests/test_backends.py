@@ -10,8 +10,8 @@ import pytest
 
 from conftest import PATTERN, Manifest, MiB, qemu_read, sha256_of
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
-from vmdisk.local import LocalRunner
-from vmdisk.store import Resource
+from vmdisk.local.runner import LocalRunner
+from vmdisk.local.store import Resource
 
 BACKENDS = ["raw", "qcow2", "ploop"]
 FORMATS = {"raw": "raw", "qcow2": "qcow2", "ploop": "parallels"}

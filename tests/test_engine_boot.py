@@ -14,7 +14,7 @@ import pytest
 from conftest import Manifest, sha256_of
 from libvirtd import boot_and_inspect
 from vmdisk.api.vmdisk import VMDisk
-from vmdisk.local import LocalRunner
+from vmdisk.local.runner import LocalRunner
 
 pytestmark = pytest.mark.libvirtd
 

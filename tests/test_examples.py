@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from schema import validate_against_crd
-from vmdisk.manifests import load
+from vmdisk.local.manifests import load
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

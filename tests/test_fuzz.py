@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.backends.base import DiskState
+from vmdisk.engine.planning import backend_for, plan_disk
 from vmdisk.errors import VMDiskError
 from vmdisk.images.inspect import inspect_image
-from vmdisk.planning import backend_for, plan_disk
 
 scalars = st.one_of(
     st.none(),

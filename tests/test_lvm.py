@@ -31,12 +31,12 @@ from vmdisk.backends.lvm import LvmBackend, ThinPoolMissing
 from vmdisk.backends.lvm_names import crypt_mapping, disk_lv, dm_escape, snapshot_lv
 from vmdisk.backends.registry import Registry, default_registry
 from vmdisk.config import Settings
+from vmdisk.engine.reconcile import Engine
 from vmdisk.errors import InsufficientCapacity
 from vmdisk.host.crypt import Crypt, WrongKey
 from vmdisk.host.run import run
 from vmdisk.layout import StateLayout
-from vmdisk.reconcile import Engine
-from vmdisk.store import LocalStore
+from vmdisk.local.store import LocalStore
 
 MiB = 1024 * 1024
 KEY = bytes(range(32))
@@ -302,8 +302,8 @@ def test_volume_group_capacity_reaches_the_metrics(
 
     from vmdisk.backends.registry import Registry
     from vmdisk.config import Settings
+    from vmdisk.engine.reconcile import Engine
     from vmdisk.operator.metrics import Metrics
-    from vmdisk.reconcile import Engine
 
     engine = Engine.build(
         Settings(state_dir=tmp_path / "state"), registry=Registry({"lvm": backend})

@@ -23,9 +23,9 @@ from kube import KubeApi
 from vmdisk.api.common import Condition
 from vmdisk.api.vmdisk import VMDiskStatus
 from vmdisk.config import Settings
+from vmdisk.engine.reconcile import Engine
 from vmdisk.operator import rbac
 from vmdisk.operator.metrics import Metrics, result_of
-from vmdisk.reconcile import Engine
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

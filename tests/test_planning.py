@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from vmdisk.api.vmdisk import VMDiskSpec, VMDiskStatus
 from vmdisk.backends.base import DiskState
+from vmdisk.engine.planning import Create, Resize, Restore, backend_for, plan_disk
 from vmdisk.errors import DiskMissing, InvalidSpec, ShrinkNotSupported, VMDiskError
-from vmdisk.planning import Create, Resize, Restore, backend_for, plan_disk
 
 MiB = 1024 * 1024
 sizes = st.integers(min_value=1, max_value=1 << 44)

@@ -22,7 +22,7 @@ from vmdisk.config import Settings
 from vmdisk.errors import HasDependents, ImageLargerThanDisk, PermanentError, TemporaryError
 from vmdisk.layout import StateLayout
 from vmdisk.libvirt import render_disk
-from vmdisk.local import LocalRunner
+from vmdisk.local.runner import LocalRunner
 
 POOL, EXPORTS, IMAGES = "vms", "exports", "images"
 
@@ -307,8 +307,8 @@ def rbd_settings(state_dir: Path, image_dir: Path, pools: CephTestCluster) -> Se
 
 
 def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
-    from vmdisk.reconcile import Engine
-    from vmdisk.store import LocalStore
+    from vmdisk.engine.reconcile import Engine
+    from vmdisk.local.store import LocalStore
 
     engine = Engine.build(rbd_settings)
     runner = LocalRunner(rbd_settings, engine, LocalStore(engine.layout))

@@ -19,10 +19,10 @@ from vmdisk.api.vmdisk import VMDisk
 from vmdisk.backends.rbd_config import RbdSettings
 from vmdisk.backends.registry import default_registry
 from vmdisk.config import Settings
+from vmdisk.engine.reconcile import Engine
 from vmdisk.layout import StateLayout
-from vmdisk.local import LocalRunner
-from vmdisk.reconcile import Engine
-from vmdisk.store import LocalStore
+from vmdisk.local.runner import LocalRunner
+from vmdisk.local.store import LocalStore
 
 POOL = "outage"
 OUTAGE = 30.0

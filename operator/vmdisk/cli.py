@@ -16,11 +16,11 @@ from .api.common import dump
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
 from .config import Settings, parse_duration
+from .engine.reconcile import Engine
 from .layout import StateLayout
-from .local import LocalRunner
-from .manifests import ManifestError, load
-from .reconcile import Engine
-from .store import LocalStore, Plural, Resource
+from .local.manifests import ManifestError, load
+from .local.runner import LocalRunner
+from .local.store import LocalStore, Plural, Resource
 
 KIND_ALIASES: dict[str, Plural] = {
     "vmdisk": "vmdisks",

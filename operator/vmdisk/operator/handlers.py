@@ -14,13 +14,13 @@ import kopf
 from pydantic import ValidationError
 
 from ..api.common import GROUP, VERSION, Condition, dump
+from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..engine.reconcile import Engine
+from ..engine.snapshots import delete_snapshot, reconcile_snapshot
+from ..engine.status import S, failed_status, with_condition
 from ..errors import HasDependents, InvalidSpec, VMDiskError
-from ..manifests import describe_errors
-from ..reconcile import Engine
-from ..snapshots import delete_snapshot, reconcile_snapshot
-from ..status import S, failed_status, with_condition
 from .lookup import IndexLookup
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Any
 import kopf
 
 from ..config import Settings
+from ..engine.reconcile import Engine
 from ..host.files import atomic_write
-from ..reconcile import Engine
 from . import handlers, keys
 from .kubeapi import ApiConnection, ApiSecrets, KubeApi
 from .metrics import Metrics, track_phases

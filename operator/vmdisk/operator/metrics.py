@@ -1,7 +1,7 @@
 """Prometheus metrics of a node agent, served on their own port.
 
 The engine and the image cache report through their ``Observer`` hooks
-(`vmdisk.reconcile.Observer`); this adapter turns those reports into metrics.
+(`vmdisk.engine.reconcile.Observer`); this adapter turns those reports into metrics.
 Disks per phase come from the API's own truth (a kopf event handler on this
 node's VMDisks), free space from the state directory and from any backend
 that can tell (`SupportsCapacity`).  Every metric lives on a registry of its
@@ -26,7 +26,7 @@ from .. import __version__
 from ..api.common import GROUP, VERSION
 from ..api.vmdisk import VMDiskStatus
 from ..backends.base import SupportsCapacity
-from ..reconcile import Engine
+from ..engine.reconcile import Engine
 from .orphans import REPORT
 
 PHASES = ("Pending", "Provisioning", "Ready", "Failed", "Deleting")

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from ..api.common import now_rfc3339
 from ..backends.base import DiskRef
+from ..engine.reconcile import Engine
 from ..errors import VMDiskError
 from ..host.files import atomic_write
-from ..reconcile import Engine
 from .kubeapi import KubeApi
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,8 @@ import kopf
 import yaml
 
 from ..config import Settings
+from ..engine.reconcile import Engine
 from ..host.secrets import SecretMissing
-from ..reconcile import Engine
 from .kubeapi import ApiConnection, KubeApi
 from .main import build_registry, operator_settings
 from .metrics import Metrics, track_phases

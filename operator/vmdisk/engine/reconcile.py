@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .api.common import Condition
-from .api.vmdisk import VMDisk, VMDiskStatus
-from .backends.base import (
+from ..api.common import Condition
+from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..backends.base import (
     Closeable,
     CreateRequest,
     DiskBackend,
@@ -27,23 +27,23 @@ from .backends.base import (
     SupportsInventory,
     SupportsSnapshots,
 )
-from .backends.rbd_config import RbdSettings
-from .backends.record import bases_in_use
-from .backends.registry import Registry, default_registry
-from .config import Settings
-from .errors import (
+from ..backends.rbd_config import RbdSettings
+from ..backends.record import bases_in_use
+from ..backends.registry import Registry, default_registry
+from ..config import Settings
+from ..errors import (
     DiskMissing,
     HasDependents,
     ImageLargerThanDisk,
     UnsupportedOperation,
     VMDiskError,
 )
-from .host.files import host_error
-from .host.locks import file_lock
-from .host.secrets import FileSecrets
-from .images.cache import NO_CACHE_OBSERVER, ImageCache
-from .layout import StateLayout
-from .libvirt import render_disk
+from ..host.files import host_error
+from ..host.locks import file_lock
+from ..host.secrets import FileSecrets
+from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..layout import StateLayout
+from ..libvirt import render_disk
 from .planning import (
     Create,
     Resize,

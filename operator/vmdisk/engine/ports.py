@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from .api.snapshot import DiskSnapshot
-from .api.vmdisk import VMDisk, VMDiskStatus
-from .images.cache import CacheObserver
+from ..api.snapshot import DiskSnapshot
+from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..images.cache import CacheObserver
 
 Publish = Callable[[VMDiskStatus], None]
 

@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .api.snapshot import DiskSnapshot
-from .api.vmdisk import VMDisk
+from ..api.errors import describe_errors
+from ..api.snapshot import DiskSnapshot
+from ..api.vmdisk import VMDisk
 
 KINDS: dict[str, type[VMDisk] | type[DiskSnapshot]] = {
     "VMDisk": VMDisk,
@@ -31,16 +32,6 @@ def _files(target: Path) -> list[Path]:
             p for p in target.iterdir() if p.suffix in (".yaml", ".yml", ".json") and p.is_file()
         )
     return [target]
-
-
-def describe_errors(exc: ValidationError) -> list[str]:
-    """``field.path: message`` for every error pydantic found."""
-    lines = []
-    for error in exc.errors():
-        path = ".".join(str(p) for p in error["loc"]) or "(object)"
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {message}")
-    return lines
 
 
 def parse(doc: Any, where: str) -> VMDisk | DiskSnapshot:

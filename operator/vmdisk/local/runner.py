@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from .api.common import Condition
-from .api.snapshot import DiskSnapshot
-from .api.vmdisk import VMDisk, VMDiskStatus
-from .config import Settings
-from .errors import HasDependents
-from .reconcile import Engine
-from .snapshots import delete_snapshot, reconcile_snapshot
-from .status import with_condition
+from ..api.common import Condition
+from ..api.snapshot import DiskSnapshot
+from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..config import Settings
+from ..engine.reconcile import Engine
+from ..engine.snapshots import delete_snapshot, reconcile_snapshot
+from ..engine.status import with_condition
+from ..errors import HasDependents
 from .store import PLURALS, LocalStore, Plural, Resource
 
 log = logging.getLogger(__name__)

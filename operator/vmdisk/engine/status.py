@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from typing import TypeVar
 
-from .api.common import Condition, set_condition
-from .api.snapshot import DiskSnapshotStatus
-from .api.vmdisk import VMDiskStatus
-from .errors import VMDiskError
+from ..api.common import Condition, set_condition
+from ..api.snapshot import DiskSnapshotStatus
+from ..api.vmdisk import VMDiskStatus
+from ..errors import VMDiskError
 from .ports import Publish
 
 S = TypeVar("S", VMDiskStatus, DiskSnapshotStatus)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .api.vmdisk import VMDisk, VMDiskSpec, VMDiskStatus
-from .backends.base import ClusterAccess, DiskRef, DiskState
-from .config import Settings
-from .errors import DiskMissing, InvalidSpec, ShrinkNotSupported
+from ..api.vmdisk import VMDisk, VMDiskSpec, VMDiskStatus
+from ..backends.base import ClusterAccess, DiskRef, DiskState
+from ..config import Settings
+from ..errors import DiskMissing, InvalidSpec, ShrinkNotSupported
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .api.common import dump, now_rfc3339
-from .api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from .api.vmdisk import VMDisk, VMDiskStatus
-from .host.files import atomic_write, remove_path
-from .host.locks import file_lock
-from .layout import StateLayout
+from ..api.common import dump, now_rfc3339
+from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
+from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..host.files import atomic_write, remove_path
+from ..host.locks import file_lock
+from ..layout import StateLayout
 
 Plural = Literal["vmdisks", "disksnapshots"]
 Resource = VMDisk | DiskSnapshot

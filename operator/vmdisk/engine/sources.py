@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .api.vmdisk import VMDisk
-from .backends.base import BaseImage, Blank, Content, DiskRef, FromDisk, FromImage, FromStore
-from .backends.registry import Registry
-from .errors import DependencyNotReady
-from .images.cache import ImageCache
+from ..api.vmdisk import VMDisk
+from ..backends.base import BaseImage, Blank, Content, DiskRef, FromDisk, FromImage, FromStore
+from ..backends.registry import Registry
+from ..errors import DependencyNotReady
+from ..images.cache import ImageCache
 from .ports import Lookup
 
 

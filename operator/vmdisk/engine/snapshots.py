@@ -6,13 +6,13 @@ import logging
 import os
 from pathlib import Path
 
-from .api.common import Condition, now_rfc3339
-from .api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from .backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
-from .errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
-from .host import qemu_img
-from .host.files import host_error, remove_on_error, remove_path
-from .host.locks import file_lock
+from ..api.common import Condition, now_rfc3339
+from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
+from ..backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
+from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
+from ..host import qemu_img
+from ..host.files import host_error, remove_on_error, remove_path
+from ..host.locks import file_lock
 from .ports import Lookup
 from .reconcile import Engine
 from .status import failed_status, with_condition

@@ -1,0 +1,1 @@
+"""The engine shared by the operator and local mode: plan, reconcile, status, snapshots."""

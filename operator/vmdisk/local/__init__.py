@@ -1,0 +1,1 @@
+"""Local mode: manifests from files, a file-backed object store, the runner."""
