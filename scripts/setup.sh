@@ -40,3 +40,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The Kubernetes API servers and etcd the tests run against (built from Go
+# modules, cached in .cache/kube/).
+./scripts/build-kube.sh

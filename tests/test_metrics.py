@@ -1,8 +1,9 @@
-"""Metrics, JSON logs and RBAC of a running agent (`vmdisk run`) against the kmock API server.
+"""Metrics, JSON logs and RBAC of a running agent (`vmdisk run`) against the real API server.
 
 The agent runs as its own process like in test_operator.py, with
 ``--metrics-port`` and ``--log-format json``; the test scrapes /metrics like
-Prometheus does, and compares every request the agent made with the rules
+Prometheus does, and compares every request the agent made (the API server's
+audit log) with the rules
 `vmdisk.operator.rbac` derives (and the chart's ClusterRole is checked against
 those in test_chart.py).
 """
@@ -17,9 +18,9 @@ from pathlib import Path
 import urllib3
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents import NS, Agent, assert_clean, free_port, phase, vmdisk
+from agents import Agent, agent_requests, assert_clean, free_port, phase, vmdisk
+from apiserver import Kube
 from conftest import sha256_of
-from kube import KubeApi
 from vmdisk.api.common import Condition
 from vmdisk.api.vmdisk import VMDiskStatus
 from vmdisk.config import Settings
@@ -96,27 +97,27 @@ def scrape(port: int, timeout: float = 15.0) -> Samples:
 
 
 def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
-    api_server: KubeApi, agents: Callable[..., Agent], image_dir: Path
+    kube: Kube, agents: Callable[..., Agent], image_dir: Path
 ) -> None:
     port = free_port()
     agent = agents("node-a", args=[f"--metrics-port={port}", "--log-format=json"])
     image = image_dir / "base.qcow2"
     source = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
-    api_server.create(vmdisk("root", size="32Mi", source=source))
-    api_server.create(vmdisk("data", backend="raw"))
-    api_server.create(vmdisk("bad", source={"disk": {"name": "missing"}}))
+    kube.create(vmdisk("root", size="32Mi", source=source))
+    kube.create(vmdisk("data", backend="raw"))
+    kube.create(vmdisk("bad", source={"disk": {"name": "missing"}}))
     for name in ("root", "data"):
-        api_server.wait_for("vmdisks", NS, name, phase("Ready"), timeout=30)
-    api_server.wait_for("vmdisks", NS, "bad", phase("Pending"), timeout=30)
+        kube.wait_for("vmdisks", name, phase("Ready"), timeout=30)
+    kube.wait_for("vmdisks", "bad", phase("Pending"), timeout=30)
     snap = {
         "apiVersion": "vmdisk.io/v1alpha1",
         "kind": "DiskSnapshot",
-        "metadata": {"name": "snap", "namespace": NS},
+        "metadata": {"name": "snap"},
         "spec": {"diskName": "root"},
     }
-    api_server.create(snap)
-    api_server.wait_for(
-        "disksnapshots", NS, "snap", lambda o: bool(((o or {}).get("status") or {}).get("phase"))
+    kube.create(snap)
+    kube.wait_for(
+        "disksnapshots", "snap", lambda o: bool(((o or {}).get("status") or {}).get("phase"))
     )
 
     found = scrape(port)
@@ -133,10 +134,10 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
     assert value(found, "vmdisk_disks", phase="Ready") == 2
     assert value(found, "vmdisk_disks", phase="Pending") == 1
 
-    api_server.delete("disksnapshots", NS, "snap")
-    api_server.wait_for("disksnapshots", NS, "snap", lambda o: o is None, timeout=30)
-    api_server.delete("vmdisks", NS, "data")
-    api_server.wait_for("vmdisks", NS, "data", lambda o: o is None, timeout=30)
+    kube.delete("disksnapshots", "snap")
+    kube.wait_for("disksnapshots", "snap", lambda o: o is None, timeout=30)
+    kube.delete("vmdisks", "data")
+    kube.wait_for("vmdisks", "data", lambda o: o is None, timeout=30)
     deadline = time.monotonic() + 10
     while value(scrape(port), "vmdisk_disks", phase="Ready") != 1:
         assert time.monotonic() < deadline, "vmdisk_disks did not follow the deletion"
@@ -144,12 +145,18 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
 
     # Every request the agent made is covered by the derived rules, and every
     # derived rule was used: the ClusterRole is neither short nor generous.
-    made = {tuple(key.split(" ", 1)) for key in api_server.request_details}
+    made = {
+        (
+            e["verb"],
+            "/".join(filter(None, [e["objectRef"]["resource"], e["objectRef"].get("subresource")])),
+        )
+        for e in agent_requests(kube.server, kube.started)
+    }
     allowed = {(p.verb, p.resource) for p in rbac.permissions()}
     # Secrets are read only for encrypted (LVM) disks, which need device-mapper,
     # absent here; the derivation covers that call through ApiSecrets.
     assert made == allowed - {("get", "secrets")}
-    assert_clean(api_server)
+    assert_clean(kube)
 
     # JSON logs: every line is one object; handler lines name their object.
     lines = agent.log.read_text().splitlines()

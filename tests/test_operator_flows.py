@@ -7,19 +7,17 @@ from __future__ import annotations
 import hashlib
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
-from agents import NS, Agent, assert_clean, phase, ready_reason, vmdisk
+from agents import Agent, assert_clean, phase, ready_reason, vmdisk
+from apiserver import Kube
 from conftest import MiB
 from httpserver import ImageServer
-from kube import KubeApi
-
-KUBECTL = Path(sys.executable).parent / "kubectl"
 
 
 def random_image(size: int = 24 * MiB) -> tuple[bytes, str]:
@@ -27,19 +25,8 @@ def random_image(size: int = 24 * MiB) -> tuple[bytes, str]:
     return data, "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def kubectl(kubeconfig: Path, *args: str) -> str:
-    result = subprocess.run(
-        [str(KUBECTL), "--kubeconfig", str(kubeconfig), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 def test_kubectl_apply_qcow2_and_raw_from_http(
-    api_server: KubeApi, kubeconfig: Path, agents: Callable[..., Agent], tmp_path: Path
+    kube: Kube, agents: Callable[..., Agent], tmp_path: Path
 ) -> None:
     agents("node-a")
     data, checksum = random_image()
@@ -55,21 +42,22 @@ def test_kubectl_apply_qcow2_and_raw_from_http(
                 ]
             )
         )
-        out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(manifest))
+        # Server-side field validation (kubectl's default --validate=strict).
+        out = kube.server.kubectl("apply", "-n", kube.namespace, "-f", str(manifest))
         assert "vmdisk.vmdisk.io/web created" in out
         for name in ("web", "db"):
-            ready = api_server.wait_for("vmdisks", NS, name, phase("Ready"), timeout=60)
+            ready = kube.wait_for("vmdisks", name, phase("Ready"), timeout=60)
             assert ready is not None and ready["status"]["libvirtXML"].startswith("<disk")
         assert [s.status for s in server.gets("/disk.raw")] == [200]  # one download
-    table = kubectl(kubeconfig, "get", "vmdisks")
+    table = kube.server.kubectl("get", "-n", kube.namespace, "vmdisks")
     assert table.split("\n")[0].split()[:5] == ["NAME", "BACKEND", "SIZE", "NODE", "PHASE"]
-    assert_clean(api_server)
+    assert_clean(kube)
 
 
-def test_restore_from_a_disksnapshot(api_server: KubeApi, agents: Callable[..., Agent]) -> None:
+def test_restore_from_a_disksnapshot(kube: Kube, agents: Callable[..., Agent]) -> None:
     agents("node-a")
-    api_server.create(vmdisk("vm", size="16Mi"))
-    ready = api_server.wait_for("vmdisks", NS, "vm", phase("Ready"), timeout=30)
+    kube.create(vmdisk("vm", size="16Mi"))
+    ready = kube.wait_for("vmdisks", "vm", phase("Ready"), timeout=30)
     assert ready is not None
     path = ready["status"]["path"]
 
@@ -84,34 +72,33 @@ def test_restore_from_a_disksnapshot(api_server: KubeApi, agents: Callable[..., 
         return out.stdout.split(b":", 1)[1][:12]
 
     write("11")
-    api_server.create(
+    kube.create(
         {
             "apiVersion": "vmdisk.io/v1alpha1",
             "kind": "DiskSnapshot",
-            "metadata": {"name": "golden", "namespace": NS},
+            "metadata": {"name": "golden"},
             "spec": {"diskName": "vm"},
         }
     )
-    api_server.wait_for(
-        "disksnapshots", NS, "golden", lambda o: bool((o or {}).get("status", {}).get("readyToUse"))
+    kube.wait_for(
+        "disksnapshots", "golden", lambda o: bool((o or {}).get("status", {}).get("readyToUse"))
     )
     write("22")
     assert b"22 22" in first_bytes()
-    api_server.patch("vmdisks", NS, "vm", {"spec": {"restore": {"snapshot": "golden"}}})
-    restored = api_server.wait_for(
+    kube.patch("vmdisks", "vm", {"spec": {"restore": {"snapshot": "golden"}}})
+    restored = kube.wait_for(
         "vmdisks",
-        NS,
         "vm",
         lambda o: (o or {}).get("status", {}).get("restoredSnapshot") == "golden",
         timeout=30,
     )
     assert restored is not None and restored["status"]["phase"] == "Ready"
     assert b"11 11" in first_bytes()
-    assert_clean(api_server)
+    assert_clean(kube)
 
 
 def test_sigkill_mid_download_then_ready_without_a_second_download(
-    api_server: KubeApi, agents: Callable[..., Agent], tmp_path: Path
+    kube: Kube, agents: Callable[..., Agent], tmp_path: Path
 ) -> None:
     state = tmp_path / "state-a"
     first = agents("node-a", state)
@@ -121,7 +108,7 @@ def test_sigkill_mid_download_then_ready_without_a_second_download(
         server.switches.stall_seconds = 4.0
         url = server.add("/slow.raw", data)
         source = {"image": {"url": url, "checksum": checksum, "format": "raw"}}
-        api_server.create(vmdisk("slow", size="32Mi", source=source))
+        kube.create(vmdisk("slow", size="32Mi", source=source))
         deadline = time.monotonic() + 30
         while not server.gets("/slow.raw"):
             assert time.monotonic() < deadline, "the agent never started the download"
@@ -130,25 +117,28 @@ def test_sigkill_mid_download_then_ready_without_a_second_download(
         first.proc.kill()  # SIGKILL
         first.proc.wait()
         agents("node-a", state)
-        ready = api_server.wait_for("vmdisks", NS, "slow", phase("Ready"), timeout=60)
+        ready = kube.wait_for("vmdisks", "slow", phase("Ready"), timeout=60)
         assert ready is not None
         statuses = [s.status for s in server.gets("/slow.raw")]
     assert statuses[0] == 200 and statuses.count(200) == 1  # resumed, not downloaded twice
     assert all(s == 206 for s in statuses[1:])
     leftovers = [p for p in state.rglob("*") if ".partial" in p.name or ".tmp-" in p.name]
     assert leftovers == [] and list((state / "cache" / "tmp").iterdir()) == []
-    assert_clean(api_server)
+    assert_clean(kube)
 
 
 def test_malformed_object_fails_and_the_agent_keeps_serving(
-    api_server: KubeApi, agents: Callable[..., Agent]
+    kube: Kube, agents: Callable[..., Agent]
 ) -> None:
     agents("node-a")
     broken = vmdisk("broken", source={"blank": {}, "disk": {"name": "x"}}, size="lots")
-    api_server.inject(broken)  # bypasses the schema, as an old CRD would have
-    failed = api_server.wait_for("vmdisks", NS, "broken", phase("Failed"), timeout=30)
-    assert ready_reason(failed) == "InvalidSpec"
-    message = next(c for c in failed["status"]["conditions"] if c["type"] == "Ready")["message"]
-    assert "spec.size" in message and "spec.source" in message
-    api_server.create(vmdisk("fine"))
-    api_server.wait_for("vmdisks", NS, "fine", phase("Ready"), timeout=30)
+    with pytest.raises(kube.Error, match=r"spec\.size"):  # the real admission refuses it
+        kube.create(broken)
+    with kube.server.permissive_crds():  # as a cluster with an older, laxer CRD would have
+        kube.create(broken)
+        failed = kube.wait_for("vmdisks", "broken", phase("Failed"), timeout=30)
+        assert ready_reason(failed) == "InvalidSpec"
+        message = next(c for c in failed["status"]["conditions"] if c["type"] == "Ready")["message"]
+        assert "spec.size" in message and "spec.source" in message
+    kube.create(vmdisk("fine"))
+    kube.wait_for("vmdisks", "fine", phase("Ready"), timeout=30)

@@ -11,9 +11,9 @@ import json
 import subprocess
 from collections.abc import Callable
 
-from agents import NS, Agent, assert_clean, phase, vmdisk
+from agents import Agent, assert_clean, phase, vmdisk
+from apiserver import Kube
 from ceph import CephTestCluster
-from kube import KubeApi
 
 POOL = "moving"
 
@@ -29,16 +29,16 @@ def image_digest(cluster: CephTestCluster, image: str) -> str:
 
 
 def test_rbd_disk_follows_its_vm_to_another_node(
-    api_server: KubeApi, agents: Callable[..., Agent], ceph_cluster: CephTestCluster
+    kube: Kube, agents: Callable[..., Agent], ceph_cluster: CephTestCluster
 ) -> None:
     ceph_cluster.create_pool(POOL)
     env = {"VMDISK_RBD_POOL": POOL, "VMDISK_CEPH_CONF": str(ceph_cluster.conf)}
     agents("node-a", env=env)
     agents("node-b", env=env)
-    api_server.create(
+    kube.create(
         vmdisk("roaming", backend="rbd", size="16Mi", source={"blank": {"filesystem": "ext4"}})
     )
-    first = api_server.wait_for("vmdisks", NS, "roaming", phase("Ready"), timeout=60)
+    first = kube.wait_for("vmdisks", "roaming", phase("Ready"), timeout=60)
     assert first is not None
     status = first["status"]
     assert status["shared"] is True and status["path"].startswith(f"rbd:{POOL}/")
@@ -46,10 +46,9 @@ def test_rbd_disk_follows_its_vm_to_another_node(
     image = status["path"].split("/", 1)[1]
     before = image_digest(ceph_cluster, image)
 
-    api_server.patch("vmdisks", NS, "roaming", {"spec": {"nodeName": "node-b"}})
-    moved = api_server.wait_for(
+    kube.patch("vmdisks", "roaming", {"spec": {"nodeName": "node-b"}})
+    moved = kube.wait_for(
         "vmdisks",
-        NS,
         "roaming",
         lambda o: (
             (o or {}).get("status", {}).get("nodeName") == "node-b"
@@ -63,7 +62,7 @@ def test_rbd_disk_follows_its_vm_to_another_node(
     meta = json.loads(ceph_cluster.rbd("image-meta", "list", f"{POOL}/{image}", "--format", "json"))
     assert meta["vmdisk.node"] == "node-b"  # node-a's orphan scan no longer lists it
 
-    api_server.delete("vmdisks", NS, "roaming")
-    api_server.wait_for("vmdisks", NS, "roaming", lambda o: o is None, timeout=60)
+    kube.delete("vmdisks", "roaming")
+    kube.wait_for("vmdisks", "roaming", lambda o: o is None, timeout=60)
     assert image not in ceph_cluster.rbd("ls", POOL).split()
-    assert_clean(api_server)
+    assert_clean(kube)

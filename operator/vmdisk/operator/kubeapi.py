@@ -1,29 +1,40 @@
-"""A small synchronous Kubernetes API client for what kopf does not do for us.
+"""The agent's own Kubernetes API calls, through the `kubernetes` client.
 
-kopf owns watching and handler bookkeeping; this client only publishes
-progress while a long handler runs, lists objects for the orphan scan, and
-posts events about the node itself.  It reuses the credentials kopf logged in
-with, so there is one login.
+kopf owns watching and handler bookkeeping; this module only publishes
+progress while a long handler runs, lists objects for the orphan scan, posts
+events about the node itself, and reads the Secrets a class names.  It reuses
+the credentials kopf logged in with, so there is one login.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import json
+import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
 
 import urllib3
+from kubernetes.client import (
+    ApiClient,
+    Configuration,
+    CoreV1Api,
+    CoreV1Event,
+    CustomObjectsApi,
+    V1EventSource,
+    V1ObjectMeta,
+    V1ObjectReference,
+)
+from kubernetes.client.exceptions import ApiException
 
-from ..api.common import GROUP, VERSION, now_rfc3339
+from ..api.common import GROUP, VERSION
 from ..errors import TemporaryError
 from ..host.secrets import SecretMissing
 
 log = logging.getLogger(__name__)
+EVENTS_NAMESPACE = "default"  # where Node events live, as the kubelet's do
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,21 @@ class ApiConnection:
     cert_path: str | None = None
     key_path: str | None = None
 
+    def configuration(self) -> Configuration:
+        config = Configuration(
+            host=self.server.rstrip("/"),
+            ssl_ca_cert=self.ca_path,
+            ca_cert_data=self.ca_data.decode() if self.ca_data and not self.ca_path else None,
+            cert_file=self.cert_path,
+            key_file=self.key_path,
+            verify_ssl=not self.insecure,
+            retries=2,
+        )
+        if self.token:
+            config.api_key = {"BearerToken": self.token}
+            config.api_key_prefix = {"BearerToken": "Bearer"}
+        return config
+
 
 class ApiError(TemporaryError):
     reason = "KubernetesApiError"
@@ -44,103 +70,94 @@ class ApiError(TemporaryError):
 class KubeApi:
     """Synchronous calls over one pooled connection; safe from handler threads."""
 
-    def __init__(self, connection: ApiConnection, *, timeout: float = 30.0) -> None:
-        self.connection = connection
+    def __init__(self, client: ApiClient, *, timeout: float = 30.0) -> None:
         self.timeout = timeout
-        self._pool: urllib3.PoolManager | None = None
+        self.client = client
+        self.custom = CustomObjectsApi(client)
+        self.core = CoreV1Api(client)
 
-    def _http(self) -> urllib3.PoolManager:
-        if self._pool is None:
-            c = self.connection
-            kwargs: dict[str, Any] = {"timeout": urllib3.Timeout(total=self.timeout), "retries": 2}
-            if c.server.startswith("https"):
-                kwargs["cert_reqs"] = "CERT_NONE" if c.insecure else "CERT_REQUIRED"
-                if c.ca_path:
-                    kwargs["ca_certs"] = c.ca_path
-                elif c.ca_data:
-                    kwargs["ca_cert_data"] = c.ca_data.decode()
-                if c.cert_path:
-                    kwargs["cert_file"], kwargs["key_file"] = c.cert_path, c.key_path
-            self._pool = urllib3.PoolManager(**kwargs)
-        return self._pool
+    @classmethod
+    def connect(cls, connection: ApiConnection, *, timeout: float = 30.0) -> KubeApi:
+        return cls(ApiClient(connection.configuration()), timeout=timeout)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.clear()
+        self.client.close()  # type: ignore[no-untyped-call]
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        content_type: str = "application/json",
-        missing_ok: bool = False,
-    ) -> Any:
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        if self.connection.token:
-            headers["Authorization"] = f"Bearer {self.connection.token}"
-        payload = None if body is None else json.dumps(body).encode()
+    def _call(self, what: str, call: Callable[[], Any], *, missing_ok: bool = False) -> Any:
+        """Run one API call; its failures as ApiError (a 404 as None when ``missing_ok``)."""
         try:
-            resp = self._http().request(
-                method, self.connection.server.rstrip("/") + path, body=payload, headers=headers
-            )
+            return call()
+        except ApiException as exc:
+            if exc.status == 404 and missing_ok:
+                return None
+            raise ApiError(
+                f"{what}: HTTP {exc.status}: {str(exc.body or exc.reason)[:300]}"
+            ) from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise ApiError(f"{method} {path}: {exc}") from exc
-        if resp.status == 404 and missing_ok:
-            return None
-        if resp.status >= 400:
-            raise ApiError(f"{method} {path}: HTTP {resp.status}: {resp.data[:300]!r}")
-        return json.loads(resp.data) if resp.data else None
+            raise ApiError(f"{what}: {exc}") from exc
 
-    @staticmethod
-    def _path(plural: str, namespace: str | None = None, name: str | None = None) -> str:
-        path = f"/apis/{GROUP}/{VERSION}"
-        if namespace is not None:
-            path += f"/namespaces/{quote(namespace)}"
-        path += f"/{plural}"
-        return path + (f"/{quote(name)}" if name else "")
+    def _write(self, what: str, call: Callable[[], object]) -> None:
+        """A write whose answer is not needed: not parsed, its connection returned to the pool."""
+        # With _preload_content=False the client answers the raw urllib3 response.
+        resp: urllib3.BaseHTTPResponse = self._call(what, call)
+        resp.drain_conn()
+        resp.release_conn()
 
     def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the status subresource."""
-        self.request(
-            "PATCH",
-            self._path(plural, namespace, name) + "/status",
-            {"status": status},
-            content_type="application/merge-patch+json",
-        )
+        self._write(
+            f"patch {plural} {namespace}/{name} status",
+            lambda: self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, plural, name, {"status": status},
+                _content_type="application/merge-patch+json", _request_timeout=self.timeout,
+                _preload_content=False,
+            ),
+        )  # fmt: skip
 
-    def list_objects(self, plural: str, **params: str) -> list[dict[str, Any]]:
-        query = f"?{urlencode(params)}" if params else ""
-        data = self.request("GET", self._path(plural) + query)
-        return list(data.get("items", [])) if data else []
+    def list_objects(
+        self, plural: str, *, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every object of ``plural`` in the cluster (as plain dicts)."""
+        found = self._call(
+            f"list {plural}",
+            lambda: self.custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, label_selector=label_selector,
+                _request_timeout=self.timeout,
+            ),
+        )  # fmt: skip
+        return list((found or {}).get("items", []))
 
     def node_event(self, node: str, event_type: str, reason: str, message: str) -> None:
         """Post an Event about the Node itself (orphans have no object of their own)."""
-        now = now_rfc3339()
-        self.request(
-            "POST",
-            "/api/v1/namespaces/default/events",
-            {
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {"generateName": "vmdisk-", "namespace": "default"},
-                "involvedObject": {"apiVersion": "v1", "kind": "Node", "name": node},
-                "type": event_type,
-                "reason": reason,
-                "message": message[:1024],
-                "source": {"component": "vmdisk-operator", "host": node},
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-            },
+        now = datetime.datetime.now(datetime.UTC)
+        event = CoreV1Event(
+            metadata=V1ObjectMeta(generate_name="vmdisk-", namespace=EVENTS_NAMESPACE),
+            involved_object=V1ObjectReference(api_version="v1", kind="Node", name=node),
+            type=event_type,
+            reason=reason,
+            message=message[:1024],
+            source=V1EventSource(component="vmdisk-operator", host=node),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        self._write(
+            f"post event {reason}",
+            lambda: self.core.create_namespaced_event(
+                EVENTS_NAMESPACE, event, _request_timeout=self.timeout, _preload_content=False
+            ),
         )
 
     def secret_value(self, namespace: str, name: str, key: str) -> bytes:
         """One key of a Secret, decoded; SecretMissing when the Secret or key is absent."""
-        path = f"/api/v1/namespaces/{quote(namespace)}/secrets/{quote(name)}"
-        secret = self.request("GET", path, missing_ok=True)
-        encoded = ((secret or {}).get("data") or {}).get(key)
+        secret = self._call(
+            f"read Secret {namespace}/{name}",
+            lambda: self.core.read_namespaced_secret(
+                name, namespace, _request_timeout=self.timeout
+            ),
+            missing_ok=True,
+        )
+        encoded = (getattr(secret, "data", None) or {}).get(key)
         if encoded is None:
             raise SecretMissing(
                 f"spec.encryption: key {key!r} of Secret {namespace}/{name} not found"

@@ -49,7 +49,7 @@ def _path(value: object) -> str | None:
 def _connection(info: kopf.ConnectionInfo, settings: Settings) -> ApiConnection:
     cert_path, key_path = _path(info.certificate_path), _path(info.private_key_path)
     if info.certificate_data and info.private_key_data:
-        # urllib3 takes client certificates only as files; keep them in the state dir.
+        # The client takes client certificates only as files; keep them in the state dir.
         run_dir = settings.state_dir / "run"
         cert_path, key_path = str(run_dir / "client.crt"), str(run_dir / "client.key")
         atomic_write(run_dir / "client.crt", info.certificate_data, mode=0o600)
@@ -76,7 +76,7 @@ def build_registry(
     def login(*, memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
         info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
         if info is not None:
-            memo.api = KubeApi(_connection(info, engine.settings))
+            memo.api = KubeApi.connect(_connection(info, engine.settings))
         return info
 
     @kopf.on.startup(registry=registry)

@@ -8,13 +8,13 @@ Two sources, nothing hand-kept beside them:
   with their status subresource; Events are created when posting is on;
   CustomResourceDefinitions are listed and watched while scanning is on, and
   Namespaces too when the agent watches chosen namespaces.
-* our own client's calls (`KubeApi`) are recorded: the client is run against
-  a recorder, the same calls the agent makes, and each request is turned
-  into a verb on a resource the way the API server does.
+* our own client's calls (`KubeApi`) are recorded: the `kubernetes` client
+  is run against a recorder, the same calls the agent makes, and each
+  request is turned into a verb on a resource the way the API server does.
 
 The chart's ClusterRole is checked against `rules()` by the tests, and the
 requests a running agent makes against the integration harness are checked
-against it too.
+against it on a real API server too.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ from collections import defaultdict
 from collections.abc import Iterable
 from contextlib import suppress
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import kopf
+import urllib3
 import yaml
+from kubernetes.client import ApiClient, Configuration
+from kubernetes.client.rest import RESTResponse
 
 from ..config import Settings
 from ..engine.reconcile import Engine
 from ..host.secrets import SecretMissing
-from .kubeapi import ApiConnection, KubeApi
+from .kubeapi import KubeApi
 from .main import build_registry, operator_settings
 from .metrics import Metrics, track_phases
 
@@ -84,34 +88,30 @@ def kopf_permissions(
     return found
 
 
-class _Recorder(KubeApi):
+class _Recorder(ApiClient):
+    """An API client that records each request and answers an empty object."""
+
     def __init__(self) -> None:
-        super().__init__(ApiConnection(server="http://recorder"))
+        super().__init__(Configuration(host="http://recorder"))
         self.requests: list[tuple[str, str]] = []
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        content_type: str = "application/json",
-        missing_ok: bool = False,
-    ) -> Any:
-        self.requests.append((method, path.partition("?")[0]))
-        return None
+    def call_api(self, method: str, url: str, *args: Any, **kwargs: Any) -> RESTResponse:
+        self.requests.append((method, urlsplit(url).path))
+        headers = {"Content-Type": "application/json"}
+        return RESTResponse(urllib3.HTTPResponse(body=b"{}", status=200, headers=headers))
 
 
 def client_permissions(patched: Iterable[str]) -> set[Permission]:
     """What our own client calls: status progress, the orphan scan's list, Node events, Secrets."""
-    api = _Recorder()
+    recorder = _Recorder()
+    api = KubeApi(recorder)
     for plural in patched:
         api.patch_status(plural, "ns", "name", {})
     api.list_objects("vmdisks")  # OrphanScanner.scan
     api.node_event("node", "Warning", "OrphanDisk", "")
     with suppress(SecretMissing):  # the recorder answers nothing
         api.secret_value("ns", "name", "key")  # ApiSecrets: spec.encryption keys
-    return {permission_of(method, path) for method, path in api.requests}
+    return {permission_of(method, path) for method, path in recorder.requests}
 
 
 def permission_of(method: str, path: str) -> Permission:
