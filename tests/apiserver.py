@@ -156,8 +156,9 @@ def write_pki(directory: Path) -> dict[str, Path]:
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
-    # One event per request, once answered: who, what, and the response code.
-    "omitStages": ["RequestReceived", "ResponseStarted"],
+    # Who, what, and the response code; a watch is logged when it starts
+    # (ResponseStarted) and again when it ends.
+    "omitStages": ["RequestReceived"],
     "rules": [{"level": "Metadata"}],
 }
 
@@ -252,9 +253,14 @@ class KubeApiServer:
         return True
 
     def audit(self) -> list[Obj]:
-        """Every request the server answered so far, oldest first."""
+        """Every request the server answered so far (open watches too), oldest first."""
+        latest: dict[str, Obj] = {}  # auditID -> its last stage
         with open(self.audit_log, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            for line in handle:
+                if line.strip():
+                    event = json.loads(line)
+                    latest[event["auditID"]] = event
+        return sorted(latest.values(), key=lambda e: str(e["requestReceivedTimestamp"]))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -336,7 +342,9 @@ class KubeApiServer:
 
         def ready() -> bool:
             try:
-                resp = http.request("GET", f"{self.url}/readyz", headers=headers, timeout=2)
+                resp = http.request(
+                    "GET", f"{self.url}/readyz", headers=headers, timeout=2, retries=False
+                )
             except urllib3.exceptions.HTTPError:
                 return False
             return resp.status == 200
@@ -504,7 +512,7 @@ class Kube:
 
     def create(self, obj: Obj, *, strict: bool = True) -> Obj:
         """Create ``obj`` in this namespace, unknown fields refused unless ``strict`` is off."""
-        obj = {**obj, "metadata": {"namespace": self.namespace, **obj["metadata"]}}
+        obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}}
         plural = obj["kind"].lower() + "s"
         query = [("fieldValidation", "Strict" if strict else "Ignore")]
         return dict(self.request("POST", self.path(plural), obj, query=query))
@@ -560,14 +568,18 @@ class Kube:
         def run() -> None:
             path, version = self.path(plural), rv
             while not watch._stop:
-                for event in watch.stream(
-                    self._watch_call, path, resource_version=version, timeout_seconds=5
-                ):
-                    obj = event["raw_object"]
-                    if obj.get("kind") == "Status":  # an error; resume where we were
-                        break
-                    version = obj["metadata"]["resourceVersion"]
-                    self._seen.setdefault((plural, obj["metadata"]["name"]), []).append(obj)
+                try:
+                    for event in watch.stream(
+                        self._watch_call, path, resource_version=version, timeout_seconds=5
+                    ):
+                        obj = event["raw_object"]
+                        if obj.get("kind") == "Status":  # an error; resume where we were
+                            break
+                        version = obj["metadata"]["resourceVersion"]
+                        self._seen.setdefault((plural, obj["metadata"]["name"]), []).append(obj)
+                except (urllib3.exceptions.HTTPError, ApiException):
+                    if not watch._stop:
+                        time.sleep(0.2)  # a dropped watch: resume from the last version
 
         thread = threading.Thread(target=run, daemon=True, name=f"watch-{plural}")
         thread.start()

@@ -79,8 +79,8 @@ def _is_quantity(text: celtypes.Value) -> celtypes.BoolType:
     return celtypes.BoolType(True)
 
 
-def _sign(q: _Quantity) -> celtypes.IntType:
-    return celtypes.IntType((q > 0) - (q < 0))
+def _is_greater_than(a: _Quantity, b: _Quantity) -> celtypes.BoolType:
+    return celtypes.BoolType(a > b)
 
 
 def _compare_to(a: _Quantity, b: _Quantity) -> celtypes.IntType:
@@ -90,7 +90,7 @@ def _compare_to(a: _Quantity, b: _Quantity) -> celtypes.IntType:
 _QUANTITY_FUNCTIONS: dict[str, Any] = {
     "quantity": _quantity,
     "isQuantity": _is_quantity,
-    "sign": _sign,
+    "isGreaterThan": _is_greater_than,
     "compareTo": _compare_to,
 }
 

@@ -39,7 +39,7 @@ def test_helm_install_is_accepted(kube_api: KubeApiServer, tmp_path: Path, full:
             CHART, release, values, namespace=namespace, create_namespace=True, timeout=120
         )
         try:
-            assert installed["info"]["status"] == "deployed"
+            assert installed["status"] == "deployed"
             objects = [doc for doc in yaml.safe_load_all(installed["manifest"]) if doc]
             kinds = sorted(o["kind"] for o in objects)
             base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]

@@ -140,5 +140,11 @@ def test_malformed_object_fails_and_the_agent_keeps_serving(
         assert ready_reason(failed) == "InvalidSpec"
         message = next(c for c in failed["status"]["conditions"] if c["type"] == "Ready")["message"]
         assert "spec.size" in message and "spec.source" in message
+        # Deleted while the lax CRD still serves it: under the strict one a
+        # 1.29 server refuses every write to the stored object, even removing
+        # a finalizer (CRD validation ratcheting is on by default only from 1.30).
+        kube.delete("vmdisks", "broken")
+        kube.wait_for("vmdisks", "broken", lambda o: o is None, timeout=30)
     kube.create(vmdisk("fine"))
     kube.wait_for("vmdisks", "fine", phase("Ready"), timeout=30)
+    assert_clean(kube)

@@ -1,6 +1,6 @@
 """Shared storage in cluster mode: a VM moves, its RBD disk moves with it untouched.
 
-Two real agents (node-a, node-b) against the kmock API server and the test
+Two real agents (node-a, node-b) against the real API server and the test
 suite's real single-node Ceph.
 """
 

@@ -107,7 +107,9 @@ RULES: dict[str, dict[str, list[dict[str, str]]]] = {
         ],
         "spec.size": [
             _rule(
-                f"!isQuantity(string(self)) || {_QTY_SELF}.sign() > 0",
+                # sign() is a global function in the API server's quantity
+                # library, not a method: a member call does not compile there.
+                f"!isQuantity(string(self)) || {_QTY_SELF}.isGreaterThan(quantity('0'))",
                 "size must be greater than zero",
             ),
             _rule(
