@@ -55,7 +55,7 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, with_condition
+from .status import ProgressPublisher, failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,7 @@ class Engine:
             for d in lookup.list_disks(namespace)
             if d.spec.source.disk is not None
             and d.spec.source.disk.name == name
-            and (d.status is None or d.status.phase != "Ready")
+            and still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
