@@ -133,3 +133,21 @@ class InsufficientCapacity(PermanentError):
     """
 
     reason = "InsufficientCapacity"
+
+
+class UnsafePath(PermanentError):
+    """A path component is a symbolic link (or ``..``) where none may be: nothing was written."""
+
+    reason = "UnsafePath"
+
+
+class DiskExists(PermanentError):
+    """Data of this name exists but was not made for this disk (another backend, or unowned)."""
+
+    reason = "DiskExists"
+
+
+class FormatConflict(PermanentError):
+    """The data found for this disk has another format than its spec asks; it is left untouched."""
+
+    reason = "FormatConflict"

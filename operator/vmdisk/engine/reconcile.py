@@ -42,6 +42,8 @@ from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..images.download import FetchLimits
+from ..images.policy import default_policy
 from ..layout import StateLayout
 from ..libvirt import render_disk
 from .planning import (
@@ -81,8 +83,10 @@ class Engine:
         layout = StateLayout(settings.state_dir)
         cache = ImageCache(
             layout.cache_dir,
-            image_dirs=settings.image_dirs,
+            policy=default_policy(settings),
             max_virtual_size=settings.max_virtual_size,
+            limits=FetchLimits.from_settings(settings),
+            cluster_cidrs=settings.cluster_cidrs,
             observer=observer or NO_CACHE_OBSERVER,
         )
         return cls(
