@@ -66,6 +66,12 @@ class DiskMissing(PermanentError):
     reason = "DiskMissing"
 
 
+class DiskCorrupt(PermanentError):
+    """The disk's data on the host does not carry the format pinned at its creation."""
+
+    reason = "DiskCorrupt"
+
+
 # Image refusals: each has its own reason so users can tell them apart.
 class ImageError(PermanentError):
     reason = "ImageInvalid"

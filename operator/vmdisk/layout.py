@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NAME_MAX = 255  # bytes per path component on every Linux filesystem we run on
+_PARTIAL = ".partial"
 
 
 class OutsideStateDir(ValueError):
@@ -40,12 +41,23 @@ class StateLayout:
     def disks_dir(self) -> Path:
         return self.root / "disks"
 
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
     def disk_dir(self, namespace: str, name: str) -> Path:
         return self._inside("disks", namespace, name)
 
     def partial_disk_dir(self, namespace: str, name: str) -> Path:
         """Where a disk is built before being renamed into place."""
-        return self._inside("disks", namespace, f".{name}.partial")
+        return self._inside("disks", namespace, f".{name}{_PARTIAL}")
+
+    @staticmethod
+    def disk_name_of(entry: str) -> str:
+        """The disk an entry of ``disks/<namespace>/`` belongs to (partials included)."""
+        if entry.startswith(".") and entry.endswith(_PARTIAL) and len(entry) > len(_PARTIAL) + 1:
+            return entry[1 : -len(_PARTIAL)]
+        return entry
 
     def lock(self, *parts: str) -> Path:
         return self._inside("locks", "-".join(parts) + ".lock")

@@ -28,7 +28,6 @@ from ..backends.base import (
     SupportsSnapshots,
 )
 from ..backends.rbd_config import RbdSettings
-from ..backends.record import bases_in_use
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
@@ -40,6 +39,7 @@ from ..errors import (
     VMDiskError,
 )
 from ..host.files import host_error
+from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
@@ -58,7 +58,7 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, with_condition
+from .status import ProgressPublisher, failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,7 @@ class Engine:
             for d in lookup.list_disks(namespace)
             if d.spec.source.disk is not None
             and d.spec.source.disk.name == name
-            and (d.status is None or d.status.phase != "Ready")
+            and still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
@@ -323,8 +323,13 @@ class Engine:
                 backend.close()
 
     def cache_in_use(self) -> set[str]:
-        """Cache entries that existing disks still read from (qcow2 backing files)."""
-        return bases_in_use(self.layout.disks_dir)
+        """Cache entries that images in the state directory name as backing files.
+
+        Read from the images' headers, never from records: a disk whose
+        ``disk.json`` is lost, half-made disks and exports keep their base.
+        """
+        named = backing_files((self.layout.disks_dir, self.layout.exports_dir))
+        return self.cache.named_by(named)
 
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.
@@ -338,6 +343,8 @@ class Engine:
         try:
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
+        except VMDiskError as exc:
+            return failed_status(status, disk.metadata.generation, exc)
         except OSError as exc:
             return failed_status(status, disk.metadata.generation, host_error(exc))
         if state is None:

@@ -196,18 +196,49 @@ def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
 
 
 def allocate(path: Path, size: int, *, zero_fill: bool) -> None:
-    """Preallocate ``size`` bytes: fallocate, or write zeroes for ``full``."""
+    """Preallocate ``size`` bytes: fallocate, or write zeroes for ``full``.
+
+    ``full`` writes zeroes into the holes only: the data already in the file
+    (a copied image, a fresh filesystem) is never touched.
+    """
     try:
         with open(path, "r+b") as handle:
             fd = handle.fileno()
             if zero_fill:
-                block = b"\0" * (4 * 1024 * 1024)
-                pos = 0
-                while pos < size:
-                    pos += os.pwrite(fd, block[: min(len(block), size - pos)], pos)
+                for start, end in _holes(fd, size):
+                    _write_zeroes(fd, start, end)
             else:
                 os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
     except OSError as exc:
         raise_if_no_space(exc)
         raise
+
+
+def _holes(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[0, size)`` that hold no data (beyond the end counts as a hole)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # at or past the end: all hole
+                raise
+            start = pos
+        if start >= size:
+            return
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_DATA), size)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # no data after the hole
+                raise
+            end = size
+        yield start, end
+        pos = end
+
+
+def _write_zeroes(fd: int, start: int, end: int) -> None:
+    block = bytes(4 * 1024 * 1024)
+    pos = start
+    while pos < end:
+        pos += os.pwrite(fd, block[: min(len(block), end - pos)], pos)

@@ -176,6 +176,11 @@ class ImageCache:
             return None
         return BaseImage(image_id, self.root / image_id, meta.format, meta.virtual_size)
 
+    def named_by(self, backing_files: set[Path]) -> set[str]:
+        """Ids of the entries among ``backing_files`` (resolved paths images name)."""
+        root = Path(os.path.realpath(self.root))
+        return {p.name for p in backing_files if p.parent == root and _ID.match(p.name)}
+
     def entries(self, in_use: set[str]) -> list[CacheEntry]:
         """Every complete entry; ``in_use`` holds ids that disks use as backing files."""
         found = []
