@@ -47,6 +47,9 @@ class Settings:
     # can claim petabytes).  Not part of the fixed interface.
     max_virtual_size: int = 64 * 1024**4
     command_timeout: float = 3600.0
+    # The node's libvirtd: whose domains hold disks, and which grows go online.
+    # None: no libvirt (only QEMU's image locks and RBD watchers are checked).
+    libvirt_uri: str | None = "qemu:///system"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -75,6 +78,8 @@ class Settings:
         ):
             if env.get(key):
                 values[name] = env[key]
+        if "VMDISK_LIBVIRT_URI" in env:
+            values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         return replace(
