@@ -79,6 +79,12 @@ class DiskMissing(PermanentError):
     reason = "DiskMissing"
 
 
+class DiskCorrupt(PermanentError):
+    """The disk's data on the host does not carry the format pinned at its creation."""
+
+    reason = "DiskCorrupt"
+
+
 # Image refusals: each has its own reason so users can tell them apart.
 class ImageError(PermanentError):
     reason = "ImageInvalid"
@@ -140,3 +146,21 @@ class InsufficientCapacity(PermanentError):
     """
 
     reason = "InsufficientCapacity"
+
+
+class UnsafePath(PermanentError):
+    """A path component is a symbolic link (or ``..``) where none may be: nothing was written."""
+
+    reason = "UnsafePath"
+
+
+class DiskExists(PermanentError):
+    """Data of this name exists but was not made for this disk (another backend, or unowned)."""
+
+    reason = "DiskExists"
+
+
+class FormatConflict(PermanentError):
+    """The data found for this disk has another format than its spec asks; it is left untouched."""
+
+    reason = "FormatConflict"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+_PARTIAL = ".partial"
+
 
 class OutsideStateDir(ValueError):
     pass
@@ -37,12 +39,23 @@ class StateLayout:
     def disks_dir(self) -> Path:
         return self.root / "disks"
 
+    @property
+    def exports_dir(self) -> Path:
+        return self.root / "exports"
+
     def disk_dir(self, namespace: str, name: str) -> Path:
         return self._inside("disks", namespace, name)
 
     def partial_disk_dir(self, namespace: str, name: str) -> Path:
         """Where a disk is built before being renamed into place."""
-        return self._inside("disks", namespace, f".{name}.partial")
+        return self._inside("disks", namespace, f".{name}{_PARTIAL}")
+
+    @staticmethod
+    def disk_name_of(entry: str) -> str:
+        """The disk an entry of ``disks/<namespace>/`` belongs to (partials included)."""
+        if entry.startswith(".") and entry.endswith(_PARTIAL) and len(entry) > len(_PARTIAL) + 1:
+            return entry[1 : -len(_PARTIAL)]
+        return entry
 
     def lock(self, *parts: str) -> Path:
         return self._inside("locks", "-".join(parts) + ".lock")

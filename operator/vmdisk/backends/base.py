@@ -203,6 +203,19 @@ class SupportsSnapshots(Protocol):
 
 
 @runtime_checkable
+class SupportsDependents(Protocol):
+    """Stores where other images can hang off a disk's snapshot (copy-on-write clones)."""
+
+    def snapshot_dependents(self, ref: DiskRef, name: str, export_pool: str | None) -> list[str]:
+        """Images that depend on snapshot ``name`` or on its export in ``export_pool``.
+
+        Asked before anything of a snapshot is removed, so that a refused
+        deletion leaves the snapshot and its export whole.
+        """
+        ...
+
+
+@runtime_checkable
 class SupportsInventory(Protocol):
     """Lists the disks that exist in the backend's storage under vmdisk's naming."""
 

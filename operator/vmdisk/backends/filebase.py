@@ -132,8 +132,9 @@ class FileBackend(ABC):
 
     @staticmethod
     def _preallocate(data: Path, size: int, preallocation: str) -> None:
+        """``falloc`` reserves the blocks; ``full`` writes zeroes into every hole."""
         if preallocation in ("falloc", "full"):
-            allocate(data, size, zero_fill=False)
+            allocate(data, size, zero_fill=preallocation == "full")
 
     def _mark_restored(self, ref: DiskRef, snapshot: str) -> None:
         record = read_record(self.directory(ref))

@@ -29,7 +29,6 @@ from ..backends.base import (
     SupportsSnapshots,
 )
 from ..backends.rbd_config import RbdSettings
-from ..backends.record import bases_in_use
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
@@ -42,9 +41,12 @@ from ..errors import (
 )
 from ..host.domains import Hypervisor
 from ..host.files import host_error
+from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..images.download import FetchLimits
+from ..images.policy import default_policy
 from ..layout import StateLayout
 from ..libvirt import render_disk
 from .inuse import holder, require_offline
@@ -59,7 +61,7 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, with_condition
+from .status import ProgressPublisher, failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +88,10 @@ class Engine:
         layout = StateLayout(settings.state_dir)
         cache = ImageCache(
             layout.cache_dir,
-            image_dirs=settings.image_dirs,
+            policy=default_policy(settings),
             max_virtual_size=settings.max_virtual_size,
+            limits=FetchLimits.from_settings(settings),
+            cluster_cidrs=settings.cluster_cidrs,
             observer=observer or NO_CACHE_OBSERVER,
         )
         return cls(
@@ -332,7 +336,7 @@ class Engine:
             for d in lookup.list_disks(namespace)
             if d.spec.source.disk is not None
             and d.spec.source.disk.name == name
-            and (d.status is None or d.status.phase != "Ready")
+            and still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
@@ -357,8 +361,13 @@ class Engine:
             self.hypervisor.close()
 
     def cache_in_use(self) -> set[str]:
-        """Cache entries that existing disks still read from (qcow2 backing files)."""
-        return bases_in_use(self.layout.disks_dir)
+        """Cache entries that images in the state directory name as backing files.
+
+        Read from the images' headers, never from records: a disk whose
+        ``disk.json`` is lost, half-made disks and exports keep their base.
+        """
+        named = backing_files((self.layout.disks_dir, self.layout.exports_dir))
+        return self.cache.named_by(named)
 
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.
@@ -372,6 +381,8 @@ class Engine:
         try:
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
+        except VMDiskError as exc:
+            return failed_status(status, disk.metadata.generation, exc)
         except OSError as exc:
             return failed_status(status, disk.metadata.generation, host_error(exc))
         if state is None:

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from ..api.common import Condition, now_rfc3339
 from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from ..backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
+from ..backends.base import (
+    DiskBackend,
+    DiskRef,
+    SupportsDependents,
+    SupportsDirectSnapshot,
+    SupportsSnapshots,
+)
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
@@ -16,7 +22,7 @@ from ..host.locks import file_lock
 from .inuse import require_offline
 from .ports import Lookup
 from .reconcile import Engine
-from .status import failed_status, with_condition
+from .status import failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +114,19 @@ def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: st
 
 
 def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
-    """Remove the snapshot and its export; refuse while a disk is still being made from it."""
+    """Remove the snapshot and its export, all or nothing.
+
+    Everything that can refuse (disks still being made from it, clones of
+    the snapshot or of its export) is asked before anything is removed, so a
+    refused deletion leaves a whole, usable snapshot behind.
+    """
     namespace, name = snap.metadata.namespace, snap.metadata.name
     users = [
         d.metadata.name
         for d in lookup.list_disks(namespace)
         if d.spec.source.snapshot is not None
         and d.spec.source.snapshot.name == name
-        and (d.status is None or d.status.phase not in ("Ready", "Failed"))
+        and still_creating(d.status)
     ]
     if users:
         raise HasDependents(
@@ -123,23 +134,30 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
             f"{', '.join(sorted(users))}"
         )
     export = snap.spec.export
-    if export is not None and export.pool is None:
-        remove_path(engine.layout.export_file(namespace, name, export.format))
+    pool = export.pool if export is not None else None
     disk = lookup.get_disk(namespace, snap.spec.disk_name)
-    if disk is None or disk.status is None or disk.status.backend is None:
-        return  # the disk (and with it the snapshot) is gone
-    backend = engine.registry.get(disk.status.backend)
-    if (
-        export is not None
-        and export.pool is not None
-        and isinstance(backend, SupportsDirectSnapshot)
-    ):
-        # Refused (HasDependents) while disks are still clones of the published image.
-        backend.remove_direct_snapshot(engine.disk_ref(disk), name, export.pool)
-    if isinstance(backend, SupportsSnapshots):
+    backend = None
+    if disk is not None and disk.status is not None and disk.status.backend is not None:
+        backend = engine.registry.get(disk.status.backend)
+    if disk is not None and isinstance(backend, SupportsDependents):
+        clones = backend.snapshot_dependents(engine.disk_ref(disk), name, pool)
+        if clones:
+            raise HasDependents(
+                f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
+                "flatten them (spec.rbd.flatten: true) or delete them first"
+            )
+    if disk is not None and isinstance(backend, SupportsSnapshots):
         ref = engine.disk_ref(disk)
+        if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
+            # Removing an internal snapshot rewrites the live image file.
+            require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
+    if export is not None and pool is None:
+        remove_path(engine.layout.export_file(namespace, name, export.format))
+    if disk is None or backend is None:
+        return  # the disk (and with it the snapshot) is gone
+    ref = engine.disk_ref(disk)
+    if pool is not None and isinstance(backend, SupportsDirectSnapshot):
+        backend.remove_direct_snapshot(ref, name, pool)
+    if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
-            if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
-                # Removing an internal snapshot rewrites the live image file.
-                require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
             backend.remove_snapshot(ref, name, ignore_missing=True)
