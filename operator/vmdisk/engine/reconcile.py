@@ -34,6 +34,7 @@ from ..errors import (
     DiskMissing,
     HasDependents,
     ImageLargerThanDisk,
+    InvalidSpec,
     UnsupportedOperation,
     VMDiskError,
 )
@@ -124,6 +125,7 @@ class Engine:
         generation = disk.metadata.generation
         ref = self.disk_ref(disk)
         try:
+            self._check_size(disk)
             backend = self.registry.get(
                 backend_for(disk.spec, disk.status, self.settings.default_backend)
             )
@@ -164,6 +166,15 @@ class Engine:
         except OSError as exc:
             log.exception("%s: host error", ref)
             return failed_status(status, generation, host_error(exc))
+
+    def _check_size(self, disk: VMDisk) -> None:
+        size = disk.spec.size_bytes
+        ceiling = self.settings.max_virtual_size
+        if size is not None and size > ceiling:
+            raise InvalidSpec(
+                f"spec.size: {disk.spec.size} ({size} bytes) is over this node's maximum "
+                f"disk size of {ceiling} bytes"
+            )
 
     def _progressing(
         self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
