@@ -334,8 +334,11 @@ class Engine:
             }
         )
 
-    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> None:
-        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it."""
+    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> str:
+        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it.
+
+        Returns what happened to the data, for the user (the Deleted event).
+        """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
             f"DiskSnapshot/{s.metadata.name}"
@@ -354,14 +357,16 @@ class Engine:
                 f"VMDisk {name!r} still has dependents: {', '.join(sorted(dependents))}; "
                 "delete them first"
             )
+        where = (disk.status.path if disk.status else None) or "the node"
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
-            return
+            return f"disk data kept at {where} (deletionPolicy: Retain)"
         backend = self.registry.get(self.backend_name(disk))
         ref = self.disk_ref(disk)
         with self._disk_lock(namespace, name):
             require_offline(backend, ref, self.hypervisor, "deletion")
             backend.delete(ref)
+        return f"disk data removed from {where} (deletionPolicy: Delete)"
 
     def close(self) -> None:
         """Close the backends' connections (at process exit)."""

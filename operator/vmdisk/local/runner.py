@@ -83,15 +83,16 @@ class LocalRunner:
                 problems.append(f"{obj.kind}/{obj.metadata.name}: not found")
                 continue
             try:
+                outcome = "snapshot removed"
                 if isinstance(current, DiskSnapshot):
                     delete_snapshot(self.engine, current, self.store)
                 else:
-                    self.engine.delete_disk(current, self.store)
+                    outcome = self.engine.delete_disk(current, self.store)
             except (HasDependents, DiskInUse) as exc:
                 problems.append(f"{obj.kind}/{obj.metadata.name}: {exc.message} ({exc.reason})")
                 continue
             self.store.remove(current)
-            log.info("deleted %s/%s", obj.kind, obj.metadata.name)
+            log.info("deleted %s/%s: %s", obj.kind, obj.metadata.name, outcome)
         return problems
 
 

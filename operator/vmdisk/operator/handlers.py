@@ -151,7 +151,7 @@ def register(
         except ValidationError:
             return  # never provisioned: nothing on the host to remove
         try:
-            engine.delete_disk(disk, lookup(kw))
+            outcome = engine.delete_disk(disk, lookup(kw))
         except (HasDependents, DiskInUse) as exc:
             old = disk.status or VMDiskStatus()
             refused = Condition(
@@ -161,8 +161,7 @@ def register(
             patch.status.update(dump(new))
             _report(body, old, new)
             raise _retry_later(exc.message, retry) from exc
-        policy = disk.spec.deletion_policy
-        kopf.info(body, reason="Deleted", message=f"disk data removed ({policy})")
+        kopf.info(body, reason="Deleted", message=outcome)
 
     @kopf.timer(
         GROUP,
