@@ -318,6 +318,9 @@ class KubeApiServer:
                 "--etcd-servers", etcd_url,
                 "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
                 "--secure-port", str(port),
+                # No "kubernetes" Service endpoints: they may not be loopback
+                # addresses (refused from 1.3x on), and nothing here needs them.
+                "--endpoint-reconciler-type", "none",
                 "--tls-cert-file", str(pki["serving-cert"]),
                 "--tls-private-key-file", str(pki["serving-key"]),
                 "--cert-dir", str(self.workdir / "certs"),
