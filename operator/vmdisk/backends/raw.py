@@ -8,7 +8,17 @@ from typing import ClassVar, Literal
 
 from ..host import qemu_img
 from ..host.files import remove_path, sparse_copy
-from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
+from .base import (
+    BackendPlugin,
+    Blank,
+    ClassParameters,
+    CreateRequest,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    Readable,
+)
 from .copysnap import CopySnapshots
 from .record import DiskRecord
 
@@ -69,3 +79,11 @@ class RawBackend(CopySnapshots):
         state = self.state(ref)
         assert state is not None
         return state
+
+
+PLUGIN = BackendPlugin(
+    RawBackend.name,
+    ClassParameters,
+    lambda settings, layout: RawBackend(layout),
+    builtin_class=True,
+)

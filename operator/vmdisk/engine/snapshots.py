@@ -31,7 +31,7 @@ def _snapshot_backend(
     backend = engine.registry.get(disk.status.backend)
     if not isinstance(backend, SupportsSnapshots):
         raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
-    return backend, backend, engine.disk_ref(disk)
+    return backend, backend, engine.disk_ref(disk, lookup)
 
 
 def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
@@ -128,7 +128,7 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
         and isinstance(backend, SupportsDirectSnapshot)
     ):
         # Refused (HasDependents) while disks are still clones of the published image.
-        backend.remove_direct_snapshot(engine.disk_ref(disk), name, export.pool)
+        backend.remove_direct_snapshot(engine.disk_ref(disk, lookup), name, export.pool)
     if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
-            backend.remove_snapshot(engine.disk_ref(disk), name, ignore_missing=True)
+            backend.remove_snapshot(engine.disk_ref(disk, lookup), name, ignore_missing=True)

@@ -33,6 +33,7 @@ from ..host.files import atomic_write, fsync_dir, fsync_file
 from ..host.locks import LockTimeout, file_lock
 from .download import Digest, HttpOptions, Progress, copy_file, fetch_http
 from .inspect import check_size, inspect_image
+from .policy import SourcePolicy
 from .source import FileSource, Source, parse_source, redact
 
 log = logging.getLogger("vmdisk.images")
@@ -104,10 +105,19 @@ class ImageCache:
         )
 
     def get(
-        self, source: ImageSource, *, disk_size: int | None, progress: Progress | None = None
+        self,
+        source: ImageSource,
+        *,
+        disk_size: int | None,
+        progress: Progress | None = None,
+        policy: SourcePolicy | None = None,
     ) -> BaseImage:
-        """Return the verified cached image for ``source``, fetching it once if needed."""
-        src = parse_source(source.url, self.image_dirs)
+        """Return the verified cached image for ``source``, fetching it once if needed.
+
+        ``policy`` (the disk's class) bounds the file:// roots; without one the
+        cache's own image directories apply.
+        """
+        src = parse_source(source.url, policy.file_dirs if policy is not None else self.image_dirs)
         name = redact(source.url)
         if source.checksum is not None:
             expected = source.checksum.removeprefix("sha256:")

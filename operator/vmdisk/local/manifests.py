@@ -11,10 +11,14 @@ from pydantic import ValidationError
 from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
+from ..api.vmdiskclass import VMDiskClass
+from ..backends.registry import PLUGINS_BY_NAME
 
-KINDS: dict[str, type[VMDisk] | type[DiskSnapshot]] = {
+Object = VMDisk | DiskSnapshot | VMDiskClass
+KINDS: dict[str, type[VMDisk] | type[DiskSnapshot] | type[VMDiskClass]] = {
     "VMDisk": VMDisk,
     "DiskSnapshot": DiskSnapshot,
+    "VMDiskClass": VMDiskClass,
 }
 
 
@@ -34,7 +38,7 @@ def _files(target: Path) -> list[Path]:
     return [target]
 
 
-def parse(doc: Any, where: str) -> VMDisk | DiskSnapshot:
+def parse(doc: Any, where: str) -> Object:
     """Validate one decoded manifest; raises ManifestError naming each bad field."""
     if not isinstance(doc, dict):
         raise ManifestError([f"{where}: not a Kubernetes object (a mapping is expected)"])
@@ -48,18 +52,38 @@ def parse(doc: Any, where: str) -> VMDisk | DiskSnapshot:
         else "?"
     )
     try:
-        return model.model_validate(doc)
+        obj = model.model_validate(doc)
+        if isinstance(obj, VMDiskClass):
+            _check_class(obj)
+        return obj
     except ValidationError as exc:
         raise ManifestError(
             [f"{where}: {kind}/{name}: {line}" for line in describe_errors(exc)]
         ) from None
+    except ValueError as exc:
+        raise ManifestError([f"{where}: {kind}/{name}: {exc}"]) from None
 
 
-def load(target: Path) -> list[VMDisk | DiskSnapshot]:
+def _check_class(obj: VMDiskClass) -> None:
+    """A class's parameters, by its backend's own model (as the CRD schema does)."""
+    plugin = PLUGINS_BY_NAME.get(obj.spec.backend)
+    if plugin is None:
+        raise ValueError(
+            f"spec.backend: {obj.spec.backend!r} is not a backend "
+            f"(known: {', '.join(sorted(PLUGINS_BY_NAME))})"
+        )
+    try:
+        plugin.parameters.model_validate(obj.spec.parameters)
+    except ValidationError as exc:
+        lines = [f"spec.parameters.{line}" for line in describe_errors(exc)]
+        raise ValueError("; ".join(lines)) from None
+
+
+def load(target: Path) -> list[Object]:
     """All objects in a file or a directory of files; every problem reported at once."""
     if not target.exists():
         raise ManifestError([f"{target}: no such file or directory"])
-    objects: list[VMDisk | DiskSnapshot] = []
+    objects: list[Object] = []
     problems: list[str] = []
     for path in _files(target):
         try:
