@@ -14,9 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ceph import CephTestCluster
-from conftest import PATTERN, Manifest, MiB, sha256_of
+from conftest import PATTERN, Manifest, MiB, rbd_class, sha256_of
 from vmdisk.api.vmdisk import VMDisk
-from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.backends.rbd import RbdBackend
 from vmdisk.backends.rbd_config import RbdSettings
 from vmdisk.backends.registry import Registry, default_registry
@@ -42,9 +41,7 @@ def test_osd_outage_is_temporary_then_ready(
         settings, registry=Registry({**files.backends, "rbd": RbdBackend(rbd, layout)})
     )
     store = LocalStore(layout)
-    store.apply(
-        VMDiskClass.model_validate({"metadata": {"name": "rbd"}, "spec": {"backend": "rbd"}})
-    )
+    rbd_class(store, image_dir, POOL)
     runner = LocalRunner(settings, engine, store)
     image = image_dir / "base.qcow2"
     manifest = disk(

@@ -62,8 +62,27 @@ class HasDependents(TemporaryError):
     reason = "HasDependents"
 
 
+class DiskInUse(TemporaryError):
+    """A running VM (or another process) has the disk open; retried once it lets go.
+
+    Offline-only operations (restore, snapshot copies, deletion) wait; nothing
+    is changed meanwhile.
+    """
+
+    reason = "DiskInUse"
+
+    def __init__(self, message: str, *, delay: float = 15.0) -> None:
+        super().__init__(message, delay=delay)
+
+
 class DiskMissing(PermanentError):
     reason = "DiskMissing"
+
+
+class DiskCorrupt(PermanentError):
+    """The disk's data on the host does not carry the format pinned at its creation."""
+
+    reason = "DiskCorrupt"
 
 
 # Image refusals: each has its own reason so users can tell them apart.
@@ -161,3 +180,21 @@ class ExceedsClassLimit(PermanentError):
     """The disk asks for more than its class allows (size, iotune)."""
 
     reason = "ExceedsClassLimit"
+
+
+class UnsafePath(PermanentError):
+    """A path component is a symbolic link (or ``..``) where none may be: nothing was written."""
+
+    reason = "UnsafePath"
+
+
+class DiskExists(PermanentError):
+    """Data of this name exists but was not made for this disk (another backend, or unowned)."""
+
+    reason = "DiskExists"
+
+
+class FormatConflict(PermanentError):
+    """The data found for this disk has another format than its spec asks; it is left untouched."""
+
+    reason = "FormatConflict"

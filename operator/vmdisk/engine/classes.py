@@ -23,7 +23,7 @@ from ..backends.base import ClassParameters, DiskRef
 from ..backends.registry import Registry
 from ..config import Settings
 from ..errors import ClassNotFound, InvalidClass, InvalidSpec
-from ..images.policy import SourcePolicy
+from ..images.policy import SourcePolicy, default_policy
 from .ports import Lookup
 
 
@@ -157,7 +157,7 @@ def from_class(
 def _policy(klass: VMDiskClass, registry: Registry, settings: Settings) -> SourcePolicy:
     if builtin_classes(registry).get(klass.metadata.name) == klass:
         # Built-in classes read what the node allows, as before classes existed.
-        return SourcePolicy(file_dirs=settings.image_dirs)
+        return default_policy(settings)
     return source_policy(klass.spec.image_sources, settings)
 
 

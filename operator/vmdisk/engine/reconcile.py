@@ -25,30 +25,37 @@ from ..backends.base import (
     SupportsEncryption,
     SupportsFlatten,
     SupportsInventory,
+    SupportsOnlineGrow,
     SupportsSnapshots,
 )
-from ..backends.record import bases_in_use
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    DiskInUse,
     DiskMissing,
     HasDependents,
     ImageLargerThanDisk,
+    InvalidSpec,
     UnsupportedOperation,
     VMDiskError,
 )
+from ..host.domains import Hypervisor
 from ..host.files import host_error
+from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..images.download import FetchLimits
+from ..images.policy import default_policy
 from ..layout import StateLayout
 from ..libvirt import render_disk
 from .classes import ResolvedClass, resolve_class
+from .inuse import holder, require_offline
 from .limits import check_size, effective_iotune
 from .planning import Create, Resize, Restore, plan_disk
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, with_condition
+from .status import ProgressPublisher, failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ class Engine:
     cache: ImageCache
     observer: Observer = field(default=NO_OBSERVER)
     secrets: Secrets | None = None
+    hypervisor: Hypervisor | None = None  # the node's libvirtd (settings.libvirt_uri)
 
     @classmethod
     def build(
@@ -74,8 +82,10 @@ class Engine:
         layout = StateLayout(settings.state_dir)
         cache = ImageCache(
             layout.cache_dir,
-            image_dirs=settings.image_dirs,
+            policy=default_policy(settings),
             max_virtual_size=settings.max_virtual_size,
+            limits=FetchLimits.from_settings(settings),
+            cluster_cidrs=settings.cluster_cidrs,
             observer=observer or NO_CACHE_OBSERVER,
         )
         return cls(
@@ -85,6 +95,7 @@ class Engine:
             cache,
             observer or NO_OBSERVER,
             secrets or FileSecrets(settings.state_dir / "secrets"),
+            Hypervisor(settings.libvirt_uri) if settings.libvirt_uri else None,
         )
 
     @contextmanager
@@ -111,6 +122,7 @@ class Engine:
         ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
         host: DiskState | None = None
         try:
+            self._check_size(disk)
             klass = self.resolve_class(disk, lookup)
             ref = klass.ref(disk)
             backend = self.registry.get(klass.backend)
@@ -122,6 +134,7 @@ class Engine:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
                 actions = plan_disk(disk.spec, disk.status, host)
+                online: bool | None = None
                 for action in actions:
                     if isinstance(action, Resize):
                         check_size(klass.limits, action.size, class_name=klass.name)
@@ -133,7 +146,7 @@ class Engine:
                     elif isinstance(action, Resize):
                         assert host is not None
                         if host.virtual_size < action.size:
-                            host = backend.resize(ref, action.size)
+                            host, online = self._grow(ref, backend, action.size)
                 assert host is not None
                 if key is not None:
                     assert isinstance(backend, SupportsEncryption)
@@ -147,6 +160,8 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
+            if online is not None:
+                status = status.model_copy(update={"resized_online": online})
             libvirt = disk.spec.libvirt.model_copy(update={"iotune": iotune})
             return self._ready(
                 disk, backend, ref, host, status, libvirt, changed=bool(actions) or flattened
@@ -168,6 +183,15 @@ class Engine:
         if host is None and status.format is None:
             return status.model_copy(update={"pinned_class": None})
         return status
+
+    def _check_size(self, disk: VMDisk) -> None:
+        size = disk.spec.size_bytes
+        ceiling = self.settings.max_virtual_size
+        if size is not None and size > ceiling:
+            raise InvalidSpec(
+                f"spec.size: {disk.spec.size} ({size} bytes) is over this node's maximum "
+                f"disk size of {ceiling} bytes"
+            )
 
     def _progressing(
         self,
@@ -238,6 +262,9 @@ class Engine:
             progress=progress.percent,
             encryption_key=key,
         )
+        if source.live is not None:
+            # A copy of a disk a VM is writing would be torn: wait until it stops.
+            require_offline(*source.live, self.hypervisor, f"copying it into {ref}")
         if source.holds is not None:
             # Hold the source disk still while it is copied.
             with file_lock(self.layout.lock("disk", ref.namespace, source.holds), timeout=600):
@@ -247,7 +274,40 @@ class Engine:
     def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
         if not isinstance(backend, SupportsSnapshots):
             raise UnsupportedOperation(f"the {backend.name} backend cannot restore snapshots")
+        # Replacing data under a running VM: the guest would never see it, and
+        # its next writes would be lost (or corrupt the restored image).
+        require_offline(backend, ref, self.hypervisor, f"restoring snapshot {snapshot!r}")
         return backend.rollback(ref, snapshot)
+
+    def _grow(self, ref: DiskRef, backend: DiskBackend, size: int) -> tuple[DiskState, bool]:
+        """Grow offline, or online through libvirt when a domain of this node holds the disk.
+
+        The new state, and whether the grow went online.
+        """
+        found = holder(backend, ref, self.hypervisor)
+        if found is None:
+            return backend.resize(ref, size), False
+        if len(found.domains) != 1:
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}; it can only grow online when "
+                "it is attached to exactly one domain of the node's libvirtd "
+                f"({self.settings.libvirt_uri or 'none configured'}), else once it is released"
+            )
+        if not isinstance(backend, SupportsOnlineGrow):
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}, and {backend.name} disks cannot "
+                "grow under a running VM (QEMU cannot resize the format); the grow waits "
+                "until the domain stops"
+            )
+        assert self.hypervisor is not None
+        domain = found.domains[0]
+        backend.prepare_online_grow(ref, size)
+        self.hypervisor.block_resize(domain, size)  # QEMU and the guest see it at once
+        log.info("%s: grown online to %d bytes through %s", ref, size, domain)
+        state = backend.state(ref)
+        if state is None:
+            raise DiskMissing(f"disk {ref} vanished while it was grown online")
+        return state, True
 
     def _ready(
         self,
@@ -298,8 +358,11 @@ class Engine:
             }
         )
 
-    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> None:
-        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it."""
+    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> str:
+        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it.
+
+        Returns what happened to the data, for the user (the Deleted event).
+        """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
             f"DiskSnapshot/{s.metadata.name}"
@@ -311,32 +374,44 @@ class Engine:
             for d in lookup.list_disks(namespace)
             if d.spec.source.disk is not None
             and d.spec.source.disk.name == name
-            and (d.status is None or d.status.phase != "Ready")
+            and still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
                 f"VMDisk {name!r} still has dependents: {', '.join(sorted(dependents))}; "
                 "delete them first"
             )
+        where = (disk.status.path if disk.status else None) or "the node"
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
-            return
+            return f"disk data kept at {where} (deletionPolicy: Retain)"
         status = disk.status
         if status is None or (status.pinned_class is None and status.format is None):
-            return  # never pinned to a class nor made (a create pins first): nothing to remove
+            # Never pinned to a class nor made (a create pins first): nothing to remove.
+            return f"no disk data was made at {where}"
         klass = self.resolve_class(disk, lookup)
+        backend, ref = self.registry.get(klass.backend), klass.ref(disk)
         with self._disk_lock(namespace, name):
-            self.registry.get(klass.backend).delete(klass.ref(disk))
+            require_offline(backend, ref, self.hypervisor, "deletion")
+            backend.delete(ref)
+        return f"disk data removed from {where} (deletionPolicy: Delete)"
 
     def close(self) -> None:
         """Close the backends' connections (at process exit)."""
         for backend in self.registry.backends.values():
             if isinstance(backend, Closeable):
                 backend.close()
+        if self.hypervisor is not None:
+            self.hypervisor.close()
 
     def cache_in_use(self) -> set[str]:
-        """Cache entries that existing disks still read from (qcow2 backing files)."""
-        return bases_in_use(self.layout.disks_dir)
+        """Cache entries that images in the state directory name as backing files.
+
+        Read from the images' headers, never from records: a disk whose
+        ``disk.json`` is lost, half-made disks and exports keep their base.
+        """
+        named = backing_files((self.layout.disks_dir, self.layout.exports_dir))
+        return self.cache.named_by(named)
 
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.
@@ -351,8 +426,7 @@ class Engine:
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
         except VMDiskError as exc:
-            log.debug("%s/%s: not verified: %s", disk.metadata.namespace, disk.metadata.name, exc)
-            return None
+            return failed_status(status, disk.metadata.generation, exc)
         except OSError as exc:
             return failed_status(status, disk.metadata.generation, host_error(exc))
         if state is None:

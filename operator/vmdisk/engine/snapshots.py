@@ -8,14 +8,21 @@ from pathlib import Path
 
 from ..api.common import Condition, now_rfc3339
 from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from ..backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
+from ..backends.base import (
+    DiskBackend,
+    DiskRef,
+    SupportsDependents,
+    SupportsDirectSnapshot,
+    SupportsSnapshots,
+)
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
+from .inuse import require_offline
 from .ports import Lookup
 from .reconcile import Engine
-from .status import failed_status, with_condition
+from .status import failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     try:
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
+            if name not in snapshots.snapshots(ref):
+                # A copy (or qemu-img snapshot) under a running VM is torn at best.
+                require_offline(backend, ref, engine.hypervisor, f"snapshot {name!r}")
             size = snapshots.create_snapshot(ref, name)
             export_path = export_url = None
             if snap.spec.export is not None and snap.spec.export.pool is not None:
@@ -55,6 +65,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 fmt = snap.spec.export.format
                 target = engine.layout.export_file(ref.namespace, name, fmt)
                 if not target.exists():
+                    if backend.readable(ref, name).snapshot is not None:
+                        # An internal snapshot is read out of the live image file.
+                        require_offline(backend, ref, engine.hypervisor, f"exporting {name!r}")
                     _export(backend, ref, name, target, fmt)
                 export_path = str(target)
         status = with_condition(
@@ -101,14 +114,19 @@ def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: st
 
 
 def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
-    """Remove the snapshot and its export; refuse while a disk is still being made from it."""
+    """Remove the snapshot and its export, all or nothing.
+
+    Everything that can refuse (disks still being made from it, clones of
+    the snapshot or of its export) is asked before anything is removed, so a
+    refused deletion leaves a whole, usable snapshot behind.
+    """
     namespace, name = snap.metadata.namespace, snap.metadata.name
     users = [
         d.metadata.name
         for d in lookup.list_disks(namespace)
         if d.spec.source.snapshot is not None
         and d.spec.source.snapshot.name == name
-        and (d.status is None or d.status.phase not in ("Ready", "Failed"))
+        and still_creating(d.status)
     ]
     if users:
         raise HasDependents(
@@ -116,19 +134,30 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
             f"{', '.join(sorted(users))}"
         )
     export = snap.spec.export
-    if export is not None and export.pool is None:
-        remove_path(engine.layout.export_file(namespace, name, export.format))
+    pool = export.pool if export is not None else None
     disk = lookup.get_disk(namespace, snap.spec.disk_name)
-    if disk is None or disk.status is None or disk.status.backend is None:
+    backend = None
+    if disk is not None and disk.status is not None and disk.status.backend is not None:
+        backend = engine.registry.get(disk.status.backend)
+    if disk is not None and isinstance(backend, SupportsDependents):
+        clones = backend.snapshot_dependents(engine.disk_ref(disk, lookup), name, pool)
+        if clones:
+            raise HasDependents(
+                f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
+                "flatten them (spec.rbd.flatten: true) or delete them first"
+            )
+    if disk is not None and isinstance(backend, SupportsSnapshots):
+        ref = engine.disk_ref(disk, lookup)
+        if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
+            # Removing an internal snapshot rewrites the live image file.
+            require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
+    if export is not None and pool is None:
+        remove_path(engine.layout.export_file(namespace, name, export.format))
+    if disk is None or backend is None:
         return  # the disk (and with it the snapshot) is gone
-    backend = engine.registry.get(disk.status.backend)
-    if (
-        export is not None
-        and export.pool is not None
-        and isinstance(backend, SupportsDirectSnapshot)
-    ):
-        # Refused (HasDependents) while disks are still clones of the published image.
-        backend.remove_direct_snapshot(engine.disk_ref(disk, lookup), name, export.pool)
+    ref = engine.disk_ref(disk, lookup)
+    if pool is not None and isinstance(backend, SupportsDirectSnapshot):
+        backend.remove_direct_snapshot(ref, name, pool)
     if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
-            backend.remove_snapshot(engine.disk_ref(disk, lookup), name, ignore_missing=True)
+            backend.remove_snapshot(ref, name, ignore_missing=True)

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
-from ..api.vmdisk import ImageSource, VMDisk
-from ..backends.base import BaseImage, Blank, Content, DiskRef, FromDisk, FromImage, FromStore
+from ..api.vmdisk import VMDisk
+from ..backends.base import (
+    BaseImage,
+    Blank,
+    Content,
+    DiskBackend,
+    DiskRef,
+    FromDisk,
+    FromImage,
+    FromStore,
+)
 from ..backends.registry import Registry
-from ..errors import DependencyNotReady, SourceNotAllowed
+from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
 from ..images.policy import SourcePolicy
-from ..images.source import redact
 from .ports import Lookup
 
 
@@ -22,6 +28,9 @@ class ResolvedSource:
     content: Content
     minimum: int  # the smallest size the new disk may have
     holds: str | None = None  # the source VMDisk to hold still (locked) while copying
+    # The source disk when the copy reads its live data (not a separate snapshot
+    # volume): nothing else may have it open meanwhile.
+    live: tuple[DiskBackend, DiskRef] | None = None
 
 
 def resolve_source(
@@ -36,11 +45,10 @@ def resolve_source(
 ) -> ResolvedSource:
     """Turn ``spec.source`` into backend content; images are fetched and checked here.
 
-    Images must be what the disk's class allows (``policy``).
+    Images must be what the disk's class allows (``policy``, checked by the
+    cache at every hop and on cache hits).
     """
     source = disk.spec.source
-    if source.image is not None:
-        check_image_source(source.image, policy)
     if source.image is not None and source.image.url.startswith("rbd://"):
         # Already in the backend's store: the backend clones it (and checks its size)
         # with the class's own Ceph identity, whose caps bound what it may read.
@@ -53,41 +61,6 @@ def resolve_source(
     if source.blank is not None:
         return ResolvedSource(Blank(source.blank.filesystem), 0)
     return _copy_of(disk, lookup, cache, registry, ref_of)
-
-
-def check_image_source(image: ImageSource, policy: SourcePolicy) -> None:
-    """The class's checksum rule and its allowed hosts for the URL itself.
-
-    Redirect hops and the addresses a name resolves to are checked by the
-    downloader; file:// roots by the cache (``policy.file_dirs``).
-    """
-    if policy.require_checksum and image.checksum is None:
-        raise SourceNotAllowed(
-            "spec.source.image.checksum: the disk's class requires a sha256 checksum"
-        )
-    parts = urlsplit(image.url)
-    if parts.scheme not in ("http", "https") or policy.allowed_hosts is None:
-        return
-    host = (parts.hostname or "").lower().rstrip(".")
-    if not any(_host_matches(host, entry) for entry in policy.allowed_hosts):
-        raise SourceNotAllowed(
-            f"spec.source.image.url: {redact(image.url)} is not on a host the disk's class "
-            f"allows ({', '.join(policy.allowed_hosts) or 'none'})"
-        )
-
-
-def _host_matches(host: str, entry: str) -> bool:
-    entry = entry.lower().rstrip(".")
-    try:
-        network = ipaddress.ip_network(entry, strict=False)
-    except ValueError:
-        if entry.startswith("*."):
-            return host.endswith(entry[1:]) and len(host) > len(entry) - 1
-        return host == entry
-    try:
-        return ipaddress.ip_address(host.strip("[]")) in network
-    except ValueError:
-        return False  # a name: only a name entry matches it here
 
 
 def _copy_of(
@@ -123,4 +96,11 @@ def _copy_of(
     # A copy keeps sharing the source's cached base where the backend can (qcow2 -B).
     base: BaseImage | None = cache.lookup(state.base_image) if state.base_image else None
     readable = backend.readable(source_ref, snapshot_name)
-    return ResolvedSource(FromDisk(readable, base), state.virtual_size, holds=source_name)
+    # qcow2 internal snapshots live inside the disk's own file.
+    live = snapshot_name is None or readable.snapshot is not None
+    return ResolvedSource(
+        FromDisk(readable, base),
+        state.virtual_size,
+        holds=source_name,
+        live=(backend, source_ref) if live else None,
+    )

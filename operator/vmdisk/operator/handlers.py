@@ -20,7 +20,7 @@ from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
-from ..errors import HasDependents, InvalidSpec, VMDiskError
+from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
 from .lookup import IndexLookup
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ def register(
         except ValidationError:
             return  # never provisioned: nothing on the host to remove
         try:
-            engine.delete_disk(disk, lookup(kw))
-        except HasDependents as exc:
+            outcome = engine.delete_disk(disk, lookup(kw))
+        except (HasDependents, DiskInUse) as exc:
             old = disk.status or VMDiskStatus()
             refused = Condition(
                 type="Ready", status="False", reason=exc.reason, message=exc.message
@@ -165,8 +165,7 @@ def register(
             patch.status.update(dump(new))
             _report(body, old, new)
             raise _retry_later(exc.message, retry) from exc
-        policy = disk.spec.deletion_policy
-        kopf.info(body, reason="Deleted", message=f"disk data removed ({policy})")
+        kopf.info(body, reason="Deleted", message=outcome)
 
     @kopf.timer(
         GROUP,
@@ -214,6 +213,6 @@ def register(
             return
         try:
             delete_snapshot(engine, snap, lookup(kw))
-        except HasDependents as exc:
+        except (HasDependents, DiskInUse) as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
             raise _retry_later(exc.message, retry) from exc
