@@ -16,6 +16,7 @@ from typing import ClassVar, Literal
 
 from ..errors import InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
+from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
 from ..layout import StateLayout
 from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, FromStore, Readable
@@ -112,6 +113,11 @@ class FileBackend(ABC):
 
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
         return ()
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        if qemu_lock_held(self.data_path(ref)):
+            return [f"a process holding QEMU's image lock on {self.data_path(ref)}"]
+        return []
 
     # -- helpers for subclasses ---------------------------------------------
     def _blank_filesystem(self, directory: Path, blank: Blank, size: int) -> Path | None:

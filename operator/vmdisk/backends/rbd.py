@@ -282,6 +282,19 @@ class RbdBackend:
         self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
         return self._require_state(ref)
 
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Grow the image; librbd hands the request to the lock owner (the VM's QEMU)."""
+        if self._require_state(ref).virtual_size < size:
+            self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        """RBD clients with the image open (QEMU watches the images it opens)."""
+        try:
+            clients = self.cluster(ref).clients(self._pool(ref), self.image(ref))
+        except CephNotFound:
+            return []
+        return [f"RBD {client}" for client in clients]
+
     def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
         """An ``rbd:pool/image[@snap]:conf=...`` filename qemu-img opens (block-rbd).
 

@@ -19,6 +19,7 @@ from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VM
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
+from .inuse import require_offline
 from .ports import Lookup
 from .reconcile import Engine
 from .status import failed_status, still_creating, with_condition
@@ -48,6 +49,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     try:
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
+            if name not in snapshots.snapshots(ref):
+                # A copy (or qemu-img snapshot) under a running VM is torn at best.
+                require_offline(backend, ref, engine.hypervisor, f"snapshot {name!r}")
             size = snapshots.create_snapshot(ref, name)
             export_path = export_url = None
             if snap.spec.export is not None and snap.spec.export.pool is not None:
@@ -61,6 +65,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 fmt = snap.spec.export.format
                 target = engine.layout.export_file(ref.namespace, name, fmt)
                 if not target.exists():
+                    if backend.readable(ref, name).snapshot is not None:
+                        # An internal snapshot is read out of the live image file.
+                        require_offline(backend, ref, engine.hypervisor, f"exporting {name!r}")
                     _export(backend, ref, name, target, fmt)
                 export_path = str(target)
         status = with_condition(
@@ -139,6 +146,11 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
                 f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
                 "flatten them (spec.rbd.flatten: true) or delete them first"
             )
+    if disk is not None and isinstance(backend, SupportsSnapshots):
+        ref = engine.disk_ref(disk)
+        if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
+            # Removing an internal snapshot rewrites the live image file.
+            require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
     if export is not None and pool is None:
         remove_path(engine.layout.export_file(namespace, name, export.format))
     if disk is None or backend is None:

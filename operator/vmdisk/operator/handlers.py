@@ -20,7 +20,7 @@ from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
-from ..errors import HasDependents, InvalidSpec, VMDiskError
+from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
 from .lookup import IndexLookup
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def register(
             return  # never provisioned: nothing on the host to remove
         try:
             outcome = engine.delete_disk(disk, lookup(kw))
-        except HasDependents as exc:
+        except (HasDependents, DiskInUse) as exc:
             old = disk.status or VMDiskStatus()
             refused = Condition(
                 type="Ready", status="False", reason=exc.reason, message=exc.message
@@ -209,6 +209,6 @@ def register(
             return
         try:
             delete_snapshot(engine, snap, lookup(kw))
-        except HasDependents as exc:
+        except (HasDependents, DiskInUse) as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
             raise _retry_later(exc.message, retry) from exc
