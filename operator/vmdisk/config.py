@@ -109,7 +109,8 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         return replace(
             settings,
-            state_dir=settings.state_dir.absolute(),
+            # Resolved once: a configured symlink is fine, a planted one below is refused.
+            state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
         )
 

@@ -18,6 +18,7 @@ from ..errors import InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
 from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
+from ..host.safeopen import ensure_dir
 from ..layout import StateLayout
 from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, FromStore, Readable
 from .record import DiskRecord, disks_on_host, read_record, write_record
@@ -83,7 +84,8 @@ class FileBackend(ABC):
         final = self.directory(ref)
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
         remove_path(partial)  # leftovers of a crashed attempt
-        partial.mkdir(parents=True)
+        ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+        partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
             write_record(partial, record)

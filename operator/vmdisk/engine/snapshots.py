@@ -25,6 +25,7 @@ from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VM
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
+from ..host.safeopen import ensure_dir
 from .inuse import holder, in_use, require_offline
 from .ports import Lookup
 from .reconcile import Engine
@@ -138,7 +139,7 @@ def _take(
 
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
     """Nova's snapshot_extract: write the snapshot out as a standalone image."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     tmp = target.with_name(f".{target.name}.partial")
     remove_path(tmp)
     source = backend.readable(ref, name)
