@@ -49,7 +49,7 @@ from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import render_disk
+from ..libvirt import check_device, render_disk
 from .inuse import holder, require_offline
 from .planning import (
     Create,
@@ -140,6 +140,8 @@ class Engine:
                     backend_for(disk.spec, pinned, self.settings.default_backend)
                 )
                 key = self._encryption_key(disk, backend)
+                # Before any data is made: a disk no VM can start never goes Ready.
+                check_device(backend.location(ref), disk.spec.libvirt)
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
