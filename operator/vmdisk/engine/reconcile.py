@@ -32,6 +32,7 @@ from ..backends.rbd_config import RbdSettings
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    ChangeRefused,
     DiskInUse,
     DiskMissing,
     HasDependents,
@@ -62,7 +63,13 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, still_creating, with_condition
+from .status import (
+    ProgressPublisher,
+    failed_status,
+    refused_status,
+    still_creating,
+    with_condition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +185,11 @@ class Engine:
                 if changed and publish is not None:
                     publish(result)  # before the lock goes: the next holder sees the backend
             return result
+        except ChangeRefused as exc:
+            log.warning("%s: change refused: %s (%s)", ref, exc.message, exc.reason)
+            if status.phase == "Ready":
+                return refused_status(status, generation, exc)
+            return failed_status(status, generation, exc)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(status, generation, exc)
@@ -324,7 +336,7 @@ class Engine:
                 message=f"{backend.name} disk of {host.virtual_size} bytes at {location.path}",
                 observed_generation=generation,
             ),
-            drop="Progressing",
+            drop=("Progressing", "ChangeRefused"),
         )
         if changed:
             log.info("%s: ready (%s, %d bytes)", ref, backend.name, host.virtual_size)
