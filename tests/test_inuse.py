@@ -358,7 +358,18 @@ def rbd_size(ceph: Any, status_path: str) -> int:
     return int(json.loads(ceph.rbd("info", "--format", "json", image))["size"])
 
 
-def test_rbd_held_by_a_domain_waits_then_completes(
+def guest_write(domain: Any, byte: int) -> None:
+    """Write 4 KiB of ``byte`` at offset 0 through the running QEMU, as the guest would."""
+    import libvirt_qemu
+
+    (device,) = query_block(domain)
+    command = f'qemu-io -d {device["qdev"]} "write -P {byte:#x} 0 4k"'
+    hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    out = libvirt_qemu.qemuMonitorCommand(domain, command, hmp)
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+
+
+def test_rbd_restore_waits_for_the_domain_and_a_live_snapshot_is_consistent(
     libvirt_system: Any, rbd_runner: LocalRunner, disk: Manifest, image_dir: Path, ceph_cluster: Any
 ) -> None:
     name = f"held-{uuid.uuid4().hex[:6]}"
@@ -366,25 +377,35 @@ def test_rbd_held_by_a_domain_waits_then_completes(
     (made,) = rbd_runner.apply([vm])
     assert made.status is not None and made.status.phase == "Ready", made.status
     (golden,) = rbd_runner.apply([snapshot(f"{name}-golden", name)])
-    assert golden.status is not None and golden.status.ready_to_use
+    assert golden.status is not None and golden.status.consistency == "Offline"
     restore = with_spec(vm, restore={"snapshot": f"{name}-golden"})
+    image = str(made.status.path)
+    readable = Path(f"{image}:conf={ceph_cluster.conf}")
 
     with running_domain(libvirt_system, str(made.status.libvirt_xml)) as domain:
         seen = blocks(domain)
         (refused,) = rbd_runner.apply([restore])
-        (waiting,) = rbd_runner.apply([snapshot(f"{name}-live", name)])
-        for obj in (refused, waiting):
-            condition = ready_condition(obj)
-            assert condition.reason == "DiskInUse" and domain.name() in condition.message
+        condition = ready_condition(refused)
+        assert condition.reason == "DiskInUse" and domain.name() in condition.message
         assert blocks(domain) == seen
-        snaps = ceph_cluster.rbd("snap", "ls", str(made.status.path).removeprefix("rbd:"))
-        assert f"{name}-live" not in snaps
+
+        # Live: the guest's write before the snapshot is in it, the one after is not.
+        guest_write(domain, 0x11)
+        assert first_bytes(readable, "raw", shared=True) == b"\x11" * len(FIRST)
+        (live,) = rbd_runner.apply([snapshot(f"{name}-live", name)])
+        assert live.status is not None and live.status.ready_to_use, live.status
+        assert live.status.consistency == "CrashConsistent"  # no guest agent here
+        guest_write(domain, 0x22)
+        assert first_bytes(readable, "raw", shared=True) == b"\x22" * len(FIRST)
+        assert domain.isActive() and blocks(domain) == seen
         domain.destroy()
 
     (restored,) = rbd_runner.apply([restore])
     assert restored.status is not None and restored.status.restored_snapshot == f"{name}-golden"
-    (live,) = rbd_runner.apply([snapshot(f"{name}-live", name)])
-    assert live.status is not None and live.status.ready_to_use
+    assert first_bytes(readable, "raw") == FIRST
+    (back,) = rbd_runner.apply([with_spec(vm, restore={"snapshot": f"{name}-live"})])
+    assert back.status is not None and back.status.restored_snapshot == f"{name}-live"
+    assert first_bytes(readable, "raw") == b"\x11" * len(FIRST)
 
 
 def test_rbd_grows_online_through_libvirt(

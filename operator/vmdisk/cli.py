@@ -161,11 +161,14 @@ def _print(objects: Sequence[Stored], fmt: str) -> None:
 
 
 def _not_ready(objects: Sequence[Stored]) -> list[str]:
+    """One line per object that is not Ready, or whose last change was refused."""
     problems = []
     for obj in objects:
         if isinstance(obj, VMDiskClass):
             continue  # nothing to reconcile
         status = obj.status
+        refused = [c for c in (status.conditions if status else []) if c.type == "ChangeRefused"]
+        problems += [f"{obj.kind}/{obj.metadata.name}: {c.reason}: {c.message}" for c in refused]
         if (
             status is not None
             and status.phase == "Ready"

@@ -101,7 +101,7 @@ class Settings:
                 values[name] = env[key]
         if "VMDISK_LIBVIRT_URI" in env:
             values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
-        if "VMDISK_IMAGE_HOSTS" in env:
+        if env.get("VMDISK_IMAGE_HOSTS", "").strip():  # blank: unset, public addresses only
             values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
         if "VMDISK_CLUSTER_CIDRS" in env:
             values["cluster_cidrs"] = _cidrs(env["VMDISK_CLUSTER_CIDRS"])
@@ -118,7 +118,8 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         return replace(
             settings,
-            state_dir=settings.state_dir.absolute(),
+            # Resolved once: a configured symlink is fine, a planted one below is refused.
+            state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
             ceph_confs=tuple(p.absolute() for p in settings.ceph_confs),
         )

@@ -320,6 +320,16 @@ class SupportsHolders(Protocol):
 
 
 @runtime_checkable
+class SupportsLiveSnapshot(Protocol):
+    """Snapshots that stay consistent while a running VM writes (rbd: the exclusive-lock
+    owner, the VM's QEMU, is asked to flush and take it)."""
+
+    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+        """Snapshot the disk under a running VM; the snapshot's size in bytes."""
+        ...
+
+
+@runtime_checkable
 class SupportsOnlineGrow(Protocol):
     """Disks a running QEMU can be told to grow (``virDomainBlockResize``)."""
 

@@ -335,6 +335,11 @@ class RbdBackend:
         cluster.create_snapshot(pool, image, name)
         return self._require_state(ref).virtual_size
 
+    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+        """librbd hands the request to the exclusive-lock owner (the VM's QEMU), which
+        flushes its in-flight writes and takes the snapshot between two of them."""
+        return self.create_snapshot(ref, name)
+
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         try:
             removed = self.cluster(ref).remove_snapshot(self._pool(ref), self.image(ref), name)

@@ -22,7 +22,7 @@ from ..api.vmdiskclass import ClassLimits, ClassMeta, ImageSources, VMDiskClass,
 from ..backends.base import ClassParameters, DiskRef
 from ..backends.registry import Registry
 from ..config import Settings
-from ..errors import ClassNotFound, InvalidClass, InvalidSpec
+from ..errors import ClassNotFound, ImmutableField, InvalidClass, InvalidSpec
 from ..images.policy import SourcePolicy, default_policy
 from .ports import Lookup
 
@@ -116,14 +116,17 @@ def resolve_class(
             current = lookup.get_class(pin.name) or builtin_classes(registry).get(pin.name)
         wanted = disk.spec.class_name
         if wanted is not None and wanted != pin.name:
-            raise InvalidSpec(
-                f"spec.className: cannot change from {pin.name!r} to {wanted!r} after creation",
-                reason="ImmutableField",
+            raise ImmutableField(
+                f"spec.className: cannot change from {pin.name!r} to {wanted!r} after creation"
             )
         backend = status.backend or (current.spec.backend if current else None)
         if backend is None:
             raise InvalidSpec("status.class is pinned but status.backend is not")
-        _same_backend(disk, backend)
+        if disk.spec.backend is not None and disk.spec.backend != backend:
+            raise ImmutableField(
+                f"spec.backend: cannot change from {backend!r} to {disk.spec.backend!r} "
+                "after creation"
+            )
         return ResolvedClass(
             pin.name,
             backend,

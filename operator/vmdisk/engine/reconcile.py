@@ -31,6 +31,7 @@ from ..backends.base import (
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    ChangeRefused,
     DiskInUse,
     DiskMissing,
     HasDependents,
@@ -48,14 +49,20 @@ from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import render_disk
+from ..libvirt import check_device, render_disk
 from .classes import ResolvedClass, resolve_class
 from .inuse import holder, require_offline
 from .limits import check_size, effective_iotune
 from .planning import Create, Resize, Restore, plan_disk
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, still_creating, with_condition
+from .status import (
+    ProgressPublisher,
+    failed_status,
+    refused_status,
+    still_creating,
+    with_condition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +130,25 @@ class Engine:
         host: DiskState | None = None
         try:
             self._check_size(disk)
-            klass = self.resolve_class(disk, lookup)
-            ref = klass.ref(disk)
-            backend = self.registry.get(klass.backend)
-            key = self._encryption_key(klass, backend)
-            iotune = effective_iotune(disk.spec.libvirt.iotune, klass.limits, class_name=klass.name)
             with self._disk_lock(ref.namespace, ref.name):
+                # Decided under the lock, from the freshest status: a process that
+                # just created the disk published it (and its class) before letting go.
+                pinned = self._fresh_status(disk, lookup)
+                klass = self.resolve_class(disk.model_copy(update={"status": pinned}), lookup)
+                ref = klass.ref(disk)
+                backend = self.registry.get(klass.backend)
+                key = self._encryption_key(klass, backend)
+                iotune = effective_iotune(
+                    disk.spec.libvirt.iotune, klass.limits, class_name=klass.name
+                )
+                libvirt = disk.spec.libvirt.model_copy(update={"iotune": iotune})
+                # Before any data is made: a disk no VM can start never goes Ready.
+                check_device(backend.location(ref), libvirt)
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
-                actions = plan_disk(disk.spec, disk.status, host)
+                actions = plan_disk(disk.spec, pinned, host)
                 online: bool | None = None
                 for action in actions:
                     if isinstance(action, Resize):
@@ -160,12 +175,18 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
-            if online is not None:
-                status = status.model_copy(update={"resized_online": online})
-            libvirt = disk.spec.libvirt.model_copy(update={"iotune": iotune})
-            return self._ready(
-                disk, backend, ref, host, status, libvirt, changed=bool(actions) or flattened
-            )
+                if online is not None:
+                    status = status.model_copy(update={"resized_online": online})
+                changed = bool(actions) or flattened
+                result = self._ready(disk, backend, ref, host, status, libvirt, changed=changed)
+                if changed and publish is not None:
+                    publish(result)  # before the lock goes: the next holder sees the backend
+            return result
+        except ChangeRefused as exc:
+            log.warning("%s: change refused: %s (%s)", ref, exc.message, exc.reason)
+            if status.phase == "Ready":
+                return refused_status(status, generation, exc)
+            return failed_status(self._unpinned(status, host), generation, exc)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(self._unpinned(status, host), generation, exc)
@@ -183,6 +204,14 @@ class Engine:
         if host is None and status.format is None:
             return status.model_copy(update={"pinned_class": None})
         return status
+
+    @staticmethod
+    def _fresh_status(disk: VMDisk, lookup: Lookup) -> VMDiskStatus | None:
+        """The stored status of this very object (same uid), else the one we were given."""
+        fresh = lookup.get_disk(disk.metadata.namespace, disk.metadata.name)
+        if fresh is not None and fresh.metadata.uid == disk.metadata.uid and fresh.status:
+            return fresh.status
+        return disk.status
 
     def _check_size(self, disk: VMDisk) -> None:
         size = disk.spec.size_bytes
@@ -331,7 +360,7 @@ class Engine:
                 message=f"{backend.name} disk of {host.virtual_size} bytes at {location.path}",
                 observed_generation=generation,
             ),
-            drop="Progressing",
+            drop=("Progressing", "ChangeRefused"),
         )
         if changed:
             log.info("%s: ready (%s, %d bytes)", ref, backend.name, host.virtual_size)

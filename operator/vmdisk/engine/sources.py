@@ -45,8 +45,8 @@ def resolve_source(
 ) -> ResolvedSource:
     """Turn ``spec.source`` into backend content; images are fetched and checked here.
 
-    Images must be what the disk's class allows (``policy``, checked by the
-    cache at every hop and on cache hits).
+    ``policy`` is what the disk's class lets it read,
+    checked by the cache at every hop and on cache hits.
     """
     source = disk.spec.source
     if source.image is not None and source.image.url.startswith("rbd://"):

@@ -123,6 +123,26 @@ class Hypervisor:
         return int(self._call(disk, "read the size of", lambda d: d.blockInfo(disk.target))[0])
 
     # -- online operations ---------------------------------------------------------------
+    def freeze(self, disk: DomainDisk) -> bool:
+        """Freeze the guest's filesystems through its agent; False when no agent answers."""
+        conn = self._connection()
+        try:
+            frozen = conn.lookupByUUIDString(disk.uuid).fsFreeze()
+        except libvirt.libvirtError as exc:
+            log.info("%s: no quiesce (%s)", disk, exc.get_error_message())
+            return False
+        return bool(frozen)
+
+    def thaw(self, disk: DomainDisk) -> None:
+        """Thaw what ``freeze`` froze; a guest left frozen would hang, so this retries."""
+        for attempt in range(3):
+            try:
+                self._connection().lookupByUUIDString(disk.uuid).fsThaw()
+                return
+            except (libvirt.libvirtError, HypervisorUnavailable):
+                log.exception("%s: thawing the guest failed (attempt %d)", disk, attempt + 1)
+        raise OnlineOperationFailed(f"the filesystems of {disk} could not be thawed")
+
     def block_resize(self, disk: DomainDisk, size: int) -> None:
         """Grow the device to ``size`` bytes through QEMU, which tells the guest at once."""
         flags = libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES

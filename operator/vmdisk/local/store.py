@@ -146,4 +146,5 @@ class LocalStore:
 
     def _write(self, plural: Plural, obj: Stored) -> None:
         path = self.layout.object_file(plural, scope(obj), obj.metadata.name)
-        atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n")
+        # Specs may carry credentials (image URLs): root only.
+        atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n", mode=0o600)
