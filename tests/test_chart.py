@@ -122,6 +122,8 @@ def test_configmap_is_read_by_the_settings(chart: helm.Chart) -> None:
     assert str(settings.ceph_conf) == "/etc/ceph/ceph.conf"
     assert settings.cache_max_age == 7 * 86400
     assert [str(p) for p in settings.image_dirs] == ["/srv/images", "/var/lib/images"]
+    assert settings.image_hosts == ("images.example.com", "10.20.0.0/16")
+    assert settings.cluster_cidrs == ("10.96.0.0/12", "10.244.0.0/16")
     defaults = one(render(chart), "ConfigMap")["data"]
     assert set(defaults) == {"VMDISK_STATE_DIR", "VMDISK_DEFAULT_BACKEND", "VMDISK_CACHE_MAX_AGE"}
 

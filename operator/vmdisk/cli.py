@@ -149,9 +149,12 @@ def _print(objects: Sequence[Resource], fmt: str) -> None:
 
 
 def _not_ready(objects: Sequence[Resource]) -> list[str]:
+    """One line per object that is not Ready, or whose last change was refused."""
     problems = []
     for obj in objects:
         status = obj.status
+        refused = [c for c in (status.conditions if status else []) if c.type == "ChangeRefused"]
+        problems += [f"{obj.kind}/{obj.metadata.name}: {c.reason}: {c.message}" for c in refused]
         if (
             status is not None
             and status.phase == "Ready"

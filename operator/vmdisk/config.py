@@ -92,7 +92,7 @@ class Settings:
                 values[name] = env[key]
         if "VMDISK_LIBVIRT_URI" in env:
             values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
-        if "VMDISK_IMAGE_HOSTS" in env:
+        if env.get("VMDISK_IMAGE_HOSTS", "").strip():  # blank: unset, public addresses only
             values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
         if "VMDISK_CLUSTER_CIDRS" in env:
             values["cluster_cidrs"] = _cidrs(env["VMDISK_CLUSTER_CIDRS"])

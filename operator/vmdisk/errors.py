@@ -42,8 +42,20 @@ class InvalidSpec(PermanentError):
     reason = "InvalidSpec"
 
 
-class ShrinkNotSupported(PermanentError):
+class ChangeRefused(InvalidSpec):
+    """A change to an existing disk that is refused; the disk itself stays as it was.
+
+    Not a failure of the disk: it stays Ready (a VM may be using it) and a
+    separate ``ChangeRefused`` condition says what was refused.
+    """
+
+
+class ShrinkNotSupported(ChangeRefused):
     reason = "ShrinkNotSupported"
+
+
+class ImmutableField(ChangeRefused):
+    reason = "ImmutableField"
 
 
 class UnsupportedOperation(PermanentError):

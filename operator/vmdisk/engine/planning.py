@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ..api.vmdisk import VMDisk, VMDiskSpec, VMDiskStatus
 from ..backends.base import ClusterAccess, DiskRef, DiskState
 from ..config import Settings
-from ..errors import DiskMissing, InvalidSpec, ShrinkNotSupported
+from ..errors import DiskMissing, ImmutableField, ShrinkNotSupported
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,8 @@ def backend_for(spec: VMDiskSpec, status: VMDiskStatus | None, default: str) -> 
     """
     pinned = status.backend if status is not None and status.format is not None else None
     if pinned is not None and spec.backend is not None and pinned != spec.backend:
-        raise InvalidSpec(
-            f"spec.backend: cannot change from {pinned!r} to {spec.backend!r} after creation",
-            reason="ImmutableField",
+        raise ImmutableField(
+            f"spec.backend: cannot change from {pinned!r} to {spec.backend!r} after creation"
         )
     return pinned or spec.backend or default
 

@@ -32,6 +32,7 @@ from ..backends.rbd_config import RbdSettings
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    ChangeRefused,
     DiskInUse,
     DiskMissing,
     HasDependents,
@@ -62,7 +63,13 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, still_creating, with_condition
+from .status import (
+    ProgressPublisher,
+    failed_status,
+    refused_status,
+    still_creating,
+    with_condition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +139,21 @@ class Engine:
         ref = self.disk_ref(disk)
         try:
             self._check_size(disk)
-            backend = self.registry.get(
-                backend_for(disk.spec, disk.status, self.settings.default_backend)
-            )
-            key = self._encryption_key(disk, backend)
-            # Before any data is made: a disk no VM can start never goes Ready.
-            check_device(backend.location(ref), disk.spec.libvirt)
             with self._disk_lock(ref.namespace, ref.name):
+                # Decided under the lock, from the freshest status: a process that
+                # just created the disk published it before letting go of the lock.
+                pinned = self._fresh_status(disk, lookup)
+                backend = self.registry.get(
+                    backend_for(disk.spec, pinned, self.settings.default_backend)
+                )
+                key = self._encryption_key(disk, backend)
+                # Before any data is made: a disk no VM can start never goes Ready.
+                check_device(backend.location(ref), disk.spec.libvirt)
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
-                actions = plan_disk(disk.spec, disk.status, host)
+                actions = plan_disk(disk.spec, pinned, host)
                 online: bool | None = None
                 for action in actions:
                     status = self._progressing(status, generation, action, publish)
@@ -168,15 +178,32 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
-            if online is not None:
-                status = status.model_copy(update={"resized_online": online})
-            return self._ready(disk, backend, ref, host, status, changed=bool(actions) or flattened)
+                if online is not None:
+                    status = status.model_copy(update={"resized_online": online})
+                changed = bool(actions) or flattened
+                result = self._ready(disk, backend, ref, host, status, changed=changed)
+                if changed and publish is not None:
+                    publish(result)  # before the lock goes: the next holder sees the backend
+            return result
+        except ChangeRefused as exc:
+            log.warning("%s: change refused: %s (%s)", ref, exc.message, exc.reason)
+            if status.phase == "Ready":
+                return refused_status(status, generation, exc)
+            return failed_status(status, generation, exc)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(status, generation, exc)
         except OSError as exc:
             log.exception("%s: host error", ref)
             return failed_status(status, generation, host_error(exc))
+
+    @staticmethod
+    def _fresh_status(disk: VMDisk, lookup: Lookup) -> VMDiskStatus | None:
+        """The stored status of this very object (same uid), else the one we were given."""
+        fresh = lookup.get_disk(disk.metadata.namespace, disk.metadata.name)
+        if fresh is not None and fresh.metadata.uid == disk.metadata.uid and fresh.status:
+            return fresh.status
+        return disk.status
 
     def _check_size(self, disk: VMDisk) -> None:
         size = disk.spec.size_bytes
@@ -309,7 +336,7 @@ class Engine:
                 message=f"{backend.name} disk of {host.virtual_size} bytes at {location.path}",
                 observed_generation=generation,
             ),
-            drop="Progressing",
+            drop=("Progressing", "ChangeRefused"),
         )
         if changed:
             log.info("%s: ready (%s, %d bytes)", ref, backend.name, host.virtual_size)

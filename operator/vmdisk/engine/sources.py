@@ -19,6 +19,7 @@ from ..backends.base import (
 from ..backends.registry import Registry
 from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
+from ..images.policy import SourcePolicy
 from .ports import Lookup
 
 
@@ -40,14 +41,20 @@ def resolve_source(
     registry: Registry,
     ref_of: Callable[[VMDisk], DiskRef],
     progress: Callable[[int, int | None], None] | None = None,
+    policy: SourcePolicy | None = None,
 ) -> ResolvedSource:
-    """Turn ``spec.source`` into backend content; images are fetched and checked here."""
+    """Turn ``spec.source`` into backend content; images are fetched and checked here.
+
+    ``policy`` is what the disk's class lets it read (None: the node's default).
+    """
     source = disk.spec.source
     if source.image is not None and source.image.url.startswith("rbd://"):
         # Already in the backend's store: the backend clones it (and checks its size).
         return ResolvedSource(FromStore(source.image.url), 0)
     if source.image is not None:
-        image = cache.get(source.image, disk_size=disk.spec.size_bytes, progress=progress)
+        image = cache.get(
+            source.image, disk_size=disk.spec.size_bytes, progress=progress, policy=policy
+        )
         return ResolvedSource(FromImage(image), image.virtual_size)
     if source.blank is not None:
         return ResolvedSource(Blank(source.blank.filesystem), 0)

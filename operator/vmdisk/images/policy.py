@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
-from ..errors import SourceNotAllowed
+from ..errors import DownloadFailed, SourceNotAllowed
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,8 +78,10 @@ class HopCheck:
             else:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 found = [str(info[4][0]) for info in infos]
-        except (OSError, UnicodeError) as exc:
-            raise SourceNotAllowed(f"image source {hop}: cannot resolve {host!r}: {exc}") from exc
+        except UnicodeError as exc:
+            raise SourceNotAllowed(f"image source {hop}: host name {host!r}: {exc}") from exc
+        except OSError as exc:  # DNS down or the name unknown (yet): worth retrying
+            raise DownloadFailed(f"image source {hop}: cannot resolve {host!r}: {exc}") from exc
         addresses = []
         for text in dict.fromkeys(found):
             addr = _literal(text)
@@ -87,7 +89,7 @@ class HopCheck:
                 raise SourceNotAllowed(f"image source {hop}: {host!r} resolved to {text!r}")
             addresses.append(addr)
         if not addresses:
-            raise SourceNotAllowed(f"image source {hop}: {host!r} has no address")
+            raise DownloadFailed(f"image source {hop}: {host!r} has no address")
         return addresses
 
     def _problem(self, host: str, addr: Address, *, is_literal: bool) -> str | None:
