@@ -8,6 +8,7 @@ SupportsSnapshots), never silent no-ops.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol, Self, runtime_checkable
@@ -319,12 +320,24 @@ class SupportsHolders(Protocol):
         ...
 
 
+class PointInTime(Protocol):
+    """A running domain's disk, as live snapshots are made of it."""
+
+    def frozen(self) -> AbstractContextManager[None]:
+        """The guest's filesystems frozen inside (when its agent answers)."""
+        ...
+
+    def copy(self, target: Path, fmt: str) -> None:
+        """Have QEMU write a point-in-time copy of the disk into the new file ``target``."""
+        ...
+
+
 @runtime_checkable
 class SupportsLiveSnapshot(Protocol):
-    """Snapshots that stay consistent while a running VM writes (rbd: the exclusive-lock
-    owner, the VM's QEMU, is asked to flush and take it)."""
+    """Snapshots taken while a running VM writes, each one point in time (rbd: the
+    exclusive-lock owner is asked to take it; raw: QEMU's backup job copies it)."""
 
-    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+    def create_live_snapshot(self, ref: DiskRef, name: str, live: PointInTime) -> int:
         """Snapshot the disk under a running VM; the snapshot's size in bytes."""
         ...
 

@@ -126,6 +126,9 @@ class PloopBackend(CopySnapshots):
     def virtual_size(self, data: Path) -> int:
         return parallels_virtual_size(data)
 
+    def _from_raw(self, raw: Path, target: Path) -> None:
+        qemu_img.convert(raw, "raw", target, "parallels")  # zero clusters stay unallocated
+
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)
         grown = data.with_name(f".{data.name}.grow")

@@ -73,6 +73,9 @@ class RawBackend(CopySnapshots):
     def virtual_size(self, data: Path) -> int:
         return data.stat().st_size
 
+    def _from_raw(self, raw: Path, target: Path) -> None:
+        sparse_copy(raw, target)
+
     def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
         """Nothing: QEMU extends the file it has open itself."""
 

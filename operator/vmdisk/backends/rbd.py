@@ -52,6 +52,7 @@ from .base import (
     FromImage,
     FromStore,
     NetworkHost,
+    PointInTime,
     Readable,
 )
 from .copysnap import SnapshotMissing
@@ -335,10 +336,11 @@ class RbdBackend:
         cluster.create_snapshot(pool, image, name)
         return self._require_state(ref).virtual_size
 
-    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+    def create_live_snapshot(self, ref: DiskRef, name: str, live: PointInTime) -> int:
         """librbd hands the request to the exclusive-lock owner (the VM's QEMU), which
         flushes its in-flight writes and takes the snapshot between two of them."""
-        return self.create_snapshot(ref, name)
+        with live.frozen():
+            return self.create_snapshot(ref, name)
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         try:
