@@ -15,6 +15,7 @@ from ceph import CephTestCluster
 from conftest import PATTERN, MiB, read_at, sha256_of
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import LibvirtSpec, VMDisk
+from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.backends.base import BaseImage, Blank, CreateRequest, DiskRef, FromImage, FromStore
 from vmdisk.backends.rbd import RbdBackend, SourceNotInCluster
 from vmdisk.backends.rbd_config import RbdSettings
@@ -36,7 +37,9 @@ def pools(ceph_cluster: CephTestCluster) -> CephTestCluster:
 
 @pytest.fixture
 def backend(pools: CephTestCluster, tmp_path: Path) -> Iterator[RbdBackend]:
-    settings = RbdSettings(pool=POOL, ceph_conf=pools.conf, node_name="node-a", op_timeout=3.0)
+    settings = RbdSettings(
+        pools=(POOL, EXPORTS), ceph_confs=(pools.conf,), node_name="node-a", op_timeout=3.0
+    )
     backend = RbdBackend(settings, StateLayout(tmp_path / "state"))
     yield backend
     backend.close()
@@ -301,9 +304,16 @@ def rbd_settings(state_dir: Path, image_dir: Path, pools: CephTestCluster) -> Se
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=POOL,
-        ceph_conf=pools.conf,
+        rbd_pools=(POOL, EXPORTS),
+        ceph_confs=(pools.conf,),
     )
+
+
+def rbd_class(image_dir: Path) -> VMDiskClass:
+    """The administrator's class: the pool, and file:// images from the test's directory."""
+    spec = {"backend": "rbd", "parameters": {"pool": POOL}}
+    spec["imageSources"] = {"fileDirs": [str(image_dir)]}
+    return VMDiskClass.model_validate({"metadata": {"name": "rbd"}, "spec": spec})
 
 
 def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
@@ -327,7 +337,7 @@ def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
             "spec": {"diskName": name, "export": {"pool": EXPORTS}},
         }
     )
-    (made, snapped) = runner.apply([disk, snap])
+    (_, made, snapped) = runner.apply([rbd_class(image_dir), disk, snap])
     assert isinstance(made, VMDisk) and made.status is not None
     assert made.status.phase == "Ready", made.status.conditions
     assert made.status.path == f"rbd:{POOL}/vmdisk_vms_{name}"
