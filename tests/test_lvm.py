@@ -390,8 +390,9 @@ def test_a_class_edit_never_moves_an_existing_disk(
     # A grow beyond the class's current limit is refused with its reason, and nothing changes.
     bigger = made.model_copy(update={"spec": made.spec.model_copy(update={"size": "24Mi"})})
     refused = engine.reconcile_disk(bigger, store)
-    assert (refused.phase, refused.conditions[-1].reason) == ("Failed", "ExceedsClassLimit")
-    assert "maxSize: 20Mi" in refused.conditions[-1].message
+    change = next(c for c in refused.conditions if c.type == "ChangeRefused")
+    assert (refused.phase, change.reason) == ("Ready", "ExceedsClassLimit")
+    assert "maxSize: 20Mi" in change.message
     lv = volume_group.lvm.volume(volume_group.name, "vms_db")
     assert lv is not None and lv.size == 16 * MiB
 

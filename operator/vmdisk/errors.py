@@ -188,8 +188,11 @@ class ClassNotAllowed(PermanentError):
     reason = "ClassNotAllowed"
 
 
-class ExceedsClassLimit(PermanentError):
-    """The disk asks for more than its class allows (size, iotune)."""
+class ExceedsClassLimit(ChangeRefused):
+    """The disk asks for more than its class allows (size, iotune).
+
+    A new disk is Failed; a Ready one stays Ready and unchanged (ChangeRefused).
+    """
 
     reason = "ExceedsClassLimit"
 

@@ -119,7 +119,7 @@ class RbdBackend:
         user = params.user or self.settings.user
         if conf is not None and conf not in {str(c) for c in self.settings.ceph_confs}:
             raise ClassNotAllowed(f"disk {ref}: ceph.conf {conf} is not allowed on this node")
-        if user is not None and self.settings.users and user not in self.settings.users:
+        if user is not None and user not in self.settings.users:
             raise ClassNotAllowed(f"disk {ref}: Ceph user {user!r} is not allowed on this node")
         return params.model_copy(update={"ceph_conf": conf, "user": user})
 
