@@ -15,10 +15,16 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m`` (or plain seconds)."""
+    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m``; the unit is required.
+
+    A bare number is refused: ``3`` meaning three seconds (not days, not
+    hours) is how a cache is emptied by mistake.
+    """
     text = text.strip()
     if text.isdigit():
-        return float(text)
+        raise ValueError(
+            f"invalid duration {text!r}: give a unit, e.g. {text}s, {text}h or {text}d"
+        )
     pos, total = 0, 0
     for match in _DURATION.finditer(text):
         if match.start() != pos:
