@@ -129,3 +129,17 @@ def test_apply_namespace_flag_places_objects_and_refuses_conflicts(tmp_path: Pat
 
     assert vmdisk("delete", "vmdisk", "d", "-n", "team", state=state).returncode == 0
     assert not (state / "disks" / "team" / "d").exists()
+
+
+def test_commands_without_images_do_not_import_the_image_inspector(tmp_path: Path):
+    """Start-up cost is measured by ``make bench``; this keeps the heaviest import off the path."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from vmdisk import cli; "
+        f"cli.main(['get', '--state-dir', {str(tmp_path)!r}]); "
+        "print(sorted(m for m in sys.modules if m.startswith('oslo_utils')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "[]"
