@@ -89,7 +89,7 @@ class Settings:
                 Path(p) for p in env["VMDISK_IMAGE_DIRS"].split(os.pathsep) if p
             )
         if "VMDISK_CACHE_MAX_AGE" in env:
-            values["cache_max_age"] = parse_duration(env["VMDISK_CACHE_MAX_AGE"])
+            values["cache_max_age"] = _duration("VMDISK_CACHE_MAX_AGE", env["VMDISK_CACHE_MAX_AGE"])
         for key, name in (
             ("VMDISK_RBD_POOL", "rbd_pools"),
             ("VMDISK_RBD_USER", "rbd_users"),
@@ -117,7 +117,7 @@ class Settings:
             ("VMDISK_FETCH_RATE_WINDOW", "fetch_rate_window"),
         ):
             if env.get(key):
-                values[name] = _positive(key, parse_duration(env[key]))
+                values[name] = _positive(key, _duration(key, env[key]))
         if env.get("VMDISK_FETCH_MIN_RATE"):
             values["fetch_min_rate"] = _rate(env["VMDISK_FETCH_MIN_RATE"])
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -129,6 +129,14 @@ class Settings:
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
             ceph_confs=tuple(p.absolute() for p in settings.ceph_confs),
         )
+
+
+def _duration(key: str, text: str) -> float:
+    """``parse_duration``, its error naming the variable."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def _list(text: str) -> tuple[str, ...]:

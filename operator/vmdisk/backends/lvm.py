@@ -167,7 +167,7 @@ class LvmBackend:
             return None
         if (LUKS2 in volume.tags) != ref.encrypted:
             raise InvalidSpec(
-                "spec.encryption cannot be added to or removed from an existing disk "
+                "encryption cannot be added to or removed from an existing disk "
                 f"(the LV of {ref} is {'' if LUKS2 in volume.tags else 'not '}encrypted)"
             )
         return volume
@@ -261,7 +261,7 @@ class LvmBackend:
                 reason="SourceNotSupported",
             )
         if ref.encrypted != (request.encryption_key is not None):
-            raise InvalidSpec(f"disk {ref}: spec.encryption is set but no key was given")
+            raise InvalidSpec(f"disk {ref}: its class encrypts but no key was given")
         vg = self._vg(ref)
         if params.thin and self.lvm.volume(vg, params.thin_pool) is None:
             raise ThinPoolMissing(

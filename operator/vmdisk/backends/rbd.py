@@ -194,7 +194,7 @@ class RbdBackend:
     def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
         if ref.encrypted:
             raise UnsupportedOperation(
-                "spec.encryption: the rbd backend cannot encrypt disks (use lvm)"
+                "encryption: the rbd backend cannot encrypt disks (use an lvm class)"
             )
         if request.preallocation not in self.preallocations:
             raise InvalidSpec(
