@@ -470,6 +470,7 @@ class Kube:
         self.client = kubernetes.client.ApiClient(config)
         self._seen: dict[tuple[str, str], list[Obj]] = {}
         self._watches: list[tuple[kubernetes.watch.Watch, threading.Thread]] = []
+        self._cluster_objects: list[tuple[str, str]] = []
 
     def path(self, plural: str, name: str | None = None, namespace: str | None = None) -> str:
         base = (
@@ -515,8 +516,11 @@ class Kube:
 
     def create(self, obj: Obj, *, strict: bool = True) -> Obj:
         """Create ``obj`` in this namespace, unknown fields refused unless ``strict`` is off."""
-        obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}}
-        plural = obj["kind"].lower() + "s"
+        plural = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
+        if plural in CLUSTER:  # removed again when the test ends
+            self._cluster_objects.append((plural, obj["metadata"]["name"]))
+        else:
+            obj = {**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}}
         query = [("fieldValidation", "Strict" if strict else "Ignore")]
         return dict(self.request("POST", self.path(plural), obj, query=query))
 
@@ -638,4 +642,6 @@ def kube(kube_api: KubeApiServer, request: pytest.FixtureRequest) -> Iterator[Ku
                 if meta.get("finalizers"):
                     client.patch(plural, meta["name"], {"metadata": {"finalizers": None}})
                 client.delete(plural, meta["name"])
+        for plural, obj_name in client._cluster_objects:
+            client.delete(plural, obj_name)
         client.close()

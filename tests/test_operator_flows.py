@@ -50,7 +50,10 @@ def test_kubectl_apply_qcow2_and_raw_from_http(
             assert ready is not None and ready["status"]["libvirtXML"].startswith("<disk")
         assert [s.status for s in server.gets("/disk.raw")] == [200]  # one download
     table = kube.server.kubectl("get", "-n", kube.namespace, "vmdisks")
-    assert table.split("\n")[0].split()[:5] == ["NAME", "BACKEND", "SIZE", "NODE", "PHASE"]
+    lines = table.split("\n")
+    assert lines[0].split()[:6] == ["NAME", "CLASS", "BACKEND", "SIZE", "NODE", "PHASE"]
+    # The built-in class of the disk's backend, pinned in status.
+    assert {line.split()[1] for line in lines[1:] if line} <= {"qcow2", "raw"}
     assert_clean(kube)
 
 
@@ -147,4 +150,63 @@ def test_malformed_object_fails_and_the_agent_keeps_serving(
         kube.wait_for("vmdisks", "broken", lambda o: o is None, timeout=30)
     kube.create(vmdisk("fine"))
     kube.wait_for("vmdisks", "fine", phase("Ready"), timeout=30)
+    assert_clean(kube)
+
+
+def test_malformed_status_and_snapshot_never_wedge_the_agent(
+    kube: Kube, agents: Callable[..., Agent]
+) -> None:
+    """A status written past admission is rebuilt; a list-valued diskName is no one's."""
+    agents("node-a")
+    with kube.server.permissive_crds():  # what a buggy client could write under a lax CRD
+        kube.create(vmdisk("garbled", backend="raw"))
+        garbage = {"phase": 7, "conditions": "not-a-list", "virtualSize": {"x": 1}}
+        kube.patch("vmdisks", "garbled", {"status": garbage}, subresource="status")
+        listy = {
+            "apiVersion": "vmdisk.io/v1alpha1",
+            "kind": "DiskSnapshot",
+            "metadata": {"name": "listy"},
+            "spec": {"diskName": ["garbled", "other"]},
+        }
+        kube.create(listy)
+
+        def rebuilt(obj: dict[str, object] | None) -> bool:
+            status = (obj or {}).get("status")
+            return isinstance(status, dict) and status.get("phase") == "Ready"
+
+        ready = kube.wait_for("vmdisks", "garbled", rebuilt, timeout=30)
+        assert ready is not None
+        assert ready["status"]["virtualSize"] == 16 * MiB
+        assert [c["type"] for c in ready["status"]["conditions"]] == ["Ready"]
+        kube.delete("disksnapshots", "listy")  # invalid under the real CRD: gone before it returns
+        kube.wait_for("disksnapshots", "listy", lambda o: o is None, timeout=30)
+    kube.create(vmdisk("after"))
+    kube.wait_for("vmdisks", "after", phase("Ready"), timeout=30)
+    assert_clean(kube)
+
+
+def test_a_refused_shrink_keeps_the_disk_ready_and_warns(
+    kube: Kube, agents: Callable[..., Agent]
+) -> None:
+    agents("node-a")
+    kube.create(vmdisk("steady", backend="raw"))
+    ready = kube.wait_for("vmdisks", "steady", phase("Ready"), timeout=30)
+    assert ready is not None
+    with pytest.raises(kube.Error, match="size can only grow"):  # the CRD's CEL rule
+        kube.patch("vmdisks", "steady", {"spec": {"size": "8Mi"}})
+    with kube.server.permissive_crds():  # an old CRD without the rule took it
+        kube.patch("vmdisks", "steady", {"spec": {"size": "8Mi"}})
+
+        def refused(obj: dict[str, object] | None) -> bool:
+            status = (obj or {}).get("status") or {}
+            assert isinstance(status, dict)
+            return any(c["type"] == "ChangeRefused" for c in status.get("conditions", []))
+
+        after = kube.wait_for("vmdisks", "steady", refused, timeout=30)
+    assert after is not None and after["status"]["phase"] == "Ready"
+    assert ready_reason(after) == "Provisioned"
+    deadline = time.monotonic() + 10
+    while not [e for e in kube.list("events") if e["reason"] == "ShrinkNotSupported"]:
+        assert time.monotonic() < deadline, "no Warning event for the refused change"
+        time.sleep(0.2)
     assert_clean(kube)

@@ -36,7 +36,7 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
 ) -> None:
     agents("node-a")
     kube.create(vmdisk("vm", size="16Mi"))
-    ready = kube.wait_for("vmdisks", "vm", phase("Ready"), timeout=30)
+    ready = kube.wait_for("vmdisks", "vm", phase("Ready"), timeout=90)
     assert ready is not None
     kube.create(
         {
@@ -52,7 +52,7 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
     with running_domain(libvirt_system, xml) as domain:
         kube.patch("vmdisks", "vm", {"spec": {"size": "32Mi"}})
         grown = kube.wait_for(
-            "vmdisks", "vm", lambda o: status(o).get("resizedOnline") is True, timeout=30
+            "vmdisks", "vm", lambda o: status(o).get("resizedOnline") is True, timeout=90
         )
         assert grown is not None and status(grown)["virtualSize"] == 32 * MiB
         assert status(grown)["libvirtXML"] == xml
@@ -67,10 +67,10 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
                 "spec": {"diskName": "vm"},
             }
         )
-        held = kube.wait_for("vmdisks", "vm", lambda o: reason(o) == "DiskInUse", timeout=30)
+        held = kube.wait_for("vmdisks", "vm", lambda o: reason(o) == "DiskInUse", timeout=90)
         assert held is not None and domain.name() in str(status(held)["conditions"])
         waiting = kube.wait_for(
-            "disksnapshots", "live", lambda o: reason(o) == "DiskInUse", timeout=30
+            "disksnapshots", "live", lambda o: reason(o) == "DiskInUse", timeout=90
         )
         assert waiting is not None and status(waiting)["phase"] == "Pending"
         assert "restoredSnapshot" not in status(kube.get("vmdisks", "vm"))

@@ -66,7 +66,12 @@ def require_offline(
     """Raise ``DiskInUse`` (nothing changed) while anything has the disk open."""
     found = holder(backend, ref, hypervisor)
     if found is not None:
-        raise DiskInUse(
-            f"disk {ref} is in use by {found.description}; {operation} waits until it is "
-            "released (stop the VM or detach the disk)"
-        )
+        raise in_use(found, ref, operation)
+
+
+def in_use(found: Holder, ref: DiskRef, operation: str) -> DiskInUse:
+    """The error for an ``operation`` that must wait for ``found`` to let go."""
+    return DiskInUse(
+        f"disk {ref} is in use by {found.description}; {operation} waits until it is "
+        "released (stop the VM or detach the disk)"
+    )

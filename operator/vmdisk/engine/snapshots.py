@@ -1,4 +1,9 @@
-"""Reconciling DiskSnapshots: offline snapshots of a VMDisk, optionally exported."""
+"""Reconciling DiskSnapshots: snapshots of a VMDisk, optionally exported.
+
+Offline, unless a domain of the node's libvirtd holds the disk and the
+backend's snapshots stay consistent under a writer (rbd); then live, with the
+guest's filesystems frozen through its agent when one answers.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,22 @@ import os
 from pathlib import Path
 
 from ..api.common import Condition, now_rfc3339
-from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
+from ..api.snapshot import Consistency, DiskSnapshot, DiskSnapshotStatus
 from ..backends.base import (
     DiskBackend,
     DiskRef,
     SupportsDependents,
     SupportsDirectSnapshot,
+    SupportsLiveSnapshot,
     SupportsSnapshots,
 )
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
+from ..host.domains import LiveDomain
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
 from ..host.safeopen import ensure_dir
-from .inuse import require_offline
+from .inuse import holder, in_use, require_offline
 from .ports import Lookup
 from .reconcile import Engine
 from .status import failed_status, still_creating, with_condition
@@ -39,7 +46,7 @@ def _snapshot_backend(
     backend = engine.registry.get(disk.status.backend)
     if not isinstance(backend, SupportsSnapshots):
         raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
-    return backend, backend, engine.disk_ref(disk)
+    return backend, backend, engine.disk_ref(disk, lookup)
 
 
 def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
@@ -50,10 +57,11 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     try:
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
-            if name not in snapshots.snapshots(ref):
-                # A copy (or qemu-img snapshot) under a running VM is torn at best.
-                require_offline(backend, ref, engine.hypervisor, f"snapshot {name!r}")
-            size = snapshots.create_snapshot(ref, name)
+            consistency = status.consistency
+            if name in snapshots.snapshots(ref):
+                size = snapshots.create_snapshot(ref, name)  # exists: only its size
+            else:
+                size, consistency = _take(engine, backend, snapshots, ref, name)
             export_path = export_url = None
             if snap.spec.export is not None and snap.spec.export.pool is not None:
                 if not isinstance(backend, SupportsDirectSnapshot):
@@ -90,6 +98,7 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 "export_path": export_path,
                 "export_url": export_url,
                 "size": size,
+                "consistency": consistency,
                 "creation_time": status.creation_time or now_rfc3339(),
             }
         )
@@ -101,6 +110,28 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     except OSError as exc:
         log.exception("snapshot %s/%s: host error", snap.metadata.namespace, name)
         return failed_status(status, generation, host_error(exc))
+
+
+def _take(
+    engine: Engine, backend: DiskBackend, snapshots: SupportsSnapshots, ref: DiskRef, name: str
+) -> tuple[int, Consistency]:
+    """Take snapshot ``name``: offline, or live under the one domain of this node that holds it.
+
+    Only backends that can take one point in time under a writer go live
+    (rbd through librbd, raw through QEMU's backup job); the others wait
+    (``DiskInUse``): qemu-img cannot write a qcow2 image QEMU holds, and
+    libvirt's disk-only snapshots would move the domain onto a new file.
+    """
+    found = holder(backend, ref, engine.hypervisor)
+    if found is None:
+        return snapshots.create_snapshot(ref, name), "Offline"
+    if len(found.domains) != 1 or not isinstance(backend, SupportsLiveSnapshot):
+        raise in_use(found, ref, f"snapshot {name!r}")
+    assert engine.hypervisor is not None
+    live = LiveDomain(engine.hypervisor, found.domains[0], engine.settings.command_timeout)
+    size = backend.create_live_snapshot(ref, name, live)
+    log.info("%s: snapshot %r taken under %s (quiesced: %s)", ref, name, live.disk, live.quiesced)
+    return size, "Quiesced" if live.quiesced else "CrashConsistent"
 
 
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
@@ -141,14 +172,14 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
     if disk is not None and disk.status is not None and disk.status.backend is not None:
         backend = engine.registry.get(disk.status.backend)
     if disk is not None and isinstance(backend, SupportsDependents):
-        clones = backend.snapshot_dependents(engine.disk_ref(disk), name, pool)
+        clones = backend.snapshot_dependents(engine.disk_ref(disk, lookup), name, pool)
         if clones:
             raise HasDependents(
                 f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
                 "flatten them (spec.rbd.flatten: true) or delete them first"
             )
     if disk is not None and isinstance(backend, SupportsSnapshots):
-        ref = engine.disk_ref(disk)
+        ref = engine.disk_ref(disk, lookup)
         if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
             # Removing an internal snapshot rewrites the live image file.
             require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
@@ -156,7 +187,7 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
         remove_path(engine.layout.export_file(namespace, name, export.format))
     if disk is None or backend is None:
         return  # the disk (and with it the snapshot) is gone
-    ref = engine.disk_ref(disk)
+    ref = engine.disk_ref(disk, lookup)
     if pool is not None and isinstance(backend, SupportsDirectSnapshot):
         backend.remove_direct_snapshot(ref, name, pool)
     if isinstance(backend, SupportsSnapshots):

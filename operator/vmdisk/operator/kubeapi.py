@@ -160,7 +160,7 @@ class KubeApi:
         encoded = (getattr(secret, "data", None) or {}).get(key)
         if encoded is None:
             raise SecretMissing(
-                f"spec.encryption: key {key!r} of Secret {namespace}/{name} not found"
+                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found"
             )
         try:
             return base64.b64decode(encoded, validate=True)
