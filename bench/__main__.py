@@ -24,6 +24,7 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
+    lvm_thin,
     operator_latency,
     operator_scale,
     raw_copy,
@@ -39,6 +40,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "e": ("the operator at scale against the kmock API server", operator_scale.run),
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
+    "lvm": ("thin LVM disk from an image vs qemu-img convert, in the test VM", lvm_thin.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"
 

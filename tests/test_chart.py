@@ -176,7 +176,7 @@ def test_daemonset_with_everything_on(chart: helm.Chart) -> None:
     assert "nodeAffinity" in pod["affinity"]
     mounts = _mounts(pod)
     assert mounts["/etc/ceph"][1]["secret"]["secretName"] == "ceph-client-vmdisk"
-    for path in ("/run/lvm", "/run/udev", "/etc/lvm"):
+    for path in ("/run/lvm", "/run/lock/lvm", "/run/udev", "/etc/lvm"):
         assert mounts[path][1]["hostPath"]["path"] == path
     for path in ("/srv/images", "/var/lib/images"):
         name, volume = mounts[path]

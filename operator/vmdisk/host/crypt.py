@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PermanentError
-from .lvm import Runner
+from .lvm import NO_UDEV, Runner, device_mapper_error
 from .run import CommandError, run
 
 HEADER_BYTES = 16 * 1024 * 1024  # LUKS2 data offset, fixed with --offset
@@ -53,7 +53,14 @@ class Crypt:
 
     def _run(self, *argv: str, key: bytes | None = None) -> None:
         stdin = None if key is None else passphrase(key)
-        self.runner(["cryptsetup", *argv], timeout=self.timeout, input_data=stdin)
+        try:
+            # NO_UDEV: cryptsetup makes its mappings through libdevmapper too.
+            self.runner(["cryptsetup", *argv], timeout=self.timeout, input_data=stdin, env=NO_UDEV)
+        except CommandError as exc:
+            unavailable = device_mapper_error(exc.stderr)
+            if unavailable is not None:
+                raise unavailable from exc
+            raise
 
     def path(self, mapping: str) -> Path:
         return self.mapper_dir / mapping

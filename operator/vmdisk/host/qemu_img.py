@@ -104,10 +104,15 @@ def convert(
     target_backing_format: str | None = None,
     options: dict[str, str] | None = None,
     target_exists: bool = False,
+    target_is_zero: bool = False,
     timeout: float = 3600.0,
     progress: Progress | None = None,
 ) -> None:
-    """Convert ``source`` to ``target``; both formats explicit, sparse output."""
+    """Convert ``source`` to ``target``; both formats explicit, sparse output.
+
+    ``target_is_zero`` (with ``target_exists``): the target already reads as
+    zeroes, so zero areas are skipped rather than written.
+    """
     quiet = "-p" if progress is not None else "-q"
     argv: list[str] = [_QEMU_IMG, "convert", quiet, "-f", source_format, "-O", target_format]
     if snapshot is not None:
@@ -116,6 +121,8 @@ def convert(
         argv += ["-B", str(target_backing), "-F", target_backing_format or "raw"]
     if target_exists:
         argv.append("-n")
+        if target_is_zero:
+            argv.append("--target-is-zero")
     argv += _options(options or {})
     argv += [str(source), str(target)]
     run(argv, timeout=timeout, progress=progress)
