@@ -11,6 +11,7 @@ DEBS=(
   e2fsprogs xfsprogs util-linux curl
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
+  debootstrap  # the test VM (scripts/testvm/build.sh)
 )
 
 missing=()
@@ -40,3 +41,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The test VM for what needs device-mapper (this kernel may lack it): built
+# once per change of its inputs, cached outside the work tree.
+./scripts/testvm/build.sh >/dev/null

@@ -140,6 +140,7 @@ def run(
         "export HOME=/root TMPDIR=/var/tmp PYTHONDONTWRITEBYTECODE=1 VMDISK_IN_TESTVM=1\n"
         f"{exports}"
         f'export PATH="{root}/.venv/bin:$PATH"\n'
+        'echo "testvm: job started at $(cut -d" " -f1 /proc/uptime) s"\n'
         f"{script}\n"
     )
     candidates = _candidates(image)
@@ -245,7 +246,8 @@ class Session:
 
 def _vm_pytest_args(nodeids: Sequence[str]) -> list[str]:
     blocked = [p for p in _conftest_plugins() if p not in VM_PLUGINS]
-    args = ["-p", "no:cacheprovider", "-q", "-rfEs", "--basetemp=/var/tmp/pytest"]
+    args = ["-p", "no:cacheprovider", "-q", "-rfEs", "--color=no", "--durations=0",
+            "--basetemp=/var/tmp/pytest"]  # fmt: skip
     for plugin in blocked:
         args += ["-p", f"no:{plugin}"]
     return [*args, *nodeids]
