@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint unit bench crds clean
+.PHONY: setup demo test lint unit bench crds image clean
 
 setup:
 	@./scripts/setup.sh
@@ -21,6 +21,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench
+
+# vmdisk-operator:<version>, with docker where a daemon answers, else podman (cached).
+image: setup
+	./scripts/image.sh
 
 crds: setup
 	$(VENV)/bin/vmdisk crds --split crds

@@ -24,7 +24,11 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
+<<<<<<< HEAD
     lvm_thin,
+=======
+    online_grow,
+>>>>>>> main
     operator_latency,
     operator_scale,
     raw_copy,
@@ -39,6 +43,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "d": ("download throughput vs curl", download_speed.run),
     "e": ("the operator at scale against the kmock API server", operator_scale.run),
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
+    "g": ("online grow under a running domain vs virsh blockresize", online_grow.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
     "lvm": ("thin LVM disk from an image vs qemu-img convert, in the test VM", lvm_thin.run),
 }

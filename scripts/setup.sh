@@ -11,7 +11,7 @@ DEBS=(
   e2fsprogs xfsprogs util-linux curl
   ceph-mon ceph-osd ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
-  debootstrap  # the test VM (scripts/testvm/build.sh)
+  podman runc debootstrap  # debootstrap: the container image's base and the test VM
 )
 
 missing=()
@@ -21,8 +21,8 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=900 update -qq
+  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # QEMU started by the tests' libvirtd runs as root (no libvirt-qemu

@@ -50,7 +50,12 @@ class Agent:
             "--liveness", f"http://127.0.0.1:{self.port}/healthz",
             "--verify-interval", "1", "--scan-interval", "1", *extra_args,
         ]  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "VMDISK_IMAGE_DIRS": str(image_dir)}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "VMDISK_IMAGE_DIRS": str(image_dir),
+            "VMDISK_IMAGE_HOSTS": "127.0.0.1/32",  # the tests' image servers
+        }
         env.update(extra_env or {})
         with open(self.log, "wb") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)

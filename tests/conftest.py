@@ -72,7 +72,13 @@ def state_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(state_dir: Path, image_dir: Path) -> Settings:
-    return Settings(state_dir=state_dir, node_name="node-a", image_dirs=(image_dir,))
+    # The tests' image servers listen on loopback, which only an explicit CIDR allows.
+    return Settings(
+        state_dir=state_dir,
+        node_name="node-a",
+        image_dirs=(image_dir,),
+        image_hosts=("127.0.0.1/32",),
+    )
 
 
 @pytest.fixture

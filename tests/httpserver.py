@@ -9,6 +9,7 @@ records every request so tests can assert what the client asked for.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Seen:
     path: str
     range: str | None
     status: int
+    authorization: str | None = None
 
 
 @dataclass
@@ -34,6 +36,8 @@ class Switches:
     stall_seconds: float = 2.0
     wrong_bytes: bool = False  # flip the last byte of every body
     delay: float = 0.0  # seconds to wait before each body (makes callers overlap)
+    drip: float | None = None  # send the body one byte per this many seconds
+    endless: bool = False  # an endless body with no Content-Length (random bytes)
 
 
 @dataclass
@@ -44,11 +48,12 @@ class ImageServer:
     files: dict[str, bytes] = field(default_factory=dict)
     redirects: dict[str, str] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
+    host: str = "127.0.0.1"  # any 127/8 address works on Linux: a second "host" for SSRF tests
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server((self.host, 0), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
@@ -71,6 +76,10 @@ class ImageServer:
     def url(self, path: str) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host!s}:{port}{path}"
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
 
     def gets(self, path: str) -> list[Seen]:
         with self._lock:
@@ -107,10 +116,16 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.server.owner
         sw = owner.switches
         range_header = self.headers.get("Range")
+        auth = self.headers.get("Authorization")
         self.close_connection = True
         if self.path in owner.redirects:
-            owner._record(Seen(self.path, range_header, 302))
+            owner._record(Seen(self.path, range_header, 302, auth))
             self._head(302, {"Location": owner.redirects[self.path], "Content-Length": "0"})
+            return
+        if sw.endless:
+            owner._record(Seen(self.path, range_header, 200, auth))
+            self._head(200, {})
+            self._endless()
             return
         data = owner.files.get(self.path)
         if data is None:
@@ -129,7 +144,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._head(416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"})
                 return
             status = 206
-        owner._record(Seen(self.path, range_header, status))
+        owner._record(Seen(self.path, range_header, status, auth))
         headers = {"Content-Length": str(len(data) - start), "ETag": etag}
         if sw.ranges:
             headers["Accept-Ranges"] = "bytes"
@@ -151,6 +166,12 @@ class _Handler(BaseHTTPRequestHandler):
         drop = owner._take("drop_once_after")
         stall = owner._take("stall_once_after")
         sent = 0
+        if owner.switches.drip is not None:
+            while sent < len(body) and not owner._stop.wait(owner.switches.drip):
+                self.wfile.write(body[sent : sent + 1])
+                self.wfile.flush()
+                sent += 1
+            return
         while sent < len(body):
             if drop is not None and sent >= drop:
                 self.wfile.flush()
@@ -162,3 +183,11 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = body[sent : sent + _CHUNK]
             self.wfile.write(chunk)
             sent += len(chunk)
+
+    def _endless(self) -> None:
+        chunk = os.urandom(_CHUNK)
+        while not self.server.owner._stop.is_set():
+            try:
+                self.wfile.write(chunk)
+            except OSError:
+                return  # the client gave up, as it should

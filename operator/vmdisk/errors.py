@@ -62,8 +62,27 @@ class HasDependents(TemporaryError):
     reason = "HasDependents"
 
 
+class DiskInUse(TemporaryError):
+    """A running VM (or another process) has the disk open; retried once it lets go.
+
+    Offline-only operations (restore, snapshot copies, deletion) wait; nothing
+    is changed meanwhile.
+    """
+
+    reason = "DiskInUse"
+
+    def __init__(self, message: str, *, delay: float = 15.0) -> None:
+        super().__init__(message, delay=delay)
+
+
 class DiskMissing(PermanentError):
     reason = "DiskMissing"
+
+
+class DiskCorrupt(PermanentError):
+    """The disk's data on the host does not carry the format pinned at its creation."""
+
+    reason = "DiskCorrupt"
 
 
 # Image refusals: each has its own reason so users can tell them apart.
@@ -129,6 +148,7 @@ class InsufficientCapacity(PermanentError):
     reason = "InsufficientCapacity"
 
 
+<<<<<<< HEAD
 class BackendUnavailable(PermanentError):
     """The node cannot serve the backend: not configured, or its kernel lacks what it needs.
 
@@ -143,3 +163,21 @@ class ThinPoolUnsafe(PermanentError):
     """The LVM thin pool does not zero new blocks, so a disk could read another's old data."""
 
     reason = "ThinPoolUnsafe"
+=======
+class UnsafePath(PermanentError):
+    """A path component is a symbolic link (or ``..``) where none may be: nothing was written."""
+
+    reason = "UnsafePath"
+
+
+class DiskExists(PermanentError):
+    """Data of this name exists but was not made for this disk (another backend, or unowned)."""
+
+    reason = "DiskExists"
+
+
+class FormatConflict(PermanentError):
+    """The data found for this disk has another format than its spec asks; it is left untouched."""
+
+    reason = "FormatConflict"
+>>>>>>> main

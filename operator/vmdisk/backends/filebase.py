@@ -14,9 +14,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from ..errors import InvalidSpec, UnsupportedOperation
+from ..errors import DiskExists, FormatConflict, InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
+from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
+from ..host.safeopen import ensure_dir
 from ..layout import StateLayout
 from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, FromStore, Readable
 from .record import DiskRecord, disks_on_host, read_record, write_record
@@ -49,7 +51,14 @@ class FileBackend(ABC):
 
     # -- lifecycle -----------------------------------------------------------
     def state(self, ref: DiskRef) -> DiskState | None:
-        record = read_record(self.directory(ref))
+        """The disk's state, None when absent; refuses data another backend made.
+
+        The record, not the bytes, says what the data is: a raw disk kept with
+        ``Retain`` whose guest wrote a qcow2 header is never read as qcow2 by
+        a new VMDisk of the same name (Nova bug 1221190).
+        """
+        directory = self.directory(ref)
+        record = self._own_record(directory)
         if record is None:
             return None
         data = self.data_path(ref)
@@ -62,6 +71,29 @@ class FileBackend(ABC):
             base_image=record.base_image,
             restored_snapshot=record.restored_snapshot,
         )
+
+    def _own_record(self, directory: Path) -> DiskRecord | None:
+        """The record of ``directory`` if it is this backend's, None when there is none."""
+        try:
+            record = read_record(directory)
+        except (ValueError, TypeError) as exc:
+            raise DiskExists(
+                f"{directory} holds an unreadable disk record ({exc}); the data is left untouched"
+            ) from None
+        if record is None:
+            return None
+        if record.backend != self.name:
+            raise DiskExists(
+                f"{directory} holds a {record.backend} disk, not a {self.name} one (kept with "
+                f"deletionPolicy: Retain?); it is never adopted as {self.name}: use backend "
+                f"{record.backend}, another name, or remove the data"
+            )
+        if record.format != self.format:
+            raise FormatConflict(
+                f"{directory} records format {record.format}, but {self.name} disks are "
+                f"{self.format}; it is never re-read as another format, and is left untouched"
+            )
+        return record
 
     @abstractmethod
     def virtual_size(self, data: Path) -> int:
@@ -80,9 +112,17 @@ class FileBackend(ABC):
                 reason="SourceNotSupported",
             )
         final = self.directory(ref)
+        if os.path.lexists(final):
+            # state() found no complete disk of ours there: someone else's data.
+            raise DiskExists(
+                f"{final} already exists but holds no complete {self.name} disk made by "
+                "vmdisk (no record, or no data file); it is left untouched: move it away, "
+                "or choose another name"
+            )
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
         remove_path(partial)  # leftovers of a crashed attempt
-        partial.mkdir(parents=True)
+        ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+        partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
             write_record(partial, record)
@@ -113,6 +153,11 @@ class FileBackend(ABC):
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
         return ()
 
+    def holders(self, ref: DiskRef) -> list[str]:
+        if qemu_lock_held(self.data_path(ref)):
+            return [f"a process holding QEMU's image lock on {self.data_path(ref)}"]
+        return []
+
     # -- helpers for subclasses ---------------------------------------------
     def _blank_filesystem(self, directory: Path, blank: Blank, size: int) -> Path | None:
         """A raw scratch image holding a fresh filesystem, or None for no filesystem."""
@@ -126,8 +171,9 @@ class FileBackend(ABC):
 
     @staticmethod
     def _preallocate(data: Path, size: int, preallocation: str) -> None:
+        """``falloc`` reserves the blocks; ``full`` writes zeroes into every hole."""
         if preallocation in ("falloc", "full"):
-            allocate(data, size, zero_fill=False)
+            allocate(data, size, zero_fill=preallocation == "full")
 
     def _mark_restored(self, ref: DiskRef, snapshot: str) -> None:
         record = read_record(self.directory(ref))

@@ -98,6 +98,7 @@ class PloopBackend(CopySnapshots):
             "parallels",
             snapshot=source.snapshot,
             target_exists=True,
+            target_is_zero=True,  # a fresh parallels image reads as zeros
             progress=progress,
         )
 

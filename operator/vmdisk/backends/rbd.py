@@ -1,10 +1,13 @@
 """The rbd backend: disks as Ceph RBD images, shared by every node of the cluster.
 
 * Images are ``vmdisk_<namespace>_<name>`` in the disk's pool (``rbd_names``).
-* An image is finished only when it carries ``vmdisk.complete=true`` in its
-  metadata, written last.  Any failure removes the half-made image; should
-  that removal fail too (the cluster is away), the unfinished image is
-  invisible to ``state()`` and the next create removes it first.
+* An image is finished only when it carries ``vmdisk.complete=<pool>/<image>``
+  (its own name) in its metadata, written last: a clone that inherited its
+  parent's marker (librbd copies image-meta) is never taken for finished.
+  Any failure removes the half-made image; should that removal fail too (the
+  cluster is away, the process was killed), the unfinished image is
+  invisible to ``state()`` and the next attempt removes it first, even when
+  it is too broken to open.
 * Provisioning: a copy-on-write clone for ``rbd://fsid/pool/image/snap``
   sources in this cluster (Glance's layout), otherwise ``qemu-img convert``
   of the cached, checked image straight into the new image (one pass, any
@@ -164,9 +167,11 @@ class RbdBackend:
         )
 
     def state(self, ref: DiskRef) -> DiskState | None:
-        facts = self.cluster(ref).facts(self._pool(ref), self.image(ref))
-        if facts is None or facts.metadata.get(COMPLETE) != "true":
+        pool, image = self._pool(ref), self.image(ref)
+        facts = self.cluster(ref).facts(pool, image)
+        if not _complete(facts, pool, image):
             return None  # absent, or half-made (the next create removes it)
+        assert facts is not None
         return _state(facts)
 
     def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
@@ -181,16 +186,20 @@ class RbdBackend:
             )
         cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
         existing = cluster.facts(pool, image)
-        if existing is not None:
-            if existing.metadata.get(COMPLETE) == "true":
-                return _state(existing)
-            cluster.remove_image(pool, image)  # leftovers of a crashed attempt
+        if existing is not None and _complete(existing, pool, image):
+            return _state(existing)
+        cluster.remove_image(pool, image)  # leftovers of a crashed attempt, if any
         try:
             extra = self._populate(ref, cluster, pool, image, request)
             cluster.set_metadata(
                 pool,
                 image,
-                {DISK: str(ref), NODE: self.settings.node_name, **extra, COMPLETE: "true"},
+                {
+                    DISK: str(ref),
+                    NODE: self.settings.node_name,
+                    **extra,
+                    COMPLETE: f"{pool}/{image}",
+                },
             )
         except BaseException:
             with suppress(VMDiskError):
@@ -273,6 +282,19 @@ class RbdBackend:
         self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
         return self._require_state(ref)
 
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Grow the image; librbd hands the request to the lock owner (the VM's QEMU)."""
+        if self._require_state(ref).virtual_size < size:
+            self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        """RBD clients with the image open (QEMU watches the images it opens)."""
+        try:
+            clients = self.cluster(ref).clients(self._pool(ref), self.image(ref))
+        except CephNotFound:
+            return []
+        return [f"RBD {client}" for client in clients]
+
     def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
         """An ``rbd:pool/image[@snap]:conf=...`` filename qemu-img opens (block-rbd).
 
@@ -297,6 +319,11 @@ class RbdBackend:
         cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
         cluster.create_snapshot(pool, image, name)
         return self._require_state(ref).virtual_size
+
+    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+        """librbd hands the request to the exclusive-lock owner (the VM's QEMU), which
+        flushes its in-flight writes and takes the snapshot between two of them."""
+        return self.create_snapshot(ref, name)
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         try:
@@ -326,16 +353,15 @@ class RbdBackend:
         target = export_image(ref.namespace, name)
         url = str(StoreUrl(cluster.fsid(), SnapshotSpec(pool, target, EXPORT_SNAPSHOT)))
         existing = cluster.facts(pool, target)
-        if existing is not None:
-            if existing.metadata.get(COMPLETE) == "true":
-                return url
-            cluster.remove_image(pool, target)
+        if existing is not None and _complete(existing, pool, target):
+            return url
+        cluster.remove_image(pool, target)  # a half-made export of a crashed attempt
         cluster.create_snapshot(source_pool, source, name)
         try:
             cluster.clone(SnapshotSpec(source_pool, source, name), pool, target)
             cluster.flatten(pool, target)  # no longer tied to the disk's snapshot
             cluster.create_snapshot(pool, target, EXPORT_SNAPSHOT)
-            cluster.set_metadata(pool, target, {DISK: str(ref), COMPLETE: "true"})
+            cluster.set_metadata(pool, target, {DISK: str(ref), COMPLETE: f"{pool}/{target}"})
         except BaseException:
             with suppress(VMDiskError):
                 cluster.remove_image(pool, target)
@@ -344,6 +370,18 @@ class RbdBackend:
 
     def remove_direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> None:
         self.cluster(ref).remove_image(pool, export_image(ref.namespace, name))
+
+    # -- SupportsDependents -----------------------------------------------------------------
+    def snapshot_dependents(self, ref: DiskRef, name: str, export_pool: str | None) -> list[str]:
+        """Clones of ``disk@name`` (other than our own export) and of the export's ``snap``."""
+        cluster = self.cluster(ref)
+        export = export_image(ref.namespace, name)
+        ours = f"{export_pool}/{export}" if export_pool else None
+        found = cluster.snapshot_children(self._pool(ref), self.image(ref), name)
+        found = [image for image in found if image != ours]
+        if export_pool is not None:
+            found += cluster.snapshot_children(export_pool, export, EXPORT_SNAPSHOT)
+        return sorted(found)
 
     # -- SupportsClaim ----------------------------------------------------------------------
     def claim(self, ref: DiskRef) -> None:
@@ -386,6 +424,11 @@ class RbdBackend:
                 f"RBD image {self._pool(ref)}/{self.image(ref)} vanished", reason="DiskMissing"
             )
         return state
+
+
+def _complete(facts: ImageFacts | None, pool: str, image: str) -> bool:
+    """The image is finished: it carries its own completion marker, written last."""
+    return facts is not None and facts.metadata.get(COMPLETE) == f"{pool}/{image}"
 
 
 def _state(facts: ImageFacts) -> DiskState:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..host.files import atomic_write
+from ..layout import StateLayout
 from .base import DiskRef
 
 RECORD_NAME = "disk.json"
@@ -43,27 +44,21 @@ def write_record(directory: Path, record: DiskRecord) -> None:
     atomic_write(directory / RECORD_NAME, json.dumps(asdict(record), indent=1, sort_keys=True))
 
 
-def bases_in_use(disks_dir: Path) -> set[str]:
-    """Ids of cache entries that file disks under ``disks_dir`` use as backing files.
-
-    Partial (still being built) disks count too: their overlay may already
-    point at the entry.
-    """
-    used: set[str] = set()
-    for path in disks_dir.glob(f"*/*/{RECORD_NAME}"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if data.get("base_path") and data.get("base_image"):
-            used.add(data["base_image"])
-    return used
-
-
 def disks_on_host(disks_dir: Path, backend: str) -> Iterator[DiskRef]:
-    """The complete file disks of ``backend`` under ``disks_dir`` (partials excluded)."""
-    for path in sorted(disks_dir.glob(f"*/*/{RECORD_NAME}")):
-        name, namespace = path.parent.name, path.parent.parent.name
-        record = read_record(path.parent)
-        if not name.startswith(".") and record is not None and record.backend == backend:
-            yield DiskRef(namespace, name)
+    """The data under ``disks_dir`` that may be ``backend``'s, found from the data itself.
+
+    Every entry of ``disks/<namespace>/`` counts, recorded or not: a
+    directory is ``backend``'s when its record says so, and everyone's (any
+    file backend may have made it) when it has no readable record.  A
+    half-made ``.<name>.partial`` directory counts as disk ``<name>``.
+    """
+    for entry in sorted(disks_dir.glob("*/*")):
+        if entry.parent.name.startswith("."):
+            continue
+        name = StateLayout.disk_name_of(entry.name)
+        try:
+            record = read_record(entry) if entry.is_dir() else None
+        except (OSError, ValueError, TypeError):
+            record = None  # unreadable: unowned data all the same
+        if record is None or record.backend == backend:
+            yield DiskRef(entry.parent.name, name)

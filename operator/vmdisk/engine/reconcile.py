@@ -25,25 +25,32 @@ from ..backends.base import (
     SupportsEncryption,
     SupportsFlatten,
     SupportsInventory,
+    SupportsOnlineGrow,
     SupportsSnapshots,
 )
 from ..backends.rbd_config import RbdSettings
-from ..backends.record import bases_in_use
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    DiskInUse,
     DiskMissing,
     HasDependents,
     ImageLargerThanDisk,
+    InvalidSpec,
     UnsupportedOperation,
     VMDiskError,
 )
+from ..host.domains import Hypervisor
 from ..host.files import host_error
+from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..images.download import FetchLimits
+from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import render_disk
+from ..libvirt import check_device, render_disk
+from .inuse import holder, require_offline
 from .planning import (
     Create,
     Resize,
@@ -55,7 +62,7 @@ from .planning import (
 )
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, with_condition
+from .status import ProgressPublisher, failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,7 @@ class Engine:
     cache: ImageCache
     observer: Observer = field(default=NO_OBSERVER)
     secrets: Secrets | None = None
+    hypervisor: Hypervisor | None = None  # the node's libvirtd (settings.libvirt_uri)
 
     @classmethod
     def build(
@@ -81,8 +89,10 @@ class Engine:
         layout = StateLayout(settings.state_dir)
         cache = ImageCache(
             layout.cache_dir,
-            image_dirs=settings.image_dirs,
+            policy=default_policy(settings),
             max_virtual_size=settings.max_virtual_size,
+            limits=FetchLimits.from_settings(settings),
+            cluster_cidrs=settings.cluster_cidrs,
             observer=observer or NO_CACHE_OBSERVER,
         )
         return cls(
@@ -95,6 +105,7 @@ class Engine:
             cache,
             observer or NO_OBSERVER,
             secrets or FileSecrets(settings.state_dir / "secrets"),
+            Hypervisor(settings.libvirt_uri) if settings.libvirt_uri else None,
         )
 
     @contextmanager
@@ -120,16 +131,23 @@ class Engine:
         generation = disk.metadata.generation
         ref = self.disk_ref(disk)
         try:
-            backend = self.registry.get(
-                backend_for(disk.spec, disk.status, self.settings.default_backend)
-            )
-            key = self._encryption_key(disk, backend)
+            self._check_size(disk)
             with self._disk_lock(ref.namespace, ref.name):
+                # Decided under the lock, from the freshest status: a process that
+                # just created the disk published it before letting go of the lock.
+                pinned = self._fresh_status(disk, lookup)
+                backend = self.registry.get(
+                    backend_for(disk.spec, pinned, self.settings.default_backend)
+                )
+                key = self._encryption_key(disk, backend)
+                # Before any data is made: a disk no VM can start never goes Ready.
+                check_device(backend.location(ref), disk.spec.libvirt)
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
-                actions = plan_disk(disk.spec, disk.status, host)
+                actions = plan_disk(disk.spec, pinned, host)
+                online: bool | None = None
                 for action in actions:
                     status = self._progressing(status, generation, action, publish)
                     if isinstance(action, Create):
@@ -139,7 +157,7 @@ class Engine:
                     elif isinstance(action, Resize):
                         assert host is not None
                         if host.virtual_size < action.size:
-                            host = backend.resize(ref, action.size)
+                            host, online = self._grow(ref, backend, action.size)
                 assert host is not None
                 if key is not None:
                     assert isinstance(backend, SupportsEncryption)
@@ -153,13 +171,36 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
-            return self._ready(disk, backend, ref, host, status, changed=bool(actions) or flattened)
+                if online is not None:
+                    status = status.model_copy(update={"resized_online": online})
+                changed = bool(actions) or flattened
+                result = self._ready(disk, backend, ref, host, status, changed=changed)
+                if changed and publish is not None:
+                    publish(result)  # before the lock goes: the next holder sees the backend
+            return result
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
             return failed_status(status, generation, exc)
         except OSError as exc:
             log.exception("%s: host error", ref)
             return failed_status(status, generation, host_error(exc))
+
+    @staticmethod
+    def _fresh_status(disk: VMDisk, lookup: Lookup) -> VMDiskStatus | None:
+        """The stored status of this very object (same uid), else the one we were given."""
+        fresh = lookup.get_disk(disk.metadata.namespace, disk.metadata.name)
+        if fresh is not None and fresh.metadata.uid == disk.metadata.uid and fresh.status:
+            return fresh.status
+        return disk.status
+
+    def _check_size(self, disk: VMDisk) -> None:
+        size = disk.spec.size_bytes
+        ceiling = self.settings.max_virtual_size
+        if size is not None and size > ceiling:
+            raise InvalidSpec(
+                f"spec.size: {disk.spec.size} ({size} bytes) is over this node's maximum "
+                f"disk size of {ceiling} bytes"
+            )
 
     def _progressing(
         self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
@@ -215,6 +256,9 @@ class Engine:
             sparse=spec.lvm.sparse if spec.lvm else False,
             encryption_key=self._encryption_key(disk, backend),
         )
+        if source.live is not None:
+            # A copy of a disk a VM is writing would be torn: wait until it stops.
+            require_offline(*source.live, self.hypervisor, f"copying it into {ref}")
         if source.holds is not None:
             # Hold the source disk still while it is copied.
             with file_lock(self.layout.lock("disk", ref.namespace, source.holds), timeout=600):
@@ -224,7 +268,40 @@ class Engine:
     def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
         if not isinstance(backend, SupportsSnapshots):
             raise UnsupportedOperation(f"the {backend.name} backend cannot restore snapshots")
+        # Replacing data under a running VM: the guest would never see it, and
+        # its next writes would be lost (or corrupt the restored image).
+        require_offline(backend, ref, self.hypervisor, f"restoring snapshot {snapshot!r}")
         return backend.rollback(ref, snapshot)
+
+    def _grow(self, ref: DiskRef, backend: DiskBackend, size: int) -> tuple[DiskState, bool]:
+        """Grow offline, or online through libvirt when a domain of this node holds the disk.
+
+        The new state, and whether the grow went online.
+        """
+        found = holder(backend, ref, self.hypervisor)
+        if found is None:
+            return backend.resize(ref, size), False
+        if len(found.domains) != 1:
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}; it can only grow online when "
+                "it is attached to exactly one domain of the node's libvirtd "
+                f"({self.settings.libvirt_uri or 'none configured'}), else once it is released"
+            )
+        if not isinstance(backend, SupportsOnlineGrow):
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}, and {backend.name} disks cannot "
+                "grow under a running VM (QEMU cannot resize the format); the grow waits "
+                "until the domain stops"
+            )
+        assert self.hypervisor is not None
+        domain = found.domains[0]
+        backend.prepare_online_grow(ref, size)
+        self.hypervisor.block_resize(domain, size)  # QEMU and the guest see it at once
+        log.info("%s: grown online to %d bytes through %s", ref, size, domain)
+        state = backend.state(ref)
+        if state is None:
+            raise DiskMissing(f"disk {ref} vanished while it was grown online")
+        return state, True
 
     def _ready(
         self,
@@ -274,8 +351,11 @@ class Engine:
             }
         )
 
-    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> None:
-        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it."""
+    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> str:
+        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it.
+
+        Returns what happened to the data, for the user (the Deleted event).
+        """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
             f"DiskSnapshot/{s.metadata.name}"
@@ -287,29 +367,40 @@ class Engine:
             for d in lookup.list_disks(namespace)
             if d.spec.source.disk is not None
             and d.spec.source.disk.name == name
-            and (d.status is None or d.status.phase != "Ready")
+            and still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
                 f"VMDisk {name!r} still has dependents: {', '.join(sorted(dependents))}; "
                 "delete them first"
             )
+        where = (disk.status.path if disk.status else None) or "the node"
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
-            return
-        backend_name = self.backend_name(disk)
+            return f"disk data kept at {where} (deletionPolicy: Retain)"
+        backend = self.registry.get(self.backend_name(disk))
+        ref = self.disk_ref(disk)
         with self._disk_lock(namespace, name):
-            self.registry.get(backend_name).delete(self.disk_ref(disk))
+            require_offline(backend, ref, self.hypervisor, "deletion")
+            backend.delete(ref)
+        return f"disk data removed from {where} (deletionPolicy: Delete)"
 
     def close(self) -> None:
         """Close the backends' connections (at process exit)."""
         for backend in self.registry.backends.values():
             if isinstance(backend, Closeable):
                 backend.close()
+        if self.hypervisor is not None:
+            self.hypervisor.close()
 
     def cache_in_use(self) -> set[str]:
-        """Cache entries that existing disks still read from (qcow2 backing files)."""
-        return bases_in_use(self.layout.disks_dir)
+        """Cache entries that images in the state directory name as backing files.
+
+        Read from the images' headers, never from records: a disk whose
+        ``disk.json`` is lost, half-made disks and exports keep their base.
+        """
+        named = backing_files((self.layout.disks_dir, self.layout.exports_dir))
+        return self.cache.named_by(named)
 
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.
@@ -323,6 +414,8 @@ class Engine:
         try:
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
+        except VMDiskError as exc:
+            return failed_status(status, disk.metadata.generation, exc)
         except OSError as exc:
             return failed_status(status, disk.metadata.generation, host_error(exc))
         if state is None:

@@ -1,4 +1,9 @@
-"""Reconciling DiskSnapshots: offline snapshots of a VMDisk, optionally exported."""
+"""Reconciling DiskSnapshots: snapshots of a VMDisk, optionally exported.
+
+Offline, unless a domain of the node's libvirtd holds the disk and the
+backend's snapshots stay consistent under a writer (rbd); then live, with the
+guest's filesystems frozen through its agent when one answers.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,24 @@ import os
 from pathlib import Path
 
 from ..api.common import Condition, now_rfc3339
-from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
-from ..backends.base import DiskBackend, DiskRef, SupportsDirectSnapshot, SupportsSnapshots
+from ..api.snapshot import Consistency, DiskSnapshot, DiskSnapshotStatus
+from ..backends.base import (
+    DiskBackend,
+    DiskRef,
+    SupportsDependents,
+    SupportsDirectSnapshot,
+    SupportsLiveSnapshot,
+    SupportsSnapshots,
+)
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
+from ..host.safeopen import ensure_dir
+from .inuse import holder, in_use, require_offline
 from .ports import Lookup
 from .reconcile import Engine
-from .status import failed_status, with_condition
+from .status import failed_status, still_creating, with_condition
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +56,11 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     try:
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
-            size = snapshots.create_snapshot(ref, name)
+            consistency = status.consistency
+            if name in snapshots.snapshots(ref):
+                size = snapshots.create_snapshot(ref, name)  # exists: only its size
+            else:
+                size, consistency = _take(engine, backend, snapshots, ref, name)
             export_path = export_url = None
             if snap.spec.export is not None and snap.spec.export.pool is not None:
                 if not isinstance(backend, SupportsDirectSnapshot):
@@ -55,6 +73,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 fmt = snap.spec.export.format
                 target = engine.layout.export_file(ref.namespace, name, fmt)
                 if not target.exists():
+                    if backend.readable(ref, name).snapshot is not None:
+                        # An internal snapshot is read out of the live image file.
+                        require_offline(backend, ref, engine.hypervisor, f"exporting {name!r}")
                     _export(backend, ref, name, target, fmt)
                 export_path = str(target)
         status = with_condition(
@@ -76,6 +97,7 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 "export_path": export_path,
                 "export_url": export_url,
                 "size": size,
+                "consistency": consistency,
                 "creation_time": status.creation_time or now_rfc3339(),
             }
         )
@@ -89,9 +111,35 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
         return failed_status(status, generation, host_error(exc))
 
 
+def _take(
+    engine: Engine, backend: DiskBackend, snapshots: SupportsSnapshots, ref: DiskRef, name: str
+) -> tuple[int, Consistency]:
+    """Take snapshot ``name``: offline, or live under the one domain of this node that holds it.
+
+    Only backends whose snapshots stay consistent under a writer go live
+    (rbd); a copy of a file a VM writes would be torn, and qemu-img cannot
+    write an image QEMU holds, so those wait (``DiskInUse``).
+    """
+    found = holder(backend, ref, engine.hypervisor)
+    if found is None:
+        return snapshots.create_snapshot(ref, name), "Offline"
+    if len(found.domains) != 1 or not isinstance(backend, SupportsLiveSnapshot):
+        raise in_use(found, ref, f"snapshot {name!r}")
+    assert engine.hypervisor is not None
+    domain = found.domains[0]
+    quiesced = engine.hypervisor.freeze(domain)
+    try:
+        size = backend.create_live_snapshot(ref, name)
+    finally:
+        if quiesced:
+            engine.hypervisor.thaw(domain)
+    log.info("%s: snapshot %r taken under %s (quiesced: %s)", ref, name, domain, quiesced)
+    return size, "Quiesced" if quiesced else "CrashConsistent"
+
+
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
     """Nova's snapshot_extract: write the snapshot out as a standalone image."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     tmp = target.with_name(f".{target.name}.partial")
     remove_path(tmp)
     source = backend.readable(ref, name)
@@ -101,14 +149,19 @@ def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: st
 
 
 def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
-    """Remove the snapshot and its export; refuse while a disk is still being made from it."""
+    """Remove the snapshot and its export, all or nothing.
+
+    Everything that can refuse (disks still being made from it, clones of
+    the snapshot or of its export) is asked before anything is removed, so a
+    refused deletion leaves a whole, usable snapshot behind.
+    """
     namespace, name = snap.metadata.namespace, snap.metadata.name
     users = [
         d.metadata.name
         for d in lookup.list_disks(namespace)
         if d.spec.source.snapshot is not None
         and d.spec.source.snapshot.name == name
-        and (d.status is None or d.status.phase not in ("Ready", "Failed"))
+        and still_creating(d.status)
     ]
     if users:
         raise HasDependents(
@@ -116,19 +169,30 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
             f"{', '.join(sorted(users))}"
         )
     export = snap.spec.export
-    if export is not None and export.pool is None:
-        remove_path(engine.layout.export_file(namespace, name, export.format))
+    pool = export.pool if export is not None else None
     disk = lookup.get_disk(namespace, snap.spec.disk_name)
-    if disk is None or disk.status is None or disk.status.backend is None:
+    backend = None
+    if disk is not None and disk.status is not None and disk.status.backend is not None:
+        backend = engine.registry.get(disk.status.backend)
+    if disk is not None and isinstance(backend, SupportsDependents):
+        clones = backend.snapshot_dependents(engine.disk_ref(disk), name, pool)
+        if clones:
+            raise HasDependents(
+                f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
+                "flatten them (spec.rbd.flatten: true) or delete them first"
+            )
+    if disk is not None and isinstance(backend, SupportsSnapshots):
+        ref = engine.disk_ref(disk)
+        if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
+            # Removing an internal snapshot rewrites the live image file.
+            require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
+    if export is not None and pool is None:
+        remove_path(engine.layout.export_file(namespace, name, export.format))
+    if disk is None or backend is None:
         return  # the disk (and with it the snapshot) is gone
-    backend = engine.registry.get(disk.status.backend)
-    if (
-        export is not None
-        and export.pool is not None
-        and isinstance(backend, SupportsDirectSnapshot)
-    ):
-        # Refused (HasDependents) while disks are still clones of the published image.
-        backend.remove_direct_snapshot(engine.disk_ref(disk), name, export.pool)
+    ref = engine.disk_ref(disk)
+    if pool is not None and isinstance(backend, SupportsDirectSnapshot):
+        backend.remove_direct_snapshot(ref, name, pool)
     if isinstance(backend, SupportsSnapshots):
         with file_lock(engine.layout.lock("disk", namespace, snap.spec.disk_name)):
-            backend.remove_snapshot(engine.disk_ref(disk), name, ignore_missing=True)
+            backend.remove_snapshot(ref, name, ignore_missing=True)

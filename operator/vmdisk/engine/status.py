@@ -14,6 +14,15 @@ from .ports import Publish
 S = TypeVar("S", VMDiskStatus, DiskSnapshotStatus)
 
 
+def still_creating(status: VMDiskStatus | None) -> bool:
+    """True while a disk may still read its source: neither Ready nor Failed yet.
+
+    A Ready disk has its data; a Failed one stopped until its spec changes.
+    Only the others hold their source (a disk, a snapshot) from deletion.
+    """
+    return status is None or status.phase not in ("Ready", "Failed")
+
+
 def with_condition(status: S, condition: Condition, *, drop: str | None = None) -> S:
     """``status`` with ``condition`` set (and the condition type ``drop`` removed)."""
     conditions = set_condition(status.conditions, condition)

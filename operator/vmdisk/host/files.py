@@ -11,6 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import HostIOError, InsufficientSpace, VMDiskError
+from .safeopen import ensure_dir
 
 _FICLONE = 0x40049409  # ioctl(FICLONE): share extents (btrfs, xfs reflink=1)
 _CHUNK = 16 * 1024 * 1024
@@ -42,11 +43,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``path`` so that readers see the old or the new content, never half."""
     payload = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_dir(path.parent)  # no planted symlink on the way (UnsafePath)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
     _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -82,9 +90,8 @@ def _alive(pid: int) -> bool:
 def host_error(exc: OSError) -> VMDiskError:
     """An OSError as a typed error: full disks are InsufficientSpace, the rest HostIOError."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientSpace(
-            f"no space left on the state directory's filesystem ({exc.filename or ''})"
-        )
+        where = f" ({exc.filename})" if exc.filename else ""
+        return InsufficientSpace(f"no space left on the state directory's filesystem{where}")
     return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
 
 
@@ -123,42 +130,56 @@ def allocated_bytes(path: Path) -> int:
 def try_reflink(source: Path, target: Path) -> bool:
     """Clone ``source`` into a new ``target`` sharing extents; False if unsupported."""
     with open(source, "rb") as src, open(target, "wb") as dst:
-        try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-            return True
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                return False
-            raise
+        return _reflink_fd(src.fileno(), dst.fileno())
+
+
+def _reflink_fd(sfd: int, dfd: int) -> bool:
+    try:
+        fcntl.ioctl(dfd, _FICLONE, sfd)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+            return False
+        raise
 
 
 def sparse_copy(source: Path, target: Path) -> str:
-    """Copy a file keeping holes; returns the method used (reflink or sparse).
+    """Copy a file keeping holes; returns the method used (reflink or sparse)."""
+    try:
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            return sparse_copy_fd(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
+
+
+def sparse_copy_fd(sfd: int, dfd: int, size: int) -> str:
+    """Copy ``size`` bytes between open files keeping holes; returns reflink or sparse.
 
     Tries a reflink first (instant on xfs/btrfs), else copies only the data
     extents found with SEEK_DATA/SEEK_HOLE, each with copy_file_range so
-    the kernel moves the bytes (and may share extents itself).
+    the kernel moves the bytes (and may share extents itself).  ``dfd``
+    must be a new, empty file.
     """
     try:
-        if try_reflink(source, target):
-            fsync_file(target)
-            return "reflink"
-        size = source.stat().st_size
-        with open(source, "rb") as src, open(target, "r+b") as dst:
-            sfd, dfd = src.fileno(), dst.fileno()
-            os.ftruncate(dfd, size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(sfd, offset, os.SEEK_DATA)
-                except OSError as exc:
-                    if exc.errno == errno.ENXIO:  # only a hole remains
-                        break
-                    raise
-                end = os.lseek(sfd, start, os.SEEK_HOLE)
-                _copy_range(sfd, dfd, start, end)
-                offset = end
+        if _reflink_fd(sfd, dfd):
             os.fsync(dfd)
+            return "reflink"
+        os.ftruncate(dfd, size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(sfd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(sfd, start, os.SEEK_HOLE), size)
+            _copy_range(sfd, dfd, start, end)
+            offset = end
+        os.fsync(dfd)
         return "sparse"
     except OSError as exc:
         raise_if_no_space(exc)
@@ -182,18 +203,49 @@ def _copy_range(sfd: int, dfd: int, start: int, end: int) -> None:
 
 
 def allocate(path: Path, size: int, *, zero_fill: bool) -> None:
-    """Preallocate ``size`` bytes: fallocate, or write zeroes for ``full``."""
+    """Preallocate ``size`` bytes: fallocate, or write zeroes for ``full``.
+
+    ``full`` writes zeroes into the holes only: the data already in the file
+    (a copied image, a fresh filesystem) is never touched.
+    """
     try:
         with open(path, "r+b") as handle:
             fd = handle.fileno()
             if zero_fill:
-                block = b"\0" * (4 * 1024 * 1024)
-                pos = 0
-                while pos < size:
-                    pos += os.pwrite(fd, block[: min(len(block), size - pos)], pos)
+                for start, end in _holes(fd, size):
+                    _write_zeroes(fd, start, end)
             else:
                 os.posix_fallocate(fd, 0, size)
             os.fsync(fd)
     except OSError as exc:
         raise_if_no_space(exc)
         raise
+
+
+def _holes(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[0, size)`` that hold no data (beyond the end counts as a hole)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # at or past the end: all hole
+                raise
+            start = pos
+        if start >= size:
+            return
+        try:
+            end = min(os.lseek(fd, start, os.SEEK_DATA), size)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # no data after the hole
+                raise
+            end = size
+        yield start, end
+        pos = end
+
+
+def _write_zeroes(fd: int, start: int, end: int) -> None:
+    block = bytes(4 * 1024 * 1024)
+    pos = start
+    while pos < end:
+        pos += os.pwrite(fd, block[: min(len(block), end - pos)], pos)

@@ -111,7 +111,10 @@ class Cluster(CephConnection):
         )
 
     def clone(self, parent: SnapshotSpec, pool: str, image: str) -> None:
-        """A copy-on-write child of the protected snapshot ``parent``."""
+        """A copy-on-write child of the protected snapshot ``parent``.
+
+        The child starts with none of the parent's ``vmdisk.`` metadata.
+        """
 
         def work(handle: Any) -> None:
             with (
@@ -126,6 +129,12 @@ class Cluster(CephConnection):
                             reason="SourceNotProtected",
                         )
                 rbd.RBD().clone(parent_io, parent.image, parent.snapshot, child_io, image)
+                # librbd copies the parent's image-meta into the clone; ours
+                # describe the parent, never the child.
+                with rbd.Image(child_io, image) as child:
+                    for key, _value in list(child.metadata_list()):
+                        if key.startswith(META_PREFIX):
+                            child.metadata_remove(key)
 
         self.call(f"clone {parent} to {pool}/{image}", work)
 
@@ -136,6 +145,10 @@ class Cluster(CephConnection):
             try:
                 handle = rbd.Image(ioctx, image)
             except rbd.ImageNotFound:
+                # Absent, or half-made (a clone or create killed midway): listed
+                # but not openable.  librbd's remove cleans up the latter.
+                with suppress(rbd.ImageNotFound):
+                    rbd.RBD().remove(ioctx, image)
                 return
             with handle:
                 children = _children(handle)
@@ -154,8 +167,49 @@ class Cluster(CephConnection):
 
         self.on_pool(f"remove {pool}/{image}", pool, work, timeout=self._long)
 
+    def clients(self, pool: str, image: str) -> list[str]:
+        """Other clients that have ``pool/image`` open: watchers, lock owners, lockers.
+
+        Every librbd client that opens an image read-write watches its header
+        (QEMU does); our own probe's watch, if any, is left out by its client id.
+        """
+
+        def work(handle: Any) -> list[str]:
+            me = conn_id[0]
+            found = [
+                f"client.{w['id']} at {w['addr']}"
+                for w in handle.watchers_list()
+                if int(w["id"]) != me
+            ]
+            try:
+                owners = [o["owner"] for o in handle.lock_get_owners()]
+            except rbd.InvalidArgument:  # librbd's answer when nobody owns the lock
+                owners = []
+            found += [f"exclusive lock owner {owner}" for owner in owners]
+            lockers = handle.list_lockers() or {}
+            found += [f"lock holder {entry[0]}" for entry in lockers.get("lockers", [])]
+            return found
+
+        conn_id = [self.call("read our client id", lambda h: int(h.get_instance_id()))]
+        return self.on_image(f"list clients of {pool}/{image}", pool, image, work, read_only=True)
+
     def children(self, pool: str, image: str) -> list[str]:
         return self.on_image(f"list clones of {pool}/{image}", pool, image, _children)
+
+    def snapshot_children(self, pool: str, image: str, snapshot: str) -> list[str]:
+        """Clones of ``pool/image@snapshot`` as ``pool/image``; none when either is absent."""
+
+        def work(handle: Any) -> list[str]:
+            if not any(s["name"] == snapshot for s in handle.list_snaps()):
+                return []
+            return _snapshot_children(handle, snapshot)
+
+        try:
+            return self.on_image(
+                f"list clones of {pool}/{image}@{snapshot}", pool, image, work, read_only=True
+            )
+        except CephNotFound:
+            return []
 
     def resize(self, pool: str, image: str, size: int) -> None:
         self.on_image(f"resize {pool}/{image}", pool, image, lambda h: h.resize(size))
@@ -178,9 +232,7 @@ class Cluster(CephConnection):
             if not any(s["name"] == snapshot for s in handle.list_snaps()):
                 return False
             if handle.is_protected_snap(snapshot):
-                handle.set_snap(snapshot)
-                clones = [f"{p}/{i}" for p, i in handle.list_children()]
-                handle.set_snap(None)
+                clones = _snapshot_children(handle, snapshot)
                 if clones:
                     raise HasDependents(
                         f"snapshot {pool}/{image}@{snapshot} still has clones: "
@@ -228,13 +280,17 @@ class Cluster(CephConnection):
         return self.access.long_timeout
 
 
+def _snapshot_children(handle: Any, snapshot: str) -> list[str]:
+    """Clones of one snapshot of the open image, as ``pool/image``."""
+    handle.set_snap(snapshot)
+    try:
+        return sorted(f"{pool}/{image}" for pool, image in handle.list_children())
+    finally:
+        handle.set_snap(None)
+
+
 def _children(handle: Any) -> list[str]:
     """Clones of any snapshot of the open image, as ``pool/image``."""
-    found: list[str] = []
-    for snap in handle.list_snaps():
-        handle.set_snap(snap["name"])
-        try:
-            found += [f"{pool}/{image}" for pool, image in handle.list_children()]
-        finally:
-            handle.set_snap(None)
-    return sorted(found)
+    return sorted(
+        c for snap in handle.list_snaps() for c in _snapshot_children(handle, snap["name"])
+    )

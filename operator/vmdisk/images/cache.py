@@ -29,13 +29,25 @@ from typing import Protocol
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
 from ..errors import DownloadFailed, ImageFormatMismatch
-from ..host.files import atomic_write, fsync_dir, fsync_file
+from ..host.files import atomic_write, fsync_dir
 from ..host.locks import LockTimeout, file_lock
-from .download import Digest, HttpOptions, Progress, copy_file, fetch_http
+from ..host.safeopen import ensure_dir
+from .download import (
+    Digest,
+    FetchLimits,
+    HttpOptions,
+    Progress,
+    copy_file,
+    fetch_http,
+    max_fetch_bytes,
+)
 from .inspect import check_size, inspect_image
-from .source import FileSource, Source, parse_source, redact
+from .policy import DEFAULT_CLUSTER_CIDRS, HopCheck, Resolver, SourcePolicy
+from .source import FileSource, Source, open_file, parse_source, redact
 
 log = logging.getLogger("vmdisk.images")
+
+DEFAULT_LIMITS = FetchLimits()
 
 _ID = re.compile(r"^sha256-[0-9a-f]{64}$")
 _URL_KEY = re.compile(r"^url-[0-9a-f]{64}$")
@@ -83,31 +95,48 @@ class ImageCache:
         self,
         root: Path,
         *,
-        image_dirs: tuple[Path, ...],
+        policy: SourcePolicy,
         max_virtual_size: int,
+        limits: FetchLimits = DEFAULT_LIMITS,
+        cluster_cidrs: tuple[str, ...] = DEFAULT_CLUSTER_CIDRS,
+        resolve: Resolver | None = None,
         tmp_dir: Path | None = None,
-        http_timeout: float = 60.0,
-        retries: int = 5,
         observer: CacheObserver = NO_CACHE_OBSERVER,
     ) -> None:
         self.root = root
         self.observer = observer
-        self.image_dirs = image_dirs
+        self.policy = policy  # for disks whose class brings none
         self.max_virtual_size = max_virtual_size
+        self.limits = limits
+        self.cluster_cidrs = cluster_cidrs
+        self.resolve = resolve
         self.tmp_dir = tmp_dir if tmp_dir is not None else root / "tmp"
-        # A qcow2 file may exceed its virtual size by its metadata; anything
-        # far beyond the ceiling is an endless or hostile body.
-        self._http = HttpOptions(
-            timeout=http_timeout,
-            retries=retries,
-            max_bytes=max_virtual_size + max_virtual_size // 8 + 64 * 1024**2,
-        )
 
     def get(
-        self, source: ImageSource, *, disk_size: int | None, progress: Progress | None = None
+        self,
+        source: ImageSource,
+        *,
+        disk_size: int | None,
+        progress: Progress | None = None,
+        policy: SourcePolicy | None = None,
     ) -> BaseImage:
-        """Return the verified cached image for ``source``, fetching it once if needed."""
-        src = parse_source(source.url, self.image_dirs)
+        """Return the verified cached image for ``source``, fetching it once if needed.
+
+        ``policy`` is the disk's class's image-source policy (default: the
+        cache's, from Settings); it is checked even on a cache hit, so a
+        disk never gets an image its class could not have fetched.
+        """
+        policy = policy or self.policy
+        src = parse_source(source.url, policy, has_checksum=source.checksum is not None)
+        fetch = _Fetch(
+            src,
+            progress,
+            HttpOptions(
+                self.limits,
+                max_fetch_bytes(disk_size, self.max_virtual_size),
+                HopCheck(policy, self.cluster_cidrs, self.resolve),
+            ),
+        )
         name = redact(source.url)
         if source.checksum is not None:
             expected = source.checksum.removeprefix("sha256:")
@@ -116,7 +145,7 @@ class ImageCache:
                 image = self.lookup(image_id)
                 self.observer.cache_lookup(hit=image is not None)
                 if image is None:
-                    part = self._fetch(src, image_id, expected, progress)
+                    part = self._fetch(fetch, image_id, expected)
                     image = self._verify_and_place(part, image_id, source, disk_size)
                 return self._use(image, source, disk_size)
         key = "url-" + hashlib.sha256(source.url.encode()).hexdigest()
@@ -128,7 +157,7 @@ class ImageCache:
                     self.observer.cache_lookup(hit=True)
                     return self._use(image, source, disk_size)
             self.observer.cache_lookup(hit=False)
-            part = self._fetch(src, key, None, progress)
+            part = self._fetch(fetch, key, None)
             image_id = f"sha256-{part.digest.sha256}"
             with self._lock(image_id):
                 image = self.lookup(image_id)
@@ -146,6 +175,11 @@ class ImageCache:
         if meta is None:
             return None
         return BaseImage(image_id, self.root / image_id, meta.format, meta.virtual_size)
+
+    def named_by(self, backing_files: set[Path]) -> set[str]:
+        """Ids of the entries among ``backing_files`` (resolved paths images name)."""
+        root = Path(os.path.realpath(self.root))
+        return {p.name for p in backing_files if p.parent == root and _ID.match(p.name)}
 
     def entries(self, in_use: set[str]) -> list[CacheEntry]:
         """Every complete entry; ``in_use`` holds ids that disks use as backing files."""
@@ -215,19 +249,30 @@ class ImageCache:
             if image_id is None or self.lookup(image_id) is None:
                 mapping.unlink(missing_ok=True)
 
-    def _fetch(
-        self, src: Source, key: str, expected: str | None, progress: Progress | None
-    ) -> _Part:
+    def _fetch(self, fetch: _Fetch, key: str, expected: str | None) -> _Part:
         """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file."""
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.tmp_dir)
         path = self.tmp_dir / f"{key}.part"
         started = time.monotonic()
+        src, options = fetch.source, fetch.options
         try:
             if isinstance(src, FileSource):
-                digest = copy_file(src.path, path, expected=expected, progress=progress)
+                fd = open_file(src)
+                try:
+                    digest = copy_file(
+                        fd,
+                        src.shown,
+                        path,
+                        expected=expected,
+                        max_bytes=options.max_bytes,
+                        limits=options.limits,
+                        progress=fetch.progress,
+                    )
+                finally:
+                    os.close(fd)
             else:
                 digest = fetch_http(
-                    src.url, path, expected=expected, options=self._http, progress=progress
+                    src.url, path, expected=expected, options=options, progress=fetch.progress
                 )
         except DownloadFailed:
             raise  # the partial stays for a later resume, or for prune
@@ -250,8 +295,7 @@ class ImageCache:
                 max_virtual_size=self.max_virtual_size,
                 disk_size=disk_size,
             )
-            os.chmod(part.path, 0o444)
-            fsync_file(part.path)  # verified bytes must survive a power loss
+            _seal(part.path)  # read-only, and durable: verified bytes survive a power loss
             os.replace(part.path, self.root / image_id)
             fsync_dir(self.root)
         except Exception:
@@ -318,11 +362,30 @@ class _Meta:
 
 
 @dataclass(frozen=True)
+class _Fetch:
+    """What one ``get`` fetches, with its bounds and policy."""
+
+    source: Source
+    progress: Progress | None
+    options: HttpOptions
+
+
+@dataclass(frozen=True)
 class _Part:
     """A fetched, hashed, not yet verified file in tmp/."""
 
     path: Path
     digest: Digest
+
+
+def _seal(path: Path) -> None:
+    """Make the verified file read-only and durable, without following a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o444)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_partial(path: Path) -> None:

@@ -1,17 +1,21 @@
 """Image sources: which URLs the cache may read, and from where.
 
 Only ``http(s)://`` and ``file://`` are handled here.  A ``file://`` source
-must resolve (symlinks followed) to a regular file under one of the allowed
-image directories, so a manifest cannot make the agent read host files.
+names a path under one of the policy's image directories; nothing is looked
+up on disk until ``open_file`` opens it once, with no symlink followed in
+any component, so what is checked is what is copied.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ..errors import DownloadFailed, SourceNotAllowed
+from ..errors import DownloadFailed, SourceNotAllowed, UnsafePath
+from ..host.safeopen import components, open_beneath
+from .policy import SourcePolicy
 
 HTTP_SCHEMES = frozenset({"http", "https"})
 
@@ -24,7 +28,12 @@ class HttpSource:
 @dataclass(frozen=True)
 class FileSource:
     url: str
-    path: Path  # resolved, inside an allowed image directory
+    root: Path  # the allowed image directory it lies under
+    relative: str  # its path below ``root``, plain components only
+
+    @property
+    def shown(self) -> str:
+        return f"{self.root}/{self.relative}"
 
 
 Source = HttpSource | FileSource
@@ -37,13 +46,28 @@ def redact(url: str) -> str:
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        host = f"{host}:{port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", "")).replace("\0", "\\0")
 
 
-def parse_source(url: str, image_dirs: tuple[Path, ...]) -> Source:
-    """Classify ``url``; raise SourceNotAllowed for anything the cache must not read."""
+def parse_source(url: str, policy: SourcePolicy, *, has_checksum: bool) -> Source:
+    """Classify ``url``; raise SourceNotAllowed for anything the policy does not allow.
+
+    Lexical only: hosts are checked (resolved) when they are connected to.
+    """
+    if "\0" in url or any(c in url for c in "\r\n"):
+        raise SourceNotAllowed(
+            f"spec.source.image.url: {redact(url)!r} contains a NUL or newline character"
+        )
+    if policy.require_checksum and not has_checksum:
+        raise SourceNotAllowed(
+            "spec.source.image.checksum: the disk's class requires a checksum for every image"
+        )
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in HTTP_SCHEMES:
@@ -51,7 +75,7 @@ def parse_source(url: str, image_dirs: tuple[Path, ...]) -> Source:
             raise SourceNotAllowed(f"image URL {redact(url)!r} has no host")
         return HttpSource(url)
     if scheme == "file":
-        return FileSource(url, _allowed_file(parts.netloc, unquote(parts.path), image_dirs))
+        return _file_source(url, parts.netloc, unquote(parts.path), policy.file_dirs)
     raise SourceNotAllowed(
         f"{scheme}:// image sources are not handled by the image cache; "
         "use http://, https:// or file:// (under an allowed image directory)"
@@ -63,24 +87,35 @@ def check_redirect(origin: str, target: str) -> None:
     scheme = urlsplit(target).scheme.lower()
     if scheme not in HTTP_SCHEMES:
         raise SourceNotAllowed(
-            f"{redact(origin)} redirected to a {scheme or 'relative'}:// URL; "
-            "only redirects to http:// or https:// are followed"
+            f"{redact(origin)} redirected to {redact(target)!r}, a {scheme or 'relative'}:// "
+            "URL; only redirects to http:// or https:// are followed"
         )
 
 
-def _allowed_file(netloc: str, path: str, image_dirs: tuple[Path, ...]) -> Path:
+def open_file(src: FileSource) -> int:
+    """Open a file source once, read-only, with no symlink in any component."""
+    try:
+        return open_beneath(src.root, src.relative, os.O_RDONLY | os.O_NONBLOCK)
+    except UnsafePath as exc:
+        raise SourceNotAllowed(f"image file {src.shown}: {exc.message}") from None
+    except FileNotFoundError:
+        raise DownloadFailed(f"image file {src.shown} does not exist") from None
+    except NotADirectoryError:
+        raise SourceNotAllowed(f"image file {src.shown}: a parent is not a directory") from None
+
+
+def _file_source(url: str, netloc: str, path: str, image_dirs: tuple[Path, ...]) -> FileSource:
     if netloc not in ("", "localhost"):
         raise SourceNotAllowed(f"file:// URL names a remote host {netloc!r}")
     allowed = ", ".join(str(d) for d in image_dirs) or "none configured (VMDISK_IMAGE_DIRS)"
     if not path.startswith("/"):
         raise SourceNotAllowed(f"file:// URL needs an absolute path, got {path!r}")
-    # Resolve before checking, so a symlink inside an allowed directory
-    # cannot point the agent at /etc/shadow.
-    real = Path(path).resolve()
-    if not any(real.is_relative_to(d.resolve()) for d in image_dirs):
-        raise SourceNotAllowed(f"file {path} is outside the allowed image directories: {allowed}")
-    if not real.exists():
-        raise DownloadFailed(f"image file {path} does not exist")
-    if not real.is_file():
-        raise SourceNotAllowed(f"image file {path} is not a regular file")
-    return real
+    try:
+        parts = components(path.lstrip("/"))
+    except UnsafePath as exc:
+        raise SourceNotAllowed(f"file:// URL: {exc.message}") from None
+    for root in image_dirs:
+        prefix = root.parts[1:]
+        if tuple(parts[: len(prefix)]) == prefix and len(parts) > len(prefix):
+            return FileSource(url, root, "/".join(parts[len(prefix) :]))
+    raise SourceNotAllowed(f"file {path} is outside the allowed image directories: {allowed}")
