@@ -24,11 +24,8 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
-<<<<<<< HEAD
     lvm_thin,
-=======
     online_grow,
->>>>>>> main
     operator_latency,
     operator_scale,
     raw_copy,

@@ -148,22 +148,6 @@ class InsufficientCapacity(PermanentError):
     reason = "InsufficientCapacity"
 
 
-<<<<<<< HEAD
-class BackendUnavailable(PermanentError):
-    """The node cannot serve the backend: not configured, or its kernel lacks what it needs.
-
-    E.g. no device-mapper driver or thin-pool target for ``lvm``.  Permanent
-    until an administrator fixes the node and the object is touched again.
-    """
-
-    reason = "BackendUnavailable"
-
-
-class ThinPoolUnsafe(PermanentError):
-    """The LVM thin pool does not zero new blocks, so a disk could read another's old data."""
-
-    reason = "ThinPoolUnsafe"
-=======
 class UnsafePath(PermanentError):
     """A path component is a symbolic link (or ``..``) where none may be: nothing was written."""
 
@@ -180,4 +164,19 @@ class FormatConflict(PermanentError):
     """The data found for this disk has another format than its spec asks; it is left untouched."""
 
     reason = "FormatConflict"
->>>>>>> main
+
+
+class BackendUnavailable(PermanentError):
+    """The node cannot serve the backend: not configured, or its kernel lacks what it needs.
+
+    E.g. no device-mapper driver or thin-pool target for ``lvm``.  Permanent
+    until an administrator fixes the node and the object is touched again.
+    """
+
+    reason = "BackendUnavailable"
+
+
+class ThinPoolUnsafe(PermanentError):
+    """The LVM thin pool does not zero new blocks, so a disk could read another's old data."""
+
+    reason = "ThinPoolUnsafe"

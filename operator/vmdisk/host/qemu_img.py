@@ -110,11 +110,6 @@ def convert(
 ) -> None:
     """Convert ``source`` to ``target``; both formats explicit, sparse output.
 
-<<<<<<< HEAD
-    ``target_is_zero`` (with ``target_exists``): the target already reads as
-    zeroes, so zero areas are skipped rather than written.
-    """
-=======
     ``target_exists`` writes into an existing image (``-n``); when that image
     was just created and reads as zeros, ``target_is_zero`` lets qemu skip
     the source's zeros so the target stays sparse (without it qemu writes
@@ -122,7 +117,6 @@ def convert(
     """
     if target_is_zero and not target_exists:
         raise ValueError("target_is_zero describes an existing target")
->>>>>>> main
     quiet = "-p" if progress is not None else "-q"
     argv: list[str] = [_QEMU_IMG, "convert", quiet, "-f", source_format, "-O", target_format]
     if snapshot is not None:
@@ -131,13 +125,8 @@ def convert(
         argv += ["-B", str(target_backing), "-F", target_backing_format or "raw"]
     if target_exists:
         argv.append("-n")
-<<<<<<< HEAD
-        if target_is_zero:
-            argv.append("--target-is-zero")
-=======
     if target_is_zero:
         argv.append("--target-is-zero")
->>>>>>> main
     argv += _options(options or {})
     argv += [str(source), str(target)]
     run(argv, timeout=timeout, progress=progress)
