@@ -108,6 +108,30 @@ def test_kernel_without_device_mapper_is_backend_unavailable(tmp_path: Path) -> 
 
 
 @in_vm
+def test_kernel_without_the_thin_target_is_backend_unavailable(
+    backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    """A kernel that cannot load dm-thin-pool: sparse disks fail as BackendUnavailable."""
+    from testvm import IN_VM
+
+    if not IN_VM:
+        pytest.skip("hides /sbin/modprobe, so it runs only in the disposable test VM")
+    volume_group.thin_pool(16)
+    volume_group.lvm_cmd("vgchange", "-an", volume_group.name)
+    sh("modprobe", "-r", "dm_thin_pool")
+    sh("mount", "--bind", "/bin/false", "/sbin/modprobe")
+    try:
+        with pytest.raises(BackendUnavailable, match="target"):
+            backend.create(
+                DiskRef("vms", "thin", volume_group.name),
+                CreateRequest(8 * MiB, Blank(), sparse=True),
+            )
+    finally:
+        sh("umount", "/sbin/modprobe")
+    assert backend.state(DiskRef("vms", "thin", volume_group.name)) is None
+
+
+@in_vm
 def test_lvm_accepts_every_kind_of_name(volume_group: VolumeGroup) -> None:
     """The escaped names (reserved words, long names) are accepted and activated by lvm2."""
     lvm, vg = volume_group.lvm, volume_group.name

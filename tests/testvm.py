@@ -177,24 +177,30 @@ def _boot(
         "-serial", f"file:{console}",
     ]  # fmt: skip
     started = time.monotonic()
-    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        while qemu.poll() is None:
-            elapsed = time.monotonic() - started
-            if not last and elapsed > KVM_BOOT_DEADLINE and STARTED not in _read(console):
-                return None
-            if elapsed > timeout:
-                break
-            time.sleep(0.2)
-    finally:
-        if qemu.poll() is None:
-            qemu.kill()
-        _, stderr = qemu.communicate()
+    errors = jobdir / f"qemu-{accelerator.name.lower()}.stderr"
+    timed_out = False
+    with errors.open("w") as stderr:
+        qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+        try:
+            while qemu.poll() is None:
+                elapsed = time.monotonic() - started
+                if not last and elapsed > KVM_BOOT_DEADLINE and STARTED not in _read(console):
+                    return None
+                if elapsed > timeout:
+                    timed_out = True
+                    break
+                time.sleep(0.2)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+            qemu.wait()
     text = _read(console)
-    if qemu.returncode not in (0, -9) and STARTED not in text:
+    if qemu.returncode != 0 and not timed_out and STARTED not in text:
         if not last:
             return None
-        raise RuntimeError(f"QEMU failed ({qemu.returncode}): {stderr.strip()}\n{text[-3000:]}")
+        raise RuntimeError(f"QEMU failed ({qemu.returncode}): {_read(errors)}\n{text[-3000:]}")
+    if timed_out:
+        text += f"\ntestvm: killed after {timeout:.0f} s (VMDISK_TESTVM_TIMEOUT)\n"
     code = int(rc.read_text()) if rc.exists() else None
     return Run(accelerator, code, text, time.monotonic() - started)
 

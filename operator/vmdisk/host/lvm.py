@@ -40,9 +40,15 @@ class Runner(Protocol):
 
 
 _FULL = ("insufficient free space", "insufficient suitable allocatable extents")
-# "Failure to communicate with kernel device-mapper driver." (no dm_mod), and
-# "Can't process LV vg/pool: thin-pool target support missing from kernel?"
-_NO_DM = ("failure to communicate with kernel device-mapper", "target support missing from kernel")
+# "Failure to communicate with kernel device-mapper driver." (no dm_mod),
+# "thin-pool: Required device-mapper target(s) not detected in your kernel."
+# (lvcreate), "Can't process LV vg/lv: thin target support missing from kernel?"
+# (activation).
+_NO_DM = (
+    "failure to communicate with kernel device-mapper",
+    "required device-mapper target(s) not detected",
+    "target support missing from kernel",
+)
 _LV_FIELDS = "lv_name,vg_name,lv_size,lv_attr,lv_tags,pool_lv,origin,segtype,data_percent,zero"
 # The environment of every lvm2 and cryptsetup call (see the module docstring).
 NO_UDEV = {"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
