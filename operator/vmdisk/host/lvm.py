@@ -56,12 +56,12 @@ NO_UDEV = {"DM_DISABLE_UDEV": "1", "LVM_SUPPRESS_FD_WARNINGS": "1"}
 
 def device_mapper_error(stderr: str) -> BackendUnavailable | None:
     """BackendUnavailable when ``stderr`` says the kernel lacks device-mapper or a target."""
-    lowered = stderr.lower()
-    if not any(p in lowered for p in (*_NO_DM, "cannot initialize device-mapper")):
+    phrases = (*_NO_DM, "cannot initialize device-mapper")
+    said = [line.strip() for line in stderr.splitlines() if any(p in line.lower() for p in phrases)]
+    if not said:
         return None
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
     return BackendUnavailable(
-        f"this node's kernel cannot run the volume ({lines[-1] if lines else stderr}); "
+        f"this node's kernel cannot run the volume ({said[0]}); "
         "load the device-mapper modules (dm_mod, dm_snapshot, dm_thin_pool, dm_crypt)"
     )
 
