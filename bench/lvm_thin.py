@@ -58,7 +58,7 @@ def inside(out: Path) -> None:
 
     from lvmfixtures import make_volume_group
     from vmdisk.backends.base import BaseImage, CreateRequest, DiskRef, FromImage
-    from vmdisk.backends.lvm import LvmBackend
+    from vmdisk.backends.lvm import LvmBackend, LvmParameters
     from vmdisk.host.run import run as host_run
 
     work = Path(tempfile.mkdtemp(prefix="lvm-bench-", dir="/var/tmp"))
@@ -78,9 +78,9 @@ def inside(out: Path) -> None:
         bare, bare_alloc = [], 0.0
         host_run(["sync"])
         for i in range(RUNS):
-            ref = DiskRef("bench", f"thin{i}", vg.name)
+            ref = DiskRef("bench", f"thin{i}", vg.name, parameters=LvmParameters(thin=True))
             started = time.perf_counter()
-            backend.create(ref, CreateRequest(GiB, FromImage(base), sparse=True))
+            backend.create(ref, CreateRequest(GiB, FromImage(base)))
             engine.append(time.perf_counter() - started)
             engine_alloc = allocated_mib(f"bench_thin{i}")
             backend.delete(ref)

@@ -62,7 +62,10 @@ def test_kubectl_apply_qcow2_and_raw_from_http(
             assert ready is not None and ready["status"]["libvirtXML"].startswith("<disk")
         assert [s.status for s in server.gets("/disk.raw")] == [200]  # one download
     table = kubectl(kubeconfig, "get", "vmdisks")
-    assert table.split("\n")[0].split()[:5] == ["NAME", "BACKEND", "SIZE", "NODE", "PHASE"]
+    lines = table.split("\n")
+    assert lines[0].split()[:6] == ["NAME", "CLASS", "BACKEND", "SIZE", "NODE", "PHASE"]
+    # The built-in class of the disk's backend, pinned in status.
+    assert {line.split()[1] for line in lines[1:] if line} <= {"qcow2", "raw"}
     assert_clean(api_server)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 import test_rbd
 from ceph import CephTestCluster
+from conftest import rbd_class
 from test_rbd import EXPORTS, POOL, assert_pattern, base_image, read_disk, ref
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk
@@ -126,11 +127,13 @@ def rbd_runner(state_dir: Path, image_dir: Path, pools: CephTestCluster) -> Loca
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=POOL,
-        ceph_conf=pools.conf,
+        rbd_pools=(POOL, EXPORTS),
+        ceph_confs=(pools.conf,),
     )
     engine = Engine.build(settings)
-    return LocalRunner(settings, engine, LocalStore(engine.layout))
+    store = LocalStore(engine.layout)
+    rbd_class(store, image_dir, POOL)
+    return LocalRunner(settings, engine, store)
 
 
 def test_refused_snapshot_deletion_removes_nothing(

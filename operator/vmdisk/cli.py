@@ -15,6 +15,8 @@ from . import __version__
 from .api.common import dump
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
+from .api.vmdiskclass import VMDiskClass
+from .backends.registry import PLUGINS
 from .config import Settings, parse_duration
 from .engine.reconcile import Engine
 from .errors import VMDiskError
@@ -22,7 +24,7 @@ from .host.files import host_error
 from .layout import StateLayout
 from .local.manifests import ManifestError, load
 from .local.runner import LocalRunner
-from .local.store import LocalStore, Plural, Resource
+from .local.store import CLUSTER_SCOPE, LocalStore, Plural, Stored
 
 KIND_ALIASES: dict[str, Plural] = {
     "vmdisk": "vmdisks",
@@ -31,6 +33,9 @@ KIND_ALIASES: dict[str, Plural] = {
     "disksnapshot": "disksnapshots",
     "disksnapshots": "disksnapshots",
     "dsnap": "disksnapshots",
+    "vmdiskclass": "vmdiskclasses",
+    "vmdiskclasses": "vmdiskclasses",
+    "vmdc": "vmdiskclasses",
 }
 
 
@@ -100,45 +105,52 @@ def _runner(settings: Settings) -> LocalRunner:
     return LocalRunner(settings, engine, LocalStore(engine.layout))
 
 
-def _table(objects: Sequence[Resource]) -> str:
-    rows = []
-    for obj in objects:
-        if isinstance(obj, DiskSnapshot):
-            st = obj.status
-            rows.append(
-                [
-                    obj.metadata.name,
-                    obj.spec.disk_name,
-                    str(bool(st and st.ready_to_use)).lower(),
-                    st.phase if st else "Pending",
-                    (st.export_path if st else None) or "",
-                ]
-            )
-            header = ["NAME", "DISK", "READY", "PHASE", "EXPORT"]
-        else:
-            ds = obj.status
-            size = ds.virtual_size if ds and ds.virtual_size else None
-            rows.append(
-                [
-                    obj.metadata.name,
-                    (ds.backend if ds else None) or obj.spec.backend or "",
-                    format_bytes(size) if size else str(obj.spec.size or ""),
-                    ds.phase if ds else "Pending",
-                    (ds.path if ds else None) or "",
-                ]
-            )
-            header = ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"]
-    if not rows:
-        return "No resources found."
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
+def _row(obj: Stored) -> tuple[list[str], list[str]]:
+    """The table header and row of one object."""
+    if isinstance(obj, VMDiskClass):
+        default = str(obj.is_default).lower()
+        return ["NAME", "BACKEND", "DEFAULT"], [obj.metadata.name, obj.spec.backend, default]
+    if isinstance(obj, DiskSnapshot):
+        st = obj.status
+        return ["NAME", "DISK", "READY", "PHASE", "EXPORT"], [
+            obj.metadata.name,
+            obj.spec.disk_name,
+            str(bool(st and st.ready_to_use)).lower(),
+            st.phase if st else "Pending",
+            (st.export_path if st else None) or "",
+        ]
+    ds = obj.status
+    size = ds.virtual_size if ds and ds.virtual_size else None
+    return ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"], [
+        obj.metadata.name,
+        (ds.backend if ds else None) or obj.spec.backend or "",
+        format_bytes(size) if size else str(obj.spec.size or ""),
+        ds.phase if ds else "Pending",
+        (ds.path if ds else None) or "",
     ]
-    return "\n".join(lines)
 
 
-def _print(objects: Sequence[Resource], fmt: str) -> None:
+def _table(objects: Sequence[Stored]) -> str:
+    """One table per kind, in the order the kinds first appear."""
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
+    for obj in objects:
+        header, row = _row(obj)
+        tables.setdefault(obj.kind, (header, []))[1].append(row)
+    if not tables:
+        return "No resources found."
+    out = []
+    for header, rows in tables.values():
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        out.append(
+            "\n".join(
+                "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                for r in [header, *rows]
+            )
+        )
+    return "\n\n".join(out)
+
+
+def _print(objects: Sequence[Stored], fmt: str) -> None:
     if fmt == "json":
         data = [dump(o) for o in objects]
         print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
@@ -148,10 +160,15 @@ def _print(objects: Sequence[Resource], fmt: str) -> None:
         print(_table(objects))
 
 
-def _not_ready(objects: Sequence[Resource]) -> list[str]:
+def _not_ready(objects: Sequence[Stored]) -> list[str]:
+    """One line per object that is not Ready, or whose last change was refused."""
     problems = []
     for obj in objects:
+        if isinstance(obj, VMDiskClass):
+            continue  # nothing to reconcile
         status = obj.status
+        refused = [c for c in (status.conditions if status else []) if c.type == "ChangeRefused"]
+        problems += [f"{obj.kind}/{obj.metadata.name}: {c.reason}: {c.message}" for c in refused]
         if (
             status is not None
             and status.phase == "Ready"
@@ -183,15 +200,16 @@ def _cmd_get(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = LocalStore(StateLayout(settings.state_dir))
     plural = KIND_ALIASES[args.kind]
-    objects: list[Resource]
+    objects: list[Stored]
+    namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
     if args.name:
-        found = store.get(plural, args.namespace or "default", args.name)
+        found = store.get(plural, namespace or "default", args.name)
         if found is None:
             print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
             return 1
         objects = [found]
     else:
-        objects = store.list_objects(plural, args.namespace)
+        objects = store.list_objects(plural, namespace)
     _print(objects, args.output)
     return 0
 
@@ -199,9 +217,11 @@ def _cmd_get(args: argparse.Namespace) -> int:
 def _cmd_delete(args: argparse.Namespace) -> int:
     runner = _runner(_settings(args))
     if args.filename is not None:
-        objects: list[Resource] = list(load(args.filename))
+        objects: list[Stored] = list(load(args.filename))
     elif args.kind and args.name:
-        found = runner.store.get(KIND_ALIASES[args.kind], args.namespace, args.name)
+        plural = KIND_ALIASES[args.kind]
+        namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
+        found = runner.store.get(plural, namespace, args.name)
         if found is None:
             print(f"error: {args.kind} {args.name!r} not found", file=sys.stderr)
             return 1
@@ -222,10 +242,10 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     from .api.crd import crd_yaml, crds, write_crds
 
     if args.split:
-        for path in write_crds(args.split):
+        for path in write_crds(args.split, PLUGINS):
             print(path)
     else:
-        print("---\n".join(crd_yaml(c) for c in crds()), end="")
+        print("---\n".join(crd_yaml(c) for c in crds(PLUGINS)), end="")
     return 0
 
 
@@ -275,7 +295,7 @@ def _cmd_orphans(args: argparse.Namespace) -> int:
     else:
         owned = {
             f"{o.metadata.namespace}/{o.metadata.name}"
-            for o in LocalStore(engine.layout).list_objects("vmdisks")
+            for o in LocalStore(engine.layout).list_disks_everywhere()
         }
         orphans = sorted(str(ref) for ref in engine.host_disks() if str(ref) not in owned)
     for ref in orphans:

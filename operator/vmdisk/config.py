@@ -39,11 +39,15 @@ class Settings:
     default_backend: str = "qcow2"
     image_dirs: tuple[Path, ...] = ()
     cache_max_age: float = 24 * 3600.0
-    rbd_pool: str | None = None
-    rbd_user: str | None = None
-    ceph_conf: Path | None = None
+    # Allow-lists: what a VMDiskClass may name on this node; the first entry is
+    # the default for a class that names none.  Comma-separated in the env.
+    rbd_pools: tuple[str, ...] = ()
+    rbd_users: tuple[str, ...] = ()  # Ceph ids without "client."; none: librados' default
+    ceph_confs: tuple[Path, ...] = ()
     rbd_secret_uuid: str | None = None
-    lvm_vg: str | None = None
+    lvm_vgs: tuple[str, ...] = ()
+    # The agent's own namespace: the only one it reads Secrets (class keys) from.
+    namespace: str = "vmdisk-system"
     # Sane ceiling on any image's virtual size (Nova's lesson: a tiny file
     # can claim petabytes).  Not part of the fixed interface.
     max_virtual_size: int = 64 * 1024**4
@@ -80,19 +84,24 @@ class Settings:
             )
         if "VMDISK_CACHE_MAX_AGE" in env:
             values["cache_max_age"] = parse_duration(env["VMDISK_CACHE_MAX_AGE"])
-        if "VMDISK_CEPH_CONF" in env:
-            values["ceph_conf"] = Path(env["VMDISK_CEPH_CONF"])
         for key, name in (
-            ("VMDISK_RBD_POOL", "rbd_pool"),
-            ("VMDISK_RBD_USER", "rbd_user"),
+            ("VMDISK_RBD_POOL", "rbd_pools"),
+            ("VMDISK_RBD_USER", "rbd_users"),
+            ("VMDISK_LVM_VG", "lvm_vgs"),
+        ):
+            if env.get(key):
+                values[name] = _list(env[key])
+        if env.get("VMDISK_CEPH_CONF"):
+            values["ceph_confs"] = tuple(Path(p) for p in _list(env["VMDISK_CEPH_CONF"]))
+        for key, name in (
             ("VMDISK_RBD_SECRET_UUID", "rbd_secret_uuid"),
-            ("VMDISK_LVM_VG", "lvm_vg"),
+            ("VMDISK_NAMESPACE", "namespace"),
         ):
             if env.get(key):
                 values[name] = env[key]
         if "VMDISK_LIBVIRT_URI" in env:
             values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
-        if "VMDISK_IMAGE_HOSTS" in env:
+        if env.get("VMDISK_IMAGE_HOSTS", "").strip():  # blank: unset, public addresses only
             values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
         if "VMDISK_CLUSTER_CIDRS" in env:
             values["cluster_cidrs"] = _cidrs(env["VMDISK_CLUSTER_CIDRS"])
@@ -112,7 +121,13 @@ class Settings:
             # Resolved once: a configured symlink is fine, a planted one below is refused.
             state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
+            ceph_confs=tuple(p.absolute() for p in settings.ceph_confs),
         )
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """``a,b`` (or ``a b``) as ``("a", "b")``."""
+    return tuple(p for p in text.replace(",", " ").split() if p)
 
 
 def _split_list(text: str) -> list[str]:

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import BackendUnavailable, InsufficientCapacity
+from .names import check_lvm_name as check_name
 from .run import CommandError, Result, run
+
+
+def _lv_path(vg: str, name: str) -> str:
+    return f"{check_name('volume group', vg)}/{check_name('logical volume', name)}"
 
 
 class Runner(Protocol):
@@ -148,15 +153,20 @@ class Lvm:
                 raise unavailable from exc
             raise
 
-    def _query(self, command: str, kind: str, fields: str, *args: str) -> list[dict[str, str]]:
-        result = self._run(
-            command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args
-        )
-        return _report(result.stdout, kind)
+    def _query(
+        self, command: str, kind: str, fields: str, *args: str, target: str | None = None
+    ) -> list[dict[str, str]]:
+        argv = [command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields]
+        argv += args
+        if target is not None:
+            argv += ["--", target]  # never an option, whatever it looks like
+        return _report(self._run(*argv).stdout, kind)
 
     # -- queries -------------------------------------------------------------
     def volume_group(self, vg: str) -> VolumeGroup:
-        (row,) = self._query("vgs", "vg", "vg_name,vg_size,vg_free,vg_extent_size", vg)
+        (row,) = self._query(
+            "vgs", "vg", "vg_name,vg_size,vg_free,vg_extent_size", target=check_name("VG", vg)
+        )
         return VolumeGroup(
             row["vg_name"], int(row["vg_size"]), int(row["vg_free"]), int(row["vg_extent_size"])
         )
@@ -164,10 +174,12 @@ class Lvm:
     def volumes(self, vg: str, *, tag: str | None = None) -> list[LogicalVolume]:
         """All LVs of ``vg`` (with ``tag`` only, when given), hidden ones excluded."""
         args = ["-S", f"lv_tags={tag}"] if tag else []
-        return [_lv(r) for r in self._query("lvs", "lv", _LV_FIELDS, *args, vg)]
+        vg = check_name("volume group", vg)
+        return [_lv(r) for r in self._query("lvs", "lv", _LV_FIELDS, *args, target=vg)]
 
     def volume(self, vg: str, name: str) -> LogicalVolume | None:
-        for lv in self._query("lvs", "lv", _LV_FIELDS, "-S", f"lv_name={name}", vg):
+        vg, name = check_name("volume group", vg), check_name("logical volume", name)
+        for lv in self._query("lvs", "lv", _LV_FIELDS, "-S", f"lv_name={name}", target=vg):
             return _lv(lv)
         return None
 
@@ -182,12 +194,14 @@ class Lvm:
         thin_pool: str | None = None,
     ) -> None:
         """A linear LV of ``size`` bytes, or a thin one in ``thin_pool``."""
-        argv = ["lvcreate", "--yes", "--wipesignatures", "y", "-n", name]
+        vg = check_name("volume group", vg)
+        argv = ["lvcreate", "--yes", "--wipesignatures", "y", "-n", check_name("LV", name)]
         argv += _tags(tags)
         if thin_pool is not None:
-            argv += ["--type", "thin", "-V", f"{size}b", "--thinpool", thin_pool, vg]
+            pool = check_name("thin pool", thin_pool)
+            argv += ["--type", "thin", "-V", f"{size}b", "--thinpool", pool, "--", vg]
         else:
-            argv += ["--type", "linear", "-L", f"{size}b", vg]
+            argv += ["--type", "linear", "-L", f"{size}b", "--", vg]
         self._run(*argv)
 
     def snapshot(
@@ -202,12 +216,12 @@ class Lvm:
         origin needs, chunk exceptions included.  The origin's exact size
         would not do: the exception metadata comes on top of it.
         """
-        argv = ["lvcreate", "--yes", "-s", "-n", name, *_tags(tags)]
+        argv = ["lvcreate", "--yes", "-s", "-n", check_name("LV", name), *_tags(tags)]
         if origin.segtype == "thin":
             argv += ["--setactivationskip", "n"]
         else:
             argv += ["-L", f"{cow_request(origin.size)}b"]
-        self._run(*argv, f"{vg}/{origin.name}")
+        self._run(*argv, "--", _lv_path(vg, origin.name))
 
     def extend(self, vg: str, volume: LogicalVolume, size: int) -> None:
         """Grow an LV to ``size`` bytes; a thick origin is grown while inactive.
@@ -218,20 +232,22 @@ class Lvm:
         snapshots keep their size and content (they do not track the origin
         beyond the size it had when they were taken).
         """
-        target = f"{vg}/{volume.name}"
+        target = _lv_path(vg, volume.name)
         if not volume.thick_origin:
-            self._run("lvextend", "-L", f"{size}b", target)
+            self._run("lvextend", "-L", f"{size}b", "--", target)
             return
-        self._run("lvchange", "-an", target)
+        self._run("lvchange", "-an", "--", target)
         try:
-            self._run("lvextend", "-L", f"{size}b", target)
+            self._run("lvextend", "-L", f"{size}b", "--", target)
         finally:
             if volume.active:
                 self.activate(vg, volume.name)
 
     def merge(self, vg: str, snapshot: str) -> None:
         """Merge a snapshot into its origin and wait for it (the origin must not be open)."""
-        self._run("lvconvert", "--merge", "--interval", "1", f"{vg}/{snapshot}", timeout=3600.0)
+        self._run(
+            "lvconvert", "--merge", "--interval", "1", "--", _lv_path(vg, snapshot), timeout=3600.0
+        )
 
     def tag(
         self, vg: str, name: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
@@ -240,11 +256,11 @@ class Lvm:
         for tag in remove:
             argv += ["--deltag", tag]
         argv += _tags(add)
-        self._run(*argv, f"{vg}/{name}")
+        self._run(*argv, "--", _lv_path(vg, name))
 
     def activate(self, vg: str, name: str) -> None:
         # -K: thin snapshots skip activation by default.
-        self._run("lvchange", "-ay", "-K", f"{vg}/{name}")
+        self._run("lvchange", "-ay", "-K", "--", _lv_path(vg, name))
 
     def deactivate(self, vg: str, volume: LogicalVolume) -> None:
         """Deactivate an LV (an origin takes its thick snapshots with it).
@@ -256,12 +272,12 @@ class Lvm:
         """
         if volume.origin and volume.segtype != "thin":
             raise ValueError(f"{vg}/{volume.name} is a thick snapshot; remove it instead")
-        self._run("lvchange", "-an", f"{vg}/{volume.name}")
+        self._run("lvchange", "-an", "--", _lv_path(vg, volume.name))
 
     def remove(self, vg: str, name: str) -> None:
         """Remove an LV, active or not (its device must not be open); a missing one is fine."""
         if self.volume(vg, name) is not None:
-            self._run("lvremove", "--yes", f"{vg}/{name}")
+            self._run("lvremove", "--yes", "--", _lv_path(vg, name))
 
 
 def cow_request(origin_size: int) -> int:

@@ -14,6 +14,7 @@ import rbd
 
 from ..errors import HasDependents
 from .ceph import CephConnection, CephError, CephNotFound
+from .names import check_ceph_name as check_name
 from .run import Progress, run
 
 META_PREFIX = "vmdisk."
@@ -104,6 +105,7 @@ class Cluster(CephConnection):
         return sorted(self.on_pool(f"list pool {pool}", pool, lambda io: rbd.RBD().list(io)))
 
     def create_image(self, pool: str, image: str, size: int) -> None:
+        check_name("image", image)
         self.on_pool(
             f"create {pool}/{image}",
             pool,
@@ -115,6 +117,14 @@ class Cluster(CephConnection):
 
         The child starts with none of the parent's ``vmdisk.`` metadata.
         """
+        for kind, name in (
+            ("pool", parent.pool),
+            ("image", parent.image),
+            ("snapshot", parent.snapshot),
+            ("pool", pool),
+            ("image", image),
+        ):
+            check_name(kind, name)
 
         def work(handle: Any) -> None:
             with (
@@ -140,6 +150,7 @@ class Cluster(CephConnection):
 
     def remove_image(self, pool: str, image: str) -> None:
         """Remove the image and its snapshots; HasDependents while clones use them."""
+        check_name("image", image)
 
         def work(ioctx: Any) -> None:
             try:

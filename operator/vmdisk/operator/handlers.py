@@ -161,8 +161,12 @@ def register(
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): dict(body)}
 
+    @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
+    def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
+        return {name: dict(body)}
+
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"])
+        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"])
 
     def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
         def publish(status: VMDiskStatus) -> None:
