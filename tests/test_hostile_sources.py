@@ -135,6 +135,8 @@ def test_loopback_is_refused_unless_a_cidr_names_it(
         ("http://169.254.169.254/latest/meta-data", "metadata"),
         ("http://[fd00:ec2::254]/latest/meta-data", "metadata"),
         ("http://[::ffff:169.254.169.254]/x", "metadata"),
+        ("http://[64:ff9b::a9fe:a9fe]/x", "metadata"),  # NAT64 of 169.254.169.254
+        ("http://[2002:7f00:1::]/x", "loopback"),  # 6to4 of 127.0.0.1
         ("http://10.96.0.1/api", "cluster range 10.96.0.0/12"),
         ("http://0.0.0.0:{secret}/latest/meta-data", "unspecified"),
         ("http://127.0.0.2:{secret}/latest/meta-data", "loopback"),

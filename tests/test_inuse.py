@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PATTERN, Manifest, MiB, sha256_of
+from conftest import PATTERN, Manifest, MiB, rbd_class, sha256_of
 from libvirtd import qemu_open_files, query_block, running_domain
 from vmdisk.api.common import Condition
 from vmdisk.api.snapshot import DiskSnapshot
@@ -197,7 +197,10 @@ def test_clone_and_delete_wait_while_the_source_is_held(
     with running_domain(libvirt_system, xml) as domain:
         (waiting,) = runner.apply([clone])
         assert ready_condition(waiting).reason == "DiskInUse"
-        assert runner.engine.registry.get("raw").state(runner.engine.disk_ref(clone)) is None
+        assert (
+            runner.engine.registry.get("raw").state(runner.engine.disk_ref(clone, runner.store))
+            is None
+        )
         domain.destroy()
     (copied,) = runner.apply([clone])
     assert copied.status is not None and copied.status.phase == "Ready"
@@ -385,11 +388,13 @@ def rbd_runner(state_dir: Path, image_dir: Path, ceph_cluster: Any) -> Iterator[
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=RBD_POOL,
-        ceph_conf=ceph_cluster.conf,
+        rbd_pools=(RBD_POOL,),
+        ceph_confs=(ceph_cluster.conf,),
     )
     engine = Engine.build(settings)
-    yield LocalRunner(settings, engine, LocalStore(engine.layout))
+    store = LocalStore(engine.layout)
+    rbd_class(store, image_dir, RBD_POOL)
+    yield LocalRunner(settings, engine, store)
     engine.close()
 
 

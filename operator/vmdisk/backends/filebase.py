@@ -120,8 +120,8 @@ class FileBackend(ABC):
                 "or choose another name"
             )
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
-        remove_path(partial)  # leftovers of a crashed attempt
         ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+        remove_path(partial)  # leftovers of a crashed attempt
         partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)

@@ -9,7 +9,9 @@ from typing import ClassVar, Literal
 from ..host import qemu_img
 from ..host.files import remove_path, sparse_copy
 from .base import (
+    BackendPlugin,
     Blank,
+    ClassParameters,
     CreateRequest,
     DiskRef,
     DiskState,
@@ -83,3 +85,11 @@ class RawBackend(CopySnapshots):
         state = self.state(ref)
         assert state is not None
         return state
+
+
+PLUGIN = BackendPlugin(
+    RawBackend.name,
+    ClassParameters,
+    lambda settings, layout: RawBackend(layout),
+    builtin_class=True,
+)

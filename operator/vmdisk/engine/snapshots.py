@@ -46,7 +46,7 @@ def _snapshot_backend(
     backend = engine.registry.get(disk.status.backend)
     if not isinstance(backend, SupportsSnapshots):
         raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
-    return backend, backend, engine.disk_ref(disk)
+    return backend, backend, engine.disk_ref(disk, lookup)
 
 
 def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
@@ -172,14 +172,14 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
     if disk is not None and disk.status is not None and disk.status.backend is not None:
         backend = engine.registry.get(disk.status.backend)
     if disk is not None and isinstance(backend, SupportsDependents):
-        clones = backend.snapshot_dependents(engine.disk_ref(disk), name, pool)
+        clones = backend.snapshot_dependents(engine.disk_ref(disk, lookup), name, pool)
         if clones:
             raise HasDependents(
                 f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
                 "flatten them (spec.rbd.flatten: true) or delete them first"
             )
     if disk is not None and isinstance(backend, SupportsSnapshots):
-        ref = engine.disk_ref(disk)
+        ref = engine.disk_ref(disk, lookup)
         if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
             # Removing an internal snapshot rewrites the live image file.
             require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
@@ -187,7 +187,7 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
         remove_path(engine.layout.export_file(namespace, name, export.format))
     if disk is None or backend is None:
         return  # the disk (and with it the snapshot) is gone
-    ref = engine.disk_ref(disk)
+    ref = engine.disk_ref(disk, lookup)
     if pool is not None and isinstance(backend, SupportsDirectSnapshot):
         backend.remove_direct_snapshot(ref, name, pool)
     if isinstance(backend, SupportsSnapshots):

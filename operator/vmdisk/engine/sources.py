@@ -40,16 +40,18 @@ def resolve_source(
     cache: ImageCache,
     registry: Registry,
     ref_of: Callable[[VMDisk], DiskRef],
+    policy: SourcePolicy,
     progress: Callable[[int, int | None], None] | None = None,
-    policy: SourcePolicy | None = None,
 ) -> ResolvedSource:
     """Turn ``spec.source`` into backend content; images are fetched and checked here.
 
-    ``policy`` is what the disk's class lets it read (None: the node's default).
+    ``policy`` is what the disk's class lets it read,
+    checked by the cache at every hop and on cache hits.
     """
     source = disk.spec.source
     if source.image is not None and source.image.url.startswith("rbd://"):
-        # Already in the backend's store: the backend clones it (and checks its size).
+        # Already in the backend's store: the backend clones it (and checks its size)
+        # with the class's own Ceph identity, whose caps bound what it may read.
         return ResolvedSource(FromStore(source.image.url), 0)
     if source.image is not None:
         image = cache.get(
