@@ -16,6 +16,7 @@ from schema import CRDValidationError, crd_schema, validate_against_crd
 from vmdisk.api import DiskSnapshot, DiskSnapshotStatus, VMDisk, VMDiskStatus, dump
 from vmdisk.api.common import Condition
 from vmdisk.api.crd import RULES, crd_filename, crd_yaml, crds, crds_yaml, write_crds
+from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.backends.registry import PLUGINS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -413,3 +414,59 @@ def test_every_rule_compiles_in_cel() -> None:
         for rules in table.values():
             for rule in rules:
                 env.compile(rule["rule"])
+
+
+# --- VMDiskClass: each backend's parameters only in its own classes ---------------------
+
+
+def _class(backend: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "vmdisk.io/v1alpha1",
+        "kind": "VMDiskClass",
+        "metadata": {"name": f"{backend}-class"},
+        "spec": {"backend": backend, **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        _class("lvm", parameters={"volumeGroup": "vg0", "thin": True}),
+        _class("rbd", parameters={"pool": "vms", "user": "vmdisk", "cephConf": "/etc/ceph/c"}),
+        _class("qcow2", imageSources={"allowedHosts": ["*.example.com", "10.0.0.0/8"]}),
+        _class("raw", limits={"maxSize": "2Ti", "iotune": {"totalIopsSec": 100}}),
+    ],
+    ids=["lvm", "rbd", "qcow2", "raw"],
+)
+def test_valid_classes(obj: dict[str, Any]) -> None:
+    defaulted = validate_against_crd(obj)
+    assert VMDiskClass.model_validate(defaulted) == VMDiskClass.model_validate(obj)
+    # The union schema carries no defaults: one backend's never lands in another's class.
+    assert defaulted["spec"].get("parameters", {}) == obj["spec"].get("parameters", {})
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        (_class("lvm", parameters={"pool": "vms"}), "parameters of a lvm class"),
+        (_class("rbd", parameters={"volumeGroup": "vg0"}), "parameters of a rbd class"),
+        (_class("raw", parameters={"thin": True}), "parameters of a raw class: none"),
+        (_class("lvm", parameters={"volumeGroup": "--select=x"}), "does not match"),
+        (_class("rbd", parameters={"user": "a:b"}), "does not match"),
+        (_class("zfs"), "is not one of"),
+        (
+            _class("raw", limits={"iotune": {"totalIopsSec": 1, "readIopsSec": 1}}),
+            "totalIopsSec cannot be combined",
+        ),
+        ({**_class("raw"), "metadata": {"name": "Bad_Name"}}, None),
+    ],
+    ids=["lvm-pool", "rbd-vg", "raw-thin", "vg-option", "user-colon", "zfs", "iotune", "name"],
+)
+def test_invalid_classes(obj: dict[str, Any], expected: str | None) -> None:
+    if expected is None:  # metadata is the apiserver's business; the model refuses it
+        with pytest.raises(pydantic.ValidationError):
+            VMDiskClass.model_validate(obj)
+        return
+    with pytest.raises(CRDValidationError) as err:
+        validate_against_crd(obj)
+    assert any(expected in line for line in err.value.errors), err.value.errors

@@ -34,7 +34,12 @@ from vmdisk.backends.lvm_names import crypt_mapping, disk_lv, dm_escape, snapsho
 from vmdisk.backends.registry import Registry, default_registry
 from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
-from vmdisk.errors import BackendUnavailable, InsufficientCapacity, ThinPoolUnsafe
+from vmdisk.errors import (
+    BackendUnavailable,
+    ClassNotAllowed,
+    InsufficientCapacity,
+    ThinPoolUnsafe,
+)
 from vmdisk.host.crypt import Crypt, WrongKey
 from vmdisk.host.lvm import Lvm
 from vmdisk.host.run import run
@@ -494,7 +499,7 @@ def test_the_backend_refuses_a_volume_group_it_was_not_given(
     backend: LvmBackend, volume_group: VolumeGroup
 ) -> None:
     """Defence in depth: a reference naming another VG never reaches lvm either."""
-    from vmdisk.errors import ClassNotAllowed, UnsafeName
+    from vmdisk.errors import UnsafeName
 
     _foreign_lv(volume_group, "vms_victim")
     with pytest.raises(ClassNotAllowed):
@@ -534,6 +539,30 @@ def test_a_class_edit_never_moves_an_existing_disk(
     assert "maxSize: 20Mi" in change.message
     lv = volume_group.lvm.volume(volume_group.name, "vms_db")
     assert lv is not None and lv.size == 16 * MiB
+
+
+@in_vm
+def test_a_pinned_class_is_still_bounded_by_the_settings(
+    lvm_engine: Engine, volume_group: VolumeGroup, disk: Manifest
+) -> None:
+    """A status naming another VG (hand-edited, or settings narrowed since) is refused."""
+    engine, store = lvm_engine, LocalStore(lvm_engine.layout)
+    store.apply(lvm_class("db", parameters={"volumeGroup": volume_group.name}))
+    obj = disk("db", "lvm", source={"blank": {}}, size="8Mi", className="db")
+    made = engine.reconcile_disk(obj, store)
+    assert made.phase == "Ready" and made.pinned_class is not None
+    _foreign_lv(volume_group, "vms_victim")
+    before = volume_group.lvm.volumes(volume_group.name)
+    forged = made.pinned_class.model_copy(update={"parameters": {"volumeGroup": "other-vg"}})
+    status = made.model_copy(update={"pinned_class": forged})
+    victim = disk("victim", "lvm", source={"blank": {}}, size="8Mi", className="db")
+    forged_disk = victim.model_copy(update={"status": status})
+    result = engine.reconcile_disk(forged_disk, store)
+    ready = next(c for c in result.conditions if c.type == "Ready")
+    assert (result.phase, ready.reason) == ("Failed", "ClassNotAllowed")
+    with pytest.raises(ClassNotAllowed):
+        engine.delete_disk(forged_disk, store)
+    assert volume_group.lvm.volumes(volume_group.name) == before
 
 
 @in_vm

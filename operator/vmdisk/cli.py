@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -15,13 +16,13 @@ from . import __version__
 from .api.common import dump
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
+from .api.vmdisk import VMDisk
 from .api.vmdiskclass import VMDiskClass
 from .backends.registry import PLUGINS
 from .config import Settings, parse_duration
 from .engine.reconcile import Engine
 from .errors import VMDiskError
 from .host.files import host_error
-from .layout import StateLayout
 from .local.manifests import ManifestError, load
 from .local.runner import LocalRunner
 from .local.store import CLUSTER_SCOPE, LocalStore, Plural, Stored
@@ -39,60 +40,92 @@ KIND_ALIASES: dict[str, Plural] = {
 }
 
 
+def _namespace_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """One ``-n`` for every command: the same default and the same words."""
+    parser.add_argument("-n", "--namespace", metavar="NS", help=what)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, help="state directory [VMDISK_STATE_DIR]")
     common.add_argument("--node", help="this node's name [VMDISK_NODE_NAME, hostname]")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("-o", "--output", choices=("yaml", "json", "table"), default="table")
-    output.add_argument("-n", "--namespace", help="only this namespace")
+    output.add_argument(
+        "-o", "--output", choices=("yaml", "json", "table"), default="table", help="[table]"
+    )
 
     parser = argparse.ArgumentParser(prog="vmdisk", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vmdisk {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    apply = sub.add_parser("apply", parents=[common, output], help="reconcile manifests locally")
-    apply.add_argument("-f", "--filename", type=Path, required=True, help="file or directory")
+    def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> Any:
+        return sub.add_parser(name, parents=list(parents), help=summary, description=summary)
 
-    get = sub.add_parser("get", parents=[common, output], help="show objects and their status")
-    get.add_argument("kind", nargs="?", default="vmdisks", choices=sorted(KIND_ALIASES))
-    get.add_argument("name", nargs="?")
+    apply = command(
+        "apply",
+        "create or update objects from manifests and reconcile them on this host",
+        common,
+        output,
+    )
+    apply.add_argument(
+        "-f", "--filename", type=Path, required=True, help="manifest file or directory"
+    )
+    _namespace_option(apply, "namespace for objects that name none (others must match) [default]")
 
-    delete = sub.add_parser("delete", parents=[common], help="delete objects and their data")
-    delete.add_argument("-f", "--filename", type=Path)
-    delete.add_argument("-n", "--namespace", default="default")
-    delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
-    delete.add_argument("name", nargs="?")
+    get = command(
+        "get", "show objects and their status (disks checked against the host)", common, output
+    )
+    get.add_argument(
+        "kind", nargs="?", default="vmdisks", choices=sorted(KIND_ALIASES), help="[vmdisks]"
+    )
+    get.add_argument("name", nargs="?", help="one object (in -n, [default]); all when omitted")
+    _namespace_option(get, "the object's namespace [default], or the only one to list [all]")
 
-    run = sub.add_parser("run", parents=[common], help="run the node agent (cluster mode)")
+    delete = command("delete", "delete objects and, per deletionPolicy, their data", common)
+    delete.add_argument("-f", "--filename", type=Path, help="delete what these manifests name")
+    delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES), help="kind of NAME")
+    delete.add_argument("name", nargs="?", help="the object to delete")
+    _namespace_option(delete, "namespace of the object [default]")
+
+    run = command("run", "run the node agent (cluster mode)", common)
     run.add_argument(
         "--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
     run.add_argument("--workers", type=int, default=4, help="concurrent disk operations [4]")
     run.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
     run.add_argument(
-        "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds"
+        "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds [600]"
     )
     run.add_argument(
-        "--verify-interval", type=float, default=60.0, help="host check of Ready disks, seconds"
+        "--verify-interval",
+        type=float,
+        default=60.0,
+        help="host check of Ready disks, seconds [60]",
     )
     run.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="[text]")
 
-    orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
-    orphans.add_argument("-n", "--namespace", help="only this namespace")
+    orphans = command("orphans", "list disk data on this host that no VMDisk owns", common)
+    _namespace_option(orphans, "only this namespace [all]")
+    orphans.add_argument(
+        "-o", "--output", choices=("json", "table"), default="table", help="[table]"
+    )
 
-    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions")
+    crds = command("crds", "print the CustomResourceDefinitions")
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
-    cache = sub.add_parser("cache", parents=[common], help="inspect or prune the image cache")
-    cache.add_argument("action", choices=("list", "prune"))
+    cache = command("cache", "list or prune the node's image cache", common)
     cache.add_argument(
-        "--max-age", help="prune entries unused for this long [VMDISK_CACHE_MAX_AGE]"
+        "action", choices=("list", "prune"), help="list entries, or remove unused ones"
     )
+    cache.add_argument(
+        "--max-age",
+        help="prune entries unused this long, with a unit: 30m, 24h, 7d [VMDISK_CACHE_MAX_AGE]",
+    )
+    cache.add_argument("-o", "--output", choices=("json", "table"), default="table", help="[table]")
     return parser
 
 
@@ -183,7 +216,7 @@ def _not_ready(objects: Sequence[Stored]) -> list[str]:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    objects = load(args.filename, max_size=settings.max_virtual_size)
+    objects = load(args.filename, max_size=settings.max_virtual_size, namespace=args.namespace)
     runner = _runner(settings)
     try:
         results = runner.apply(objects)
@@ -198,7 +231,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = LocalStore(StateLayout(settings.state_dir))
+    engine = Engine.build(settings)
+    store = LocalStore(engine.layout)
     plural = KIND_ALIASES[args.kind]
     objects: list[Stored]
     namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
@@ -210,18 +244,30 @@ def _cmd_get(args: argparse.Namespace) -> int:
         objects = [found]
     else:
         objects = store.list_objects(plural, namespace)
-    _print(objects, args.output)
+    _print([_checked(engine, obj) for obj in objects], args.output)
     return 0
+
+
+def _checked(engine: Engine, obj: Stored) -> Stored:
+    """A Ready disk as the host has it now (a cheap header read), not as last saved.
+
+    Shared stores (RBD) are not asked: that would be a network call per disk.
+    Nothing is written: the next apply records what changed.
+    """
+    if not isinstance(obj, VMDisk) or obj.status is None or obj.status.shared:
+        return obj
+    status = engine.verify_disk(obj)
+    return obj if status is None else obj.model_copy(update={"status": status})
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     runner = _runner(_settings(args))
     if args.filename is not None:
-        objects: list[Stored] = list(load(args.filename))
+        objects: list[Stored] = list(load(args.filename, namespace=args.namespace))
     elif args.kind and args.name:
         plural = KIND_ALIASES[args.kind]
         namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
-        found = runner.store.get(plural, namespace, args.name)
+        found = runner.store.get(plural, namespace or "default", args.name)
         if found is None:
             print(f"error: {args.kind} {args.name!r} not found", file=sys.stderr)
             return 1
@@ -255,15 +301,24 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     in_use = engine.cache_in_use()
     if args.action == "list":
         entries = engine.cache.entries(in_use)
-        print(f"{'ID':<73} {'FORMAT':<7} {'SIZE':>10} {'IN USE':<6} SOURCE")
+        if args.output == "json":
+            fields = ("id", "format", "virtual_size", "size", "last_used", "source_url", "in_use")
+            items = [{k: getattr(e, k) for k in fields} for e in entries]
+            for item in items:
+                item["allocated_bytes"] = item.pop("size")
+                item["path"] = str(engine.cache.root / str(item["id"]))
+            print(json.dumps({"items": items}, indent=2))
+            return 0
+        print(f"{'ID':<73} {'FORMAT':<7} {'VIRTUAL':>10} {'ALLOCATED':>10} {'IN USE':<6} SOURCE")
         for e in entries:
             used = "yes" if e.in_use else "no"
-            size = format_bytes(e.size)
-            print(f"{e.id:<73} {e.format:<7} {size:>10} {used:<6} {e.source_url or ''}")
+            virtual, allocated = format_bytes(e.virtual_size), format_bytes(e.size)
+            source = e.source_url or ""
+            print(f"{e.id:<73} {e.format:<7} {virtual:>10} {allocated:>10} {used:<6} {source}")
         return 0
     max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age
     for e in engine.cache.prune(max_age, in_use):
-        print(f"removed {e.id} ({format_bytes(e.size)})")
+        print(f"removed {e.id} ({format_bytes(e.size)} allocated)")
     return 0
 
 
@@ -298,8 +353,11 @@ def _cmd_orphans(args: argparse.Namespace) -> int:
             for o in LocalStore(engine.layout).list_disks_everywhere()
         }
         orphans = sorted(str(ref) for ref in engine.host_disks() if str(ref) not in owned)
-    for ref in orphans:
-        if args.namespace is None or ref.startswith(f"{args.namespace}/"):
+    shown = [r for r in orphans if args.namespace is None or r.startswith(f"{args.namespace}/")]
+    if args.output == "json":
+        print(json.dumps({"items": shown}, indent=2))
+    else:
+        for ref in shown:
             print(ref)
     return 0
 
@@ -317,8 +375,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Without -v only errors are logged: every failure reaches the user once,
+    # in the command's own summary on stderr.
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

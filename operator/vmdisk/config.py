@@ -15,10 +15,16 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m`` (or plain seconds)."""
+    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m``; the unit is required.
+
+    A bare number is refused: ``3`` meaning three seconds (not days, not
+    hours) is how a cache is emptied by mistake.
+    """
     text = text.strip()
     if text.isdigit():
-        return float(text)
+        raise ValueError(
+            f"invalid duration {text!r}: give a unit, e.g. {text}s, {text}h or {text}d"
+        )
     pos, total = 0, 0
     for match in _DURATION.finditer(text):
         if match.start() != pos:
@@ -83,7 +89,7 @@ class Settings:
                 Path(p) for p in env["VMDISK_IMAGE_DIRS"].split(os.pathsep) if p
             )
         if "VMDISK_CACHE_MAX_AGE" in env:
-            values["cache_max_age"] = parse_duration(env["VMDISK_CACHE_MAX_AGE"])
+            values["cache_max_age"] = _duration("VMDISK_CACHE_MAX_AGE", env["VMDISK_CACHE_MAX_AGE"])
         for key, name in (
             ("VMDISK_RBD_POOL", "rbd_pools"),
             ("VMDISK_RBD_USER", "rbd_users"),
@@ -111,7 +117,7 @@ class Settings:
             ("VMDISK_FETCH_RATE_WINDOW", "fetch_rate_window"),
         ):
             if env.get(key):
-                values[name] = _positive(key, parse_duration(env[key]))
+                values[name] = _positive(key, _duration(key, env[key]))
         if env.get("VMDISK_FETCH_MIN_RATE"):
             values["fetch_min_rate"] = _rate(env["VMDISK_FETCH_MIN_RATE"])
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -123,6 +129,14 @@ class Settings:
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
             ceph_confs=tuple(p.absolute() for p in settings.ceph_confs),
         )
+
+
+def _duration(key: str, text: str) -> float:
+    """``parse_duration``, its error naming the variable."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def _list(text: str) -> tuple[str, ...]:

@@ -226,6 +226,12 @@ class VMDiskStatus(StatusModel):
     base_image: str | None = None
     progress: str | None = None
     libvirt_xml: str | None = Field(default=None, alias="libvirtXML")
+    libvirt_filesystem_xml: str | None = Field(
+        default=None,
+        alias="libvirtFilesystemXML",
+        description="A libvirt <filesystem> element mounting the disk as a container's root "
+        "filesystem (Nova's libvirt_fs_info; LXC domains). Absent for network disks (rbd).",
+    )
     shared: bool | None = None
     restored_snapshot: str | None = None
     parent: str | None = Field(

@@ -149,7 +149,7 @@ class CreateRequest:
     content: Content
     preallocation: Preallocation = "none"
     progress: Callable[[float], None] | None = None  # percent of a long copy or conversion
-    # The key of an encrypted disk (spec.encryption); never printed.
+    # The key of an encrypted disk (its class's encryption); never printed.
     encryption_key: bytes | None = field(default=None, repr=False)
 
 

@@ -178,7 +178,7 @@ class LvmBackend:
             return None
         if (LUKS2 in volume.tags) != ref.encrypted:
             raise InvalidSpec(
-                "spec.encryption cannot be added to or removed from an existing disk "
+                "encryption cannot be added to or removed from an existing disk "
                 f"(the LV of {ref} is {'' if LUKS2 in volume.tags else 'not '}encrypted)"
             )
         return volume
@@ -271,7 +271,7 @@ class LvmBackend:
                 reason="SourceNotSupported",
             )
         if ref.encrypted != (request.encryption_key is not None):
-            raise InvalidSpec(f"disk {ref}: spec.encryption is set but no key was given")
+            raise InvalidSpec(f"disk {ref}: its class encrypts but no key was given")
         if not params.thin:
             return
         vg = self._vg(ref)

@@ -44,6 +44,7 @@ from ..host.rbd_images import Cluster, ImageFacts, SnapshotSpec
 from ..layout import StateLayout
 from .base import (
     Blank,
+    Capacity,
     CreateRequest,
     DiskLocation,
     DiskRef,
@@ -193,7 +194,7 @@ class RbdBackend:
     def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
         if ref.encrypted:
             raise UnsupportedOperation(
-                "spec.encryption: the rbd backend cannot encrypt disks (use lvm)"
+                "encryption: the rbd backend cannot encrypt disks (use an lvm class)"
             )
         if request.preallocation not in self.preallocations:
             raise InvalidSpec(
@@ -407,6 +408,15 @@ class RbdBackend:
         cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
         if cluster.metadata(pool, image).get(NODE) != self.settings.node_name:
             cluster.set_metadata(pool, image, {NODE: self.settings.node_name})
+
+    # -- SupportsCapacity -------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        """The node's default pool: what it stores plus what it can still take, and the latter."""
+        pool = self.settings.pool
+        if pool is None:
+            raise UnsupportedOperation("no default RBD pool (VMDISK_RBD_POOL) to report on")
+        stored, available = self.cluster(DiskRef("-", "-", pool)).pool_usage(pool)
+        return Capacity(pool, stored + available, available)
 
     # -- SupportsInventory ------------------------------------------------------------------
     def inventory(self) -> list[DiskRef]:

@@ -130,9 +130,11 @@ def resolve_class(
         return ResolvedClass(
             pin.name,
             backend,
+            # Checked against the node's settings again: whoever can write status
+            # (or an administrator narrowing the settings) gets no further than a class.
             _parameters(
                 registry, backend, pin.parameters, f"class {pin.name!r}: status.class.parameters"
-            ),
+            ).resolve(settings),
             pin.key_secret_ref,
             # The class's limits now; the ones it had while it is gone.
             current.spec.limits if current is not None else (pin.limits or ClassLimits()),

@@ -49,7 +49,7 @@ from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import check_device, render_disk
+from ..libvirt import check_device, container_filesystem, render_disk
 from .classes import ResolvedClass, resolve_class
 from .inuse import holder, require_offline
 from .limits import check_size, effective_iotune
@@ -381,6 +381,7 @@ class Engine:
                 "base_image": host.base_image,
                 "progress": "100%",
                 "libvirt_xml": render_disk(location, libvirt),
+                "libvirt_filesystem_xml": container_filesystem(location),
                 "shared": backend.shared,
                 "restored_snapshot": host.restored_snapshot,
                 "parent": host.parent,

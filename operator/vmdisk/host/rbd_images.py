@@ -6,6 +6,7 @@ Bulk data never flows through Python: imports, copies and exports are
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,28 @@ class Cluster(CephConnection):
             return self.on_image(f"inspect {pool}/{image}", pool, image, read, read_only=True)
         except CephNotFound:
             return None
+
+    def pool_usage(self, pool: str) -> tuple[int, int]:
+        """``(stored, max_avail)`` bytes of ``pool``, as ``ceph df`` reports them.
+
+        ``max_avail`` is what the pool can still take given its replication
+        and its fullest OSD: the figure an operator plans with.  The monitors
+        answer with the manager's statistics (a cluster without a ceph-mgr
+        reports nothing, and this raises CephError).
+        """
+
+        def work(handle: Any) -> tuple[int, int]:
+            command = json.dumps({"prefix": "df", "format": "json"})
+            ret, out, err = handle.mon_command(command, b"", timeout=self.access.op_timeout)
+            if ret != 0:
+                raise CephError(f"ceph df failed ({ret}): {err}")
+            for entry in json.loads(out).get("pools", []):
+                if entry.get("name") == pool:
+                    stats = entry["stats"]
+                    return int(stats["stored"]), int(stats["max_avail"])
+            raise CephError(f"ceph df reports nothing for pool {pool!r} (is a ceph-mgr running?)")
+
+        return self.call(f"usage of pool {pool}", work)
 
     def list_images(self, pool: str) -> list[str]:
         return sorted(self.on_pool(f"list pool {pool}", pool, lambda io: rbd.RBD().list(io)))

@@ -156,10 +156,14 @@ def _files(target: Path) -> list[Path]:
     return [target]
 
 
-def parse(doc: Any, where: str, *, max_size: int | None = None) -> Object:
+def parse(
+    doc: Any, where: str, *, max_size: int | None = None, namespace: str | None = None
+) -> Object:
     """Validate one decoded manifest; raises ManifestError naming each bad field.
 
     ``max_size`` is the node's largest disk (Settings.max_virtual_size).
+    ``namespace`` (``apply -n``) is given to objects without one and must match
+    the others', as ``kubectl apply -n`` does.
     """
     if not isinstance(doc, dict):
         raise ManifestError([f"{where}: not a Kubernetes object (a mapping is expected)"])
@@ -167,6 +171,14 @@ def parse(doc: Any, where: str, *, max_size: int | None = None) -> Object:
     model = KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ManifestError([f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}"])
+    namespaced = model is not VMDiskClass  # classes are cluster-scoped: -n is not theirs
+    if namespace is not None and namespaced and isinstance(doc.get("metadata"), dict):
+        given = doc["metadata"].get("namespace")
+        if given is not None and given != namespace:
+            raise ManifestError(
+                [f"{where}: metadata.namespace: {given!r} does not match -n {namespace!r}"]
+            )
+        doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
     name = (
         (doc.get("metadata") or {}).get("name", "?")
         if isinstance(doc.get("metadata"), dict)
@@ -205,7 +217,9 @@ def _check_class(obj: VMDiskClass) -> None:
         raise ValueError("; ".join(lines)) from None
 
 
-def load(target: Path, *, max_size: int | None = None) -> list[Object]:
+def load(
+    target: Path, *, max_size: int | None = None, namespace: str | None = None
+) -> list[Object]:
     """All objects in a file or a directory of files; every problem reported at once."""
     if not target.exists():
         raise ManifestError([f"{target}: no such file or directory"])
@@ -226,7 +240,7 @@ def load(target: Path, *, max_size: int | None = None) -> list[Object]:
         for index, doc in enumerate(docs, start=1):
             where = f"{path}" + (f" (document {index})" if len(docs) > 1 else "")
             try:
-                objects.append(parse(doc, where, max_size=max_size))
+                objects.append(parse(doc, where, max_size=max_size, namespace=namespace))
             except ManifestError as exc:
                 problems.extend(exc.problems)
     if problems:

@@ -35,14 +35,20 @@ def backoff(retry: int) -> float:
     return float(min(300, 5 * 2 ** min(retry, 10)))
 
 
-def _ready(status: Status | None) -> Condition | None:
+def _ready(status: Status | None, kind: str = "Ready") -> Condition | None:
     if status is None:
         return None
-    return next((c for c in status.conditions if c.type == "Ready"), None)
+    return next((c for c in status.conditions if c.type == kind), None)
 
 
 def _report(body: Any, old: Status | None, new: Status) -> None:
-    """A Kubernetes Event for every change of phase or reason, none for repeats."""
+    """A Kubernetes Event for every change of phase or reason, none for repeats.
+
+    A refused change leaves ``Ready`` as it was, so it gets its own Warning.
+    """
+    refused, was_refused = _ready(new, "ChangeRefused"), _ready(old, "ChangeRefused")
+    if refused is not None and (was_refused is None or was_refused.message != refused.message):
+        kopf.warn(body, reason=refused.reason, message=refused.message)
     before, after = _ready(old), _ready(new)
     if after is None:
         return
