@@ -18,3 +18,13 @@ def test_every_reason_is_documented() -> None:
     guide = (ROOT / "docs" / "operations.md").read_text()
     missing = sorted(r for r in reasons if f"`{r}`" not in guide)
     assert missing == [], f"add these reasons to docs/operations.md: {missing}"
+
+
+def test_readme_crd_upgrade_takes_over_helms_fields() -> None:
+    # Helm creates the CRDs on install under its own field manager; a server-side apply
+    # of changed CRDs conflicts with it unless it forces.
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"`(kubectl apply --server-side[^`]*)`", readme)
+    assert commands == [
+        "kubectl apply --server-side --force-conflicts -f charts/vmdisk-operator/crds/"
+    ]

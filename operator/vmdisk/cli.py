@@ -13,6 +13,7 @@ import yaml
 
 from . import __version__
 from .api.common import dump
+from .api.crd import MIN_KUBERNETES
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
 from .config import Settings, parse_duration
@@ -73,12 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
+    run.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address the metrics endpoint binds, e.g. 127.0.0.1 or :: [0.0.0.0]",
+    )
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="[text]")
 
     orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
     orphans.add_argument("-n", "--namespace", help="only this namespace")
 
-    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions")
+    needs = f"the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)"
+    crds = sub.add_parser("crds", help=f"print {needs}", description=f"Print {needs}.")
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
     cache = sub.add_parser("cache", parents=[common], help="inspect or prune the image cache")
@@ -216,6 +224,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
+    """Print (or --split into files) the CRDs; they need Kubernetes 1.29 or newer."""
     from .api.crd import crd_yaml, crds, write_crds
 
     if args.split:
@@ -257,6 +266,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scan_interval=args.scan_interval,
         verify_interval=args.verify_interval,
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
     )
     return 0
 
