@@ -24,6 +24,7 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
+    online_grow,
     operator_latency,
     operator_scale,
     raw_copy,
@@ -38,6 +39,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "d": ("download throughput vs curl", download_speed.run),
     "e": ("the operator at scale against the kmock API server", operator_scale.run),
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
+    "g": ("online grow under a running domain vs virsh blockresize", online_grow.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"

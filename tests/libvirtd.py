@@ -182,3 +182,35 @@ def boot_and_inspect(conn: Any, disk_xml: str) -> list[OpenedImage]:
 def boot_and_query(conn: Any, disk_xml: str) -> list[str]:
     """The image file names QEMU opened for ``disk_xml``, top layer first."""
     return [image.filename for image in boot_and_inspect(conn, disk_xml)]
+
+
+@contextlib.contextmanager
+def running_domain(conn: Any, disk_xml: str) -> Iterator[Any]:
+    """A transient guest holding ``disk_xml`` while the block runs; destroyed after.
+
+    Tests may destroy it earlier themselves (``domain.destroy()``).
+    """
+    name = f"vmdisk-boot-{uuid.uuid4().hex[:12]}"
+    flags = libvirt.VIR_DOMAIN_START_AUTODESTROY | libvirt.VIR_DOMAIN_START_VALIDATE
+    domain = conn.createXML(probe_domain_xml(disk_xml, name), flags)
+    try:
+        yield domain
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.destroy()
+
+
+def query_block(domain: Any) -> list[dict[str, Any]]:
+    """QEMU's own view of the guest's block devices (``query-block``), inserted ones only."""
+    reply = libvirt_qemu.qemuMonitorCommand(domain, '{"execute": "query-block"}', 0)
+    return [d for d in json.loads(reply)["return"] if "inserted" in d]
+
+
+def qemu_open_files(domain: Any) -> list[str]:
+    """What the domain's QEMU process has open (``/proc/PID/fd`` targets)."""
+    pid = int(Path(f"/run/libvirt/qemu/{domain.name()}.pid").read_text().strip())
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            found.append(os.readlink(fd))
+    return found

@@ -6,7 +6,10 @@ from pathlib import Path
 
 from conftest import Manifest
 from test_backends import apply, image_source, ready_reason, status_of
+from vmdisk.api.vmdisk import VMDisk
+from vmdisk.engine.reconcile import Engine
 from vmdisk.local.runner import LocalRunner
+from vmdisk.local.store import LocalStore
 
 
 def test_a_failed_clone_does_not_block_deleting_its_source(
@@ -20,3 +23,20 @@ def test_a_failed_clone_does_not_block_deleting_its_source(
 
     assert runner.delete([source]) == []
     assert not Path(status_of(source).path or "").exists()
+
+
+def test_deletion_says_what_happened_to_the_data(
+    engine: Engine, store: LocalStore, runner: LocalRunner, disk: Manifest
+):
+    """The text of the operator's ``Deleted`` event comes from the engine."""
+    (kept,) = apply(
+        runner, disk("kept", "raw", source={"blank": {}}, size="1Mi", deletionPolicy="Retain")
+    )
+    (gone,) = apply(runner, disk("gone", "raw", source={"blank": {}}, size="1Mi"))
+    assert isinstance(kept, VMDisk) and isinstance(gone, VMDisk)
+    path = status_of(kept).path or ""
+    assert engine.delete_disk(kept, store) == f"disk data kept at {path} (deletionPolicy: Retain)"
+    assert Path(path).exists()
+    removed = engine.delete_disk(gone, store)
+    assert removed == f"disk data removed from {status_of(gone).path} (deletionPolicy: Delete)"
+    assert not Path(status_of(gone).path or "").exists()

@@ -86,6 +86,20 @@ def test_every_backend_and_source_kind_is_shown() -> None:
     )
 
 
+def test_every_rbd_url_is_one_the_backend_accepts() -> None:
+    from vmdisk.backends.rbd import StoreUrl
+
+    urls = [
+        d["spec"]["source"]["image"]["url"]
+        for _, d in manifests()
+        if d["kind"] == "VMDisk" and "image" in d["spec"]["source"]
+    ]
+    rbd_urls = [u for u in urls if u.startswith("rbd://")]
+    assert rbd_urls
+    for url in rbd_urls:
+        assert str(StoreUrl.parse(url)) == url  # raises InvalidSpec on another form
+
+
 def test_the_demo_applies_only_the_top_level_folder() -> None:
     # scripts/demo.sh runs `vmdisk apply -f examples/`: the node-specific ones stay out.
     top = [doc for path, doc in manifests() if path.parent == EXAMPLES]

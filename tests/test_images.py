@@ -136,7 +136,8 @@ def test_http_download_keeps_holes(cache: ImageCache, server: ImageServer, tmp_p
     got = cache.get(source(url, img, "raw"), disk_size=None)
     assert factory.sha256(got.path) == factory.sha256(img)
     assert got.path.stat().st_size == 8 * MiB
-    assert got.path.stat().st_blocks * 512 <= 4 * MiB  # the zero half became a hole
+    # The zero half became a hole (ext4 may count an extent-tree block on top).
+    assert got.path.stat().st_blocks * 512 <= 4 * MiB + 64 * 1024
 
 
 def test_file_source_copies_sparse(cache: ImageCache, image_dir: Path) -> None:

@@ -18,6 +18,8 @@ from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
 from .config import Settings, parse_duration
 from .engine.reconcile import Engine
+from .errors import VMDiskError
+from .host.files import host_error
 from .layout import StateLayout
 from .local.manifests import ManifestError, load
 from .local.runner import LocalRunner
@@ -171,8 +173,9 @@ def _not_ready(objects: Sequence[Resource]) -> list[str]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    objects = load(args.filename)
-    runner = _runner(_settings(args))
+    settings = _settings(args)
+    objects = load(args.filename, max_size=settings.max_virtual_size)
+    runner = _runner(settings)
     try:
         results = runner.apply(objects)
     finally:
@@ -317,6 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad flag values, names leaving the state dir
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except VMDiskError as exc:  # the host, not the manifest: e.g. a full state filesystem
+        print(f"error: {exc.message} ({exc.reason})", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {host_error(exc).message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

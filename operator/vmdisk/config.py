@@ -48,6 +48,9 @@ class Settings:
     # can claim petabytes).  Not part of the fixed interface.
     max_virtual_size: int = 64 * 1024**4
     command_timeout: float = 3600.0
+    # The node's libvirtd: whose domains hold disks, and which grows go online.
+    # None: no libvirt (only QEMU's image locks and RBD watchers are checked).
+    libvirt_uri: str | None = "qemu:///system"
     # Image-source policy for disks whose class brings none (local mode):
     # host names and CIDRs, None = any public address.  The demo's loopback
     # server needs VMDISK_IMAGE_HOSTS=127.0.0.1/32: loopback is never implied.
@@ -87,6 +90,8 @@ class Settings:
         ):
             if env.get(key):
                 values[name] = env[key]
+        if "VMDISK_LIBVIRT_URI" in env:
+            values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
         if "VMDISK_IMAGE_HOSTS" in env:
             values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
         if "VMDISK_CLUSTER_CIDRS" in env:
@@ -104,7 +109,8 @@ class Settings:
         settings = cls(**values)  # type: ignore[arg-type]
         return replace(
             settings,
-            state_dir=settings.state_dir.absolute(),
+            # Resolved once: a configured symlink is fine, a planted one below is refused.
+            state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
         )
 

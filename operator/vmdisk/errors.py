@@ -62,6 +62,19 @@ class HasDependents(TemporaryError):
     reason = "HasDependents"
 
 
+class DiskInUse(TemporaryError):
+    """A running VM (or another process) has the disk open; retried once it lets go.
+
+    Offline-only operations (restore, snapshot copies, deletion) wait; nothing
+    is changed meanwhile.
+    """
+
+    reason = "DiskInUse"
+
+    def __init__(self, message: str, *, delay: float = 15.0) -> None:
+        super().__init__(message, delay=delay)
+
+
 class DiskMissing(PermanentError):
     reason = "DiskMissing"
 

@@ -6,9 +6,11 @@ stay inside the state directory, so nothing is ever written outside it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+NAME_MAX = 255  # bytes per path component on every Linux filesystem we run on
 _PARTIAL = ".partial"
 
 
@@ -25,7 +27,7 @@ class StateLayout:
         # are validated Kubernetes names already; this is the last line.
         if any(p in ("", ".", "..") or "/" in p or "\0" in p for p in parts):
             raise OutsideStateDir(f"{'/'.join(parts)!r} would leave the state directory")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*(_fit(p) for p in parts))
 
     @property
     def cache_dir(self) -> Path:
@@ -68,3 +70,17 @@ class StateLayout:
 
     def export_file(self, namespace: str, name: str, fmt: str) -> Path:
         return self._inside("exports", namespace, f"{name}.{fmt}")
+
+
+def _fit(part: str) -> str:
+    """``part`` itself, or a unique shortening when it exceeds NAME_MAX bytes.
+
+    A valid 253-character VMDisk name plus a suffix (``.json``, a lock's
+    namespace prefix) does not fit in one component; the digest of the
+    whole keeps shortened names distinct, the kept tail keeps the suffix.
+    """
+    raw = part.encode()
+    if len(raw) <= NAME_MAX:
+        return part
+    digest = hashlib.sha256(raw).hexdigest()[:32]
+    return f"{raw[:160].decode(errors='ignore')}~{digest}~{raw[-40:].decode(errors='ignore')}"

@@ -40,8 +40,40 @@ _IOTUNE_ELEMENTS = (
 _INDENT = "  "
 
 
+def check_device(location: DiskLocation, spec: LibvirtSpec) -> None:
+    """Refuse device combinations QEMU's libvirt driver will not start.
+
+    libvirt's schema (and so the in-process test driver) accepts these; a
+    real domain start refuses them (tests/test_device_rules.py starts every
+    combination in a real libvirtd to keep this list honest):
+
+    * ``device: cdrom`` on ``bus: virtio``: virtio-blk has no ejectable media.
+    * ``device: lun`` on any disk vmdisk makes: SCSI passthrough (scsi-block)
+      needs a device that answers SCSI commands (SG_IO), and files, LVs (a
+      device-mapper device) and RBD images do not; a loop device is refused
+      by QEMU the same way.
+    """
+    if spec.device == "cdrom" and spec.bus == "virtio":
+        raise InvalidSpec(
+            "spec.libvirt.bus: a cdrom cannot be on the virtio bus (virtio-blk has no "
+            "ejectable media); use bus: scsi, sata, ide or usb"
+        )
+    if spec.device == "lun":
+        raise InvalidSpec(
+            f"spec.libvirt.device: lun passes SCSI commands through to a SCSI device, but "
+            f"this disk is a {location.type} ({location.path}) that answers none; "
+            "use device: disk (bus: scsi gives the guest a SCSI disk)"
+        )
+
+
 def render_disk(location: DiskLocation, spec: LibvirtSpec) -> str:
-    """The ``<disk>`` element a VM controller pastes into its domain."""
+    """The ``<disk>`` element a VM controller pastes into its domain (startable by QEMU)."""
+    check_device(location, spec)
+    return _disk_xml(location, spec)
+
+
+def _disk_xml(location: DiskLocation, spec: LibvirtSpec) -> str:
+    """The ``<disk>`` element, unchecked (the device rules' tests start refused ones too)."""
     disk = ET.Element("disk", type=location.type, device=spec.device)
     driver = ET.SubElement(disk, "driver", name="qemu", type=_libvirt_format(location.format))
     driver.set("cache", spec.cache)

@@ -9,6 +9,7 @@ from pydantic import Field
 from .common import Condition, Model, ObjectMeta, ObjectName, StatusModel
 
 SnapshotPhase = Literal["Pending", "Ready", "Failed", "Deleting"]
+Consistency = Literal["Offline", "CrashConsistent", "Quiesced"]
 
 
 class SnapshotExport(Model):
@@ -41,6 +42,12 @@ class DiskSnapshotStatus(StatusModel):
         description="rbd://fsid/pool/image/snap of a direct snapshot (spec.export.pool).",
     )
     size: int | None = None
+    consistency: Consistency | None = Field(
+        default=None,
+        description="How the snapshot was taken: with the disk not in use (Offline), or under "
+        "a running domain of the node's libvirtd, its guest's filesystems frozen through the "
+        "guest agent (Quiesced) or not (CrashConsistent, no agent answered).",
+    )
     creation_time: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

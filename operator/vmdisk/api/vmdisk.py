@@ -211,6 +211,11 @@ class VMDiskStatus(StatusModel):
     parent: str | None = Field(
         default=None, description="Copy-on-write parent (rbd clones: pool/image@snap)."
     )
+    resized_online: bool | None = Field(
+        default=None,
+        description="The last grow went through libvirt to the running domain that holds "
+        "the disk (virDomainBlockResize), rather than offline.",
+    )
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -280,3 +280,34 @@ class Closeable(Protocol):
     """Holds connections to close at process exit."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SupportsHolders(Protocol):
+    """Says whether processes other than libvirt's domains have the disk open."""
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        """What has the disk open, one description each (QEMU's image lock, RBD watchers)."""
+        ...
+
+
+@runtime_checkable
+class SupportsLiveSnapshot(Protocol):
+    """Snapshots that stay consistent while a running VM writes (rbd: the exclusive-lock
+    owner, the VM's QEMU, is asked to flush and take it)."""
+
+    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+        """Snapshot the disk under a running VM; the snapshot's size in bytes."""
+        ...
+
+
+@runtime_checkable
+class SupportsOnlineGrow(Protocol):
+    """Disks a running QEMU can be told to grow (``virDomainBlockResize``)."""
+
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Make the volume hold ``size`` bytes under a running VM, before QEMU is told.
+
+        Never moves data nor touches a filesystem: the guest owns it now.
+        """
+        ...

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import PermanentError
 from ..host.files import allocated_bytes, fsync_dir, remove_on_error, remove_path, sparse_copy
+from ..host.safeopen import ensure_dir
 from .base import DiskRef, DiskState, Readable
 from .filebase import FileBackend
 
@@ -28,7 +29,7 @@ class CopySnapshots(FileBackend):
         target = self._snapshot_path(ref, name)
         if target.exists():
             return allocated_bytes(target)
-        target.parent.mkdir(exist_ok=True)
+        ensure_dir(target.parent)
         tmp = target.with_name(f".{name}.partial")
         remove_path(tmp)
         with remove_on_error(tmp):

@@ -16,7 +16,9 @@ from typing import ClassVar, Literal
 
 from ..errors import InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
+from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
+from ..host.safeopen import ensure_dir
 from ..layout import StateLayout
 from .base import Blank, CreateRequest, DiskLocation, DiskRef, DiskState, FromStore, Readable
 from .record import DiskRecord, disks_on_host, read_record, write_record
@@ -82,7 +84,8 @@ class FileBackend(ABC):
         final = self.directory(ref)
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
         remove_path(partial)  # leftovers of a crashed attempt
-        partial.mkdir(parents=True)
+        ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+        partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
             write_record(partial, record)
@@ -112,6 +115,11 @@ class FileBackend(ABC):
 
     def snapshots(self, ref: DiskRef) -> tuple[str, ...]:
         return ()
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        if qemu_lock_held(self.data_path(ref)):
+            return [f"a process holding QEMU's image lock on {self.data_path(ref)}"]
+        return []
 
     # -- helpers for subclasses ---------------------------------------------
     def _blank_filesystem(self, directory: Path, blank: Blank, size: int) -> Path | None:

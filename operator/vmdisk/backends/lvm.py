@@ -28,6 +28,7 @@ from typing import ClassVar
 from ..errors import DiskMissing, InvalidSpec, PermanentError, UnsupportedOperation
 from ..host import blockdev, qemu_img
 from ..host.crypt import HEADER_BYTES, Crypt
+from ..host.imagelocks import qemu_lock_held
 from ..host.lvm import LogicalVolume, Lvm
 from ..host.mkfs import make_filesystem
 from .base import (
@@ -251,6 +252,26 @@ class LvmBackend:
             self.lvm.remove(vg, lv)
 
     def resize(self, ref: DiskRef, size: int) -> DiskState:
+        volume, device = self._extend(ref, size)
+        filesystem = volume.tag_value(FILESYSTEM)
+        if filesystem and (not ref.encrypted or self.crypt.is_open(self._mapping(ref))):
+            blockdev.grow_filesystem(device, filesystem)
+        state = self.state(ref)
+        assert state is not None
+        return state
+
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Extend the LV (and its LUKS2 mapping); the guest grows its own filesystem."""
+        self._extend(ref, size)
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        path = Path(self.location(ref).path)
+        if qemu_lock_held(path):
+            return [f"a process holding QEMU's image lock on {path}"]
+        return []
+
+    def _extend(self, ref: DiskRef, size: int) -> tuple[LogicalVolume, Path]:
+        """Grow the LV to hold ``size`` bytes; the volume and the device to use."""
         vg, lv = self._lv(ref)
         volume = self._volume(ref)
         if volume is None:
@@ -263,12 +284,7 @@ class LvmBackend:
         if ref.encrypted and self.crypt.is_open(mapping):
             self.crypt.resize(mapping)
             device = self.crypt.path(mapping)
-        filesystem = volume.tag_value(FILESYSTEM)
-        if filesystem and (not ref.encrypted or self.crypt.is_open(mapping)):
-            blockdev.grow_filesystem(device, filesystem)
-        state = self.state(ref)
-        assert state is not None
-        return state
+        return volume, device
 
     def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
         vg, lv = self._lv(ref)

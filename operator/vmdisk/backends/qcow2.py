@@ -80,6 +80,9 @@ class Qcow2Backend(FileBackend):
     def virtual_size(self, data: Path) -> int:
         return qcow2_virtual_size(data)
 
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Nothing: only the QEMU that has the image open may rewrite its header."""
+
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         qemu_img.resize(self.data_path(ref), "qcow2", size)
         state = self.state(ref)

@@ -63,6 +63,9 @@ class RawBackend(CopySnapshots):
     def virtual_size(self, data: Path) -> int:
         return data.stat().st_size
 
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Nothing: QEMU extends the file it has open itself."""
+
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)
         self._grow(data, size)

@@ -282,6 +282,19 @@ class RbdBackend:
         self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
         return self._require_state(ref)
 
+    def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
+        """Grow the image; librbd hands the request to the lock owner (the VM's QEMU)."""
+        if self._require_state(ref).virtual_size < size:
+            self.cluster(ref).resize(self._pool(ref), self.image(ref), size)
+
+    def holders(self, ref: DiskRef) -> list[str]:
+        """RBD clients with the image open (QEMU watches the images it opens)."""
+        try:
+            clients = self.cluster(ref).clients(self._pool(ref), self.image(ref))
+        except CephNotFound:
+            return []
+        return [f"RBD {client}" for client in clients]
+
     def readable(self, ref: DiskRef, snapshot: str | None = None) -> Readable:
         """An ``rbd:pool/image[@snap]:conf=...`` filename qemu-img opens (block-rbd).
 
@@ -306,6 +319,11 @@ class RbdBackend:
         cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
         cluster.create_snapshot(pool, image, name)
         return self._require_state(ref).virtual_size
+
+    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+        """librbd hands the request to the exclusive-lock owner (the VM's QEMU), which
+        flushes its in-flight writes and takes the snapshot between two of them."""
+        return self.create_snapshot(ref, name)
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         try:

@@ -25,18 +25,22 @@ from ..backends.base import (
     SupportsEncryption,
     SupportsFlatten,
     SupportsInventory,
+    SupportsOnlineGrow,
     SupportsSnapshots,
 )
 from ..backends.rbd_config import RbdSettings
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    DiskInUse,
     DiskMissing,
     HasDependents,
     ImageLargerThanDisk,
+    InvalidSpec,
     UnsupportedOperation,
     VMDiskError,
 )
+from ..host.domains import Hypervisor
 from ..host.files import host_error
 from ..host.headers import backing_files
 from ..host.locks import file_lock
@@ -45,7 +49,8 @@ from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import render_disk
+from ..libvirt import check_device, render_disk
+from .inuse import holder, require_offline
 from .planning import (
     Create,
     Resize,
@@ -70,6 +75,7 @@ class Engine:
     cache: ImageCache
     observer: Observer = field(default=NO_OBSERVER)
     secrets: Secrets | None = None
+    hypervisor: Hypervisor | None = None  # the node's libvirtd (settings.libvirt_uri)
 
     @classmethod
     def build(
@@ -99,6 +105,7 @@ class Engine:
             cache,
             observer or NO_OBSERVER,
             secrets or FileSecrets(settings.state_dir / "secrets"),
+            Hypervisor(settings.libvirt_uri) if settings.libvirt_uri else None,
         )
 
     @contextmanager
@@ -124,16 +131,20 @@ class Engine:
         generation = disk.metadata.generation
         ref = self.disk_ref(disk)
         try:
+            self._check_size(disk)
             backend = self.registry.get(
                 backend_for(disk.spec, disk.status, self.settings.default_backend)
             )
             key = self._encryption_key(disk, backend)
+            # Before any data is made: a disk no VM can start never goes Ready.
+            check_device(backend.location(ref), disk.spec.libvirt)
             with self._disk_lock(ref.namespace, ref.name):
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
                 actions = plan_disk(disk.spec, disk.status, host)
+                online: bool | None = None
                 for action in actions:
                     status = self._progressing(status, generation, action, publish)
                     if isinstance(action, Create):
@@ -143,7 +154,7 @@ class Engine:
                     elif isinstance(action, Resize):
                         assert host is not None
                         if host.virtual_size < action.size:
-                            host = backend.resize(ref, action.size)
+                            host, online = self._grow(ref, backend, action.size)
                 assert host is not None
                 if key is not None:
                     assert isinstance(backend, SupportsEncryption)
@@ -157,6 +168,8 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
+            if online is not None:
+                status = status.model_copy(update={"resized_online": online})
             return self._ready(disk, backend, ref, host, status, changed=bool(actions) or flattened)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
@@ -164,6 +177,15 @@ class Engine:
         except OSError as exc:
             log.exception("%s: host error", ref)
             return failed_status(status, generation, host_error(exc))
+
+    def _check_size(self, disk: VMDisk) -> None:
+        size = disk.spec.size_bytes
+        ceiling = self.settings.max_virtual_size
+        if size is not None and size > ceiling:
+            raise InvalidSpec(
+                f"spec.size: {disk.spec.size} ({size} bytes) is over this node's maximum "
+                f"disk size of {ceiling} bytes"
+            )
 
     def _progressing(
         self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
@@ -219,6 +241,9 @@ class Engine:
             sparse=spec.lvm.sparse if spec.lvm else False,
             encryption_key=self._encryption_key(disk, backend),
         )
+        if source.live is not None:
+            # A copy of a disk a VM is writing would be torn: wait until it stops.
+            require_offline(*source.live, self.hypervisor, f"copying it into {ref}")
         if source.holds is not None:
             # Hold the source disk still while it is copied.
             with file_lock(self.layout.lock("disk", ref.namespace, source.holds), timeout=600):
@@ -228,7 +253,40 @@ class Engine:
     def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
         if not isinstance(backend, SupportsSnapshots):
             raise UnsupportedOperation(f"the {backend.name} backend cannot restore snapshots")
+        # Replacing data under a running VM: the guest would never see it, and
+        # its next writes would be lost (or corrupt the restored image).
+        require_offline(backend, ref, self.hypervisor, f"restoring snapshot {snapshot!r}")
         return backend.rollback(ref, snapshot)
+
+    def _grow(self, ref: DiskRef, backend: DiskBackend, size: int) -> tuple[DiskState, bool]:
+        """Grow offline, or online through libvirt when a domain of this node holds the disk.
+
+        The new state, and whether the grow went online.
+        """
+        found = holder(backend, ref, self.hypervisor)
+        if found is None:
+            return backend.resize(ref, size), False
+        if len(found.domains) != 1:
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}; it can only grow online when "
+                "it is attached to exactly one domain of the node's libvirtd "
+                f"({self.settings.libvirt_uri or 'none configured'}), else once it is released"
+            )
+        if not isinstance(backend, SupportsOnlineGrow):
+            raise DiskInUse(
+                f"disk {ref} is in use by {found.description}, and {backend.name} disks cannot "
+                "grow under a running VM (QEMU cannot resize the format); the grow waits "
+                "until the domain stops"
+            )
+        assert self.hypervisor is not None
+        domain = found.domains[0]
+        backend.prepare_online_grow(ref, size)
+        self.hypervisor.block_resize(domain, size)  # QEMU and the guest see it at once
+        log.info("%s: grown online to %d bytes through %s", ref, size, domain)
+        state = backend.state(ref)
+        if state is None:
+            raise DiskMissing(f"disk {ref} vanished while it was grown online")
+        return state, True
 
     def _ready(
         self,
@@ -278,8 +336,11 @@ class Engine:
             }
         )
 
-    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> None:
-        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it."""
+    def delete_disk(self, disk: VMDisk, lookup: Lookup) -> str:
+        """Remove the disk's data per ``deletionPolicy``; refuse while others depend on it.
+
+        Returns what happened to the data, for the user (the Deleted event).
+        """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
             f"DiskSnapshot/{s.metadata.name}"
@@ -298,18 +359,24 @@ class Engine:
                 f"VMDisk {name!r} still has dependents: {', '.join(sorted(dependents))}; "
                 "delete them first"
             )
+        where = (disk.status.path if disk.status else None) or "the node"
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
-            return
-        backend_name = self.backend_name(disk)
+            return f"disk data kept at {where} (deletionPolicy: Retain)"
+        backend = self.registry.get(self.backend_name(disk))
+        ref = self.disk_ref(disk)
         with self._disk_lock(namespace, name):
-            self.registry.get(backend_name).delete(self.disk_ref(disk))
+            require_offline(backend, ref, self.hypervisor, "deletion")
+            backend.delete(ref)
+        return f"disk data removed from {where} (deletionPolicy: Delete)"
 
     def close(self) -> None:
         """Close the backends' connections (at process exit)."""
         for backend in self.registry.backends.values():
             if isinstance(backend, Closeable):
                 backend.close()
+        if self.hypervisor is not None:
+            self.hypervisor.close()
 
     def cache_in_use(self) -> set[str]:
         """Cache entries that images in the state directory name as backing files.

@@ -1,4 +1,9 @@
-"""Reconciling DiskSnapshots: offline snapshots of a VMDisk, optionally exported."""
+"""Reconciling DiskSnapshots: snapshots of a VMDisk, optionally exported.
+
+Offline, unless a domain of the node's libvirtd holds the disk and the
+backend's snapshots stay consistent under a writer (rbd); then live, with the
+guest's filesystems frozen through its agent when one answers.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,21 @@ import os
 from pathlib import Path
 
 from ..api.common import Condition, now_rfc3339
-from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
+from ..api.snapshot import Consistency, DiskSnapshot, DiskSnapshotStatus
 from ..backends.base import (
     DiskBackend,
     DiskRef,
     SupportsDependents,
     SupportsDirectSnapshot,
+    SupportsLiveSnapshot,
     SupportsSnapshots,
 )
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
+from ..host.safeopen import ensure_dir
+from .inuse import holder, in_use, require_offline
 from .ports import Lookup
 from .reconcile import Engine
 from .status import failed_status, still_creating, with_condition
@@ -48,7 +56,11 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
     try:
         backend, snapshots, ref = _snapshot_backend(engine, snap, lookup)
         with file_lock(engine.layout.lock("disk", ref.namespace, ref.name)):
-            size = snapshots.create_snapshot(ref, name)
+            consistency = status.consistency
+            if name in snapshots.snapshots(ref):
+                size = snapshots.create_snapshot(ref, name)  # exists: only its size
+            else:
+                size, consistency = _take(engine, backend, snapshots, ref, name)
             export_path = export_url = None
             if snap.spec.export is not None and snap.spec.export.pool is not None:
                 if not isinstance(backend, SupportsDirectSnapshot):
@@ -61,6 +73,9 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 fmt = snap.spec.export.format
                 target = engine.layout.export_file(ref.namespace, name, fmt)
                 if not target.exists():
+                    if backend.readable(ref, name).snapshot is not None:
+                        # An internal snapshot is read out of the live image file.
+                        require_offline(backend, ref, engine.hypervisor, f"exporting {name!r}")
                     _export(backend, ref, name, target, fmt)
                 export_path = str(target)
         status = with_condition(
@@ -82,6 +97,7 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
                 "export_path": export_path,
                 "export_url": export_url,
                 "size": size,
+                "consistency": consistency,
                 "creation_time": status.creation_time or now_rfc3339(),
             }
         )
@@ -95,9 +111,35 @@ def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> Di
         return failed_status(status, generation, host_error(exc))
 
 
+def _take(
+    engine: Engine, backend: DiskBackend, snapshots: SupportsSnapshots, ref: DiskRef, name: str
+) -> tuple[int, Consistency]:
+    """Take snapshot ``name``: offline, or live under the one domain of this node that holds it.
+
+    Only backends whose snapshots stay consistent under a writer go live
+    (rbd); a copy of a file a VM writes would be torn, and qemu-img cannot
+    write an image QEMU holds, so those wait (``DiskInUse``).
+    """
+    found = holder(backend, ref, engine.hypervisor)
+    if found is None:
+        return snapshots.create_snapshot(ref, name), "Offline"
+    if len(found.domains) != 1 or not isinstance(backend, SupportsLiveSnapshot):
+        raise in_use(found, ref, f"snapshot {name!r}")
+    assert engine.hypervisor is not None
+    domain = found.domains[0]
+    quiesced = engine.hypervisor.freeze(domain)
+    try:
+        size = backend.create_live_snapshot(ref, name)
+    finally:
+        if quiesced:
+            engine.hypervisor.thaw(domain)
+    log.info("%s: snapshot %r taken under %s (quiesced: %s)", ref, name, domain, quiesced)
+    return size, "Quiesced" if quiesced else "CrashConsistent"
+
+
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
     """Nova's snapshot_extract: write the snapshot out as a standalone image."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     tmp = target.with_name(f".{target.name}.partial")
     remove_path(tmp)
     source = backend.readable(ref, name)
@@ -139,6 +181,11 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
                 f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
                 "flatten them (spec.rbd.flatten: true) or delete them first"
             )
+    if disk is not None and isinstance(backend, SupportsSnapshots):
+        ref = engine.disk_ref(disk)
+        if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
+            # Removing an internal snapshot rewrites the live image file.
+            require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
     if export is not None and pool is None:
         remove_path(engine.layout.export_file(namespace, name, export.format))
     if disk is None or backend is None:

@@ -6,7 +6,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..api.vmdisk import VMDisk
-from ..backends.base import BaseImage, Blank, Content, DiskRef, FromDisk, FromImage, FromStore
+from ..backends.base import (
+    BaseImage,
+    Blank,
+    Content,
+    DiskBackend,
+    DiskRef,
+    FromDisk,
+    FromImage,
+    FromStore,
+)
 from ..backends.registry import Registry
 from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
@@ -18,6 +27,9 @@ class ResolvedSource:
     content: Content
     minimum: int  # the smallest size the new disk may have
     holds: str | None = None  # the source VMDisk to hold still (locked) while copying
+    # The source disk when the copy reads its live data (not a separate snapshot
+    # volume): nothing else may have it open meanwhile.
+    live: tuple[DiskBackend, DiskRef] | None = None
 
 
 def resolve_source(
@@ -75,4 +87,11 @@ def _copy_of(
     # A copy keeps sharing the source's cached base where the backend can (qcow2 -B).
     base: BaseImage | None = cache.lookup(state.base_image) if state.base_image else None
     readable = backend.readable(source_ref, snapshot_name)
-    return ResolvedSource(FromDisk(readable, base), state.virtual_size, holds=source_name)
+    # qcow2 internal snapshots live inside the disk's own file.
+    live = snapshot_name is None or readable.snapshot is not None
+    return ResolvedSource(
+        FromDisk(readable, base),
+        state.virtual_size,
+        holds=source_name,
+        live=(backend, source_ref) if live else None,
+    )

@@ -11,6 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import HostIOError, InsufficientSpace, VMDiskError
+from .safeopen import ensure_dir
 
 _FICLONE = 0x40049409  # ioctl(FICLONE): share extents (btrfs, xfs reflink=1)
 _CHUNK = 16 * 1024 * 1024
@@ -42,11 +43,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Write ``path`` so that readers see the old or the new content, never half."""
     payload = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        ensure_dir(path.parent)  # no planted symlink on the way (UnsafePath)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
     _remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        with suppress(FileNotFoundError):
+            tmp.unlink()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -82,9 +90,8 @@ def _alive(pid: int) -> bool:
 def host_error(exc: OSError) -> VMDiskError:
     """An OSError as a typed error: full disks are InsufficientSpace, the rest HostIOError."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientSpace(
-            f"no space left on the state directory's filesystem ({exc.filename or ''})"
-        )
+        where = f" ({exc.filename})" if exc.filename else ""
+        return InsufficientSpace(f"no space left on the state directory's filesystem{where}")
     return HostIOError(f"{exc.strerror or exc} ({exc.filename or 'no file'})")
 
 

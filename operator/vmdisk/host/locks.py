@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -9,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import TemporaryError
+from ..errors import TemporaryError, UnsafePath
+from .safeopen import ensure_dir
 
 
 class LockTimeout(TemporaryError):
@@ -23,8 +25,13 @@ def file_lock(path: Path, *, timeout: float | None = None) -> Iterator[None]:
     flock locks die with the process, so a crashed holder never leaves a
     stale lock behind.  With ``timeout`` a busy lock raises LockTimeout.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    ensure_dir(path.parent)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"lock file {path} is a symbolic link; remove it") from None
+        raise
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

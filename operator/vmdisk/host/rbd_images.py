@@ -167,6 +167,32 @@ class Cluster(CephConnection):
 
         self.on_pool(f"remove {pool}/{image}", pool, work, timeout=self._long)
 
+    def clients(self, pool: str, image: str) -> list[str]:
+        """Other clients that have ``pool/image`` open: watchers, lock owners, lockers.
+
+        Every librbd client that opens an image read-write watches its header
+        (QEMU does); our own probe's watch, if any, is left out by its client id.
+        """
+
+        def work(handle: Any) -> list[str]:
+            me = conn_id[0]
+            found = [
+                f"client.{w['id']} at {w['addr']}"
+                for w in handle.watchers_list()
+                if int(w["id"]) != me
+            ]
+            try:
+                owners = [o["owner"] for o in handle.lock_get_owners()]
+            except rbd.InvalidArgument:  # librbd's answer when nobody owns the lock
+                owners = []
+            found += [f"exclusive lock owner {owner}" for owner in owners]
+            lockers = handle.list_lockers() or {}
+            found += [f"lock holder {entry[0]}" for entry in lockers.get("lockers", [])]
+            return found
+
+        conn_id = [self.call("read our client id", lambda h: int(h.get_instance_id()))]
+        return self.on_image(f"list clients of {pool}/{image}", pool, image, work, read_only=True)
+
     def children(self, pool: str, image: str) -> list[str]:
         return self.on_image(f"list clones of {pool}/{image}", pool, image, _children)
 

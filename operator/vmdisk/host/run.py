@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import TemporaryError, VMDiskError
+from ..errors import PermanentError, TemporaryError, VMDiskError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ class CommandError(VMDiskError):
         )
 
 
+class MissingTool(PermanentError):
+    reason = "MissingTool"
+
+
 class CommandTimeout(TemporaryError):
     reason = "CommandTimeout"
 
@@ -76,7 +80,7 @@ class Result:
 def _which(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
     if path is None:
-        raise VMDiskError(f"required host command {name!r} is not installed", reason="MissingTool")
+        raise MissingTool(f"required host command {name!r} is not installed")
     return path
 
 

@@ -16,8 +16,7 @@ import errno
 import os
 import platform
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 from ..errors import UnsafePath
@@ -80,15 +79,6 @@ def open_dir(path: Path, *, create: bool = False, mode: int = 0o700) -> int:
 def ensure_dir(path: Path, mode: int = 0o700) -> None:
     """Create ``path`` and its missing parents; refuse when any component is a symlink."""
     os.close(open_dir(path, create=True, mode=mode))
-
-
-@contextmanager
-def dir_fd(path: Path, *, create: bool = False) -> Iterator[int]:
-    fd = open_dir(path, create=create)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def _step(parent: int, part: str, whole: Path, *, create: bool, mode: int) -> int:

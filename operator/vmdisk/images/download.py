@@ -181,7 +181,8 @@ class _Partial:
         self.size = 0
         self.validator = validator
         self.resumed = False
-        atomic_write(self.meta, json.dumps({"url": url, "validator": validator}), mode=0o600)
+        meta = {"url_sha256": _url_digest(url), "validator": validator}  # no credentials kept
+        atomic_write(self.meta, json.dumps(meta), mode=0o600)
 
     def adopt(self, url: str, *, trust_content: bool, limit: int) -> None:
         """Take over a partial left by an earlier attempt, hashing its bytes once.
@@ -205,7 +206,7 @@ class _Partial:
             meta = {}
         validator = meta.get("validator")
         self.validator = validator if isinstance(validator, str) else None
-        if not trust_content and (meta.get("url") != url or not self.validator):
+        if not trust_content and (meta.get("url_sha256") != _url_digest(url) or not self.validator):
             self.restart(url, None)
             return
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -519,3 +520,7 @@ def copy_file(
             f"image {name} has sha256:{hasher.hexdigest()}, expected sha256:{expected}"
         )
     return Digest(hasher.hexdigest(), size)
+
+
+def _url_digest(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()

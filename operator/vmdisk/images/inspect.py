@@ -8,6 +8,8 @@ The declared format is compared with the detected one, never used to probe.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +27,25 @@ from ..host import qemu_img
 from ..host.run import CommandError
 
 BASE_FORMATS = frozenset({"raw", "qcow2"})
-# Formats the inspector names that qemu reads as plain raw bytes.
+# Formats the inspector names that qemu reads as plain raw bytes (an MBR
+# disk is reported as gpt).
 _RAW_LIKE = frozenset({"raw", "gpt", "iso"})
-# qemu probes the first 2 KiB for a VMDK text descriptor; so do we.
-_PROBE_BYTES = 2048
-_VMDK_MARKERS = (b"# disk descriptorfile", b"createtype=")
+# qemu probes 2 KiB for a VMDK text descriptor; we look at far more (an ISO
+# system area is 32 KiB, a boot loader gap 1 MiB) and accept more spellings.
+_PROBE_BYTES = 1024 * 1024
+_VMDK_PATTERNS = tuple(
+    re.compile(pattern, re.IGNORECASE | re.MULTILINE)
+    for pattern in (
+        rb"#\s*disk\s*descriptor\s*file",
+        rb"\bcreate\s*type\s*=",
+        rb"^[ \t]*version[ \t]*=[ \t]*[0-9][ \t]*\r?$",  # qemu's probe: a version= line
+        # An extent line: access, size in sectors, type, then the file it names.
+        rb"^[ \t]*(?:rw|rdonly|noaccess)[ \t]+[0-9]+[ \t]+"
+        rb"(?:flat|sparse|zero|vmfs\w*|sesparse)\b",
+        rb"\bddb\.(?:adaptertype|geometry|virtualhwversion)\b",
+        rb"\bparentfilenamehint\s*=",
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -110,11 +126,25 @@ def _detect(path: Path, name: str) -> str:
     except format_inspector.ImageFormatError as exc:
         raise ImageUnsafe(f"image {name} has an ambiguous or invalid format: {exc}") from exc
     detected = str(inspector.NAME)
-    if detected == "raw":
-        with open(path, "rb") as handle:
-            head = handle.read(_PROBE_BYTES)
-        # A raw file holding a VMDK descriptor is harmless as raw, but qemu
-        # would follow its extents (host files) if anything ever probed it.
-        if any(marker in head.lower() for marker in _VMDK_MARKERS):
-            raise ImageUnsafe(f"image {name} is a VMDK descriptor that references other files")
+    if detected in _RAW_LIKE:
+        check_no_vmdk_descriptor(path, name)
     return detected
+
+
+def check_no_vmdk_descriptor(path: Path, name: str) -> None:
+    """Refuse raw-like bytes that hold a VMDK text descriptor in their first MiB.
+
+    Harmless as raw (vmdisk always passes ``-f``), but qemu would follow its
+    extents (host files) if anything ever probed the file; the check errs on
+    the side of refusing, since a real disk has no such text up front.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as handle:
+        head = handle.read(_PROBE_BYTES)
+    for pattern in _VMDK_PATTERNS:
+        match = pattern.search(head)
+        if match is not None:
+            raise ImageUnsafe(
+                f"image {name} holds a VMDK descriptor ({match.group(0).strip()[:40]!r} at "
+                f"byte {match.start()}), which makes qemu open other files; refusing it"
+            )

@@ -12,7 +12,7 @@ from ..config import Settings
 from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import with_condition
-from ..errors import HasDependents
+from ..errors import DiskInUse, HasDependents
 from .store import PLURALS, LocalStore, Plural, Resource
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,16 @@ class LocalRunner:
                 problems.append(f"{obj.kind}/{obj.metadata.name}: not found")
                 continue
             try:
+                outcome = "snapshot removed"
                 if isinstance(current, DiskSnapshot):
                     delete_snapshot(self.engine, current, self.store)
                 else:
-                    self.engine.delete_disk(current, self.store)
-            except HasDependents as exc:
+                    outcome = self.engine.delete_disk(current, self.store)
+            except (HasDependents, DiskInUse) as exc:
                 problems.append(f"{obj.kind}/{obj.metadata.name}: {exc.message} ({exc.reason})")
                 continue
             self.store.remove(current)
-            log.info("deleted %s/%s", obj.kind, obj.metadata.name)
+            log.info("deleted %s/%s: %s", obj.kind, obj.metadata.name, outcome)
         return problems
 
 

@@ -121,4 +121,5 @@ class LocalStore:
     def _write(self, plural: Plural, obj: Resource) -> None:
         meta = obj.metadata
         path = self.layout.object_file(plural, meta.namespace, meta.name)
-        atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n")
+        # Specs may carry credentials (image URLs): root only.
+        atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n", mode=0o600)

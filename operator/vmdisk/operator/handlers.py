@@ -7,8 +7,8 @@ node's filter, so an agent only ever handles its own node's objects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 import kopf
 from pydantic import ValidationError
@@ -20,12 +20,14 @@ from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
-from ..errors import HasDependents, InvalidSpec, VMDiskError
+from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
 from .lookup import IndexLookup
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+M = TypeVar("M", bound=VMDisk | DiskSnapshot)
+T = TypeVar("T", bound=VMDiskStatus | DiskSnapshotStatus)
 
 
 def backoff(retry: int) -> float:
@@ -57,6 +59,47 @@ def _retry_later(message: str, retry: int) -> kopf.TemporaryError:
     return kopf.TemporaryError(message, delay=backoff(retry))
 
 
+def parse_status(raw: Any, status_model: type[T]) -> T | None:
+    """The object's status, or None when it is absent or malformed.
+
+    A status written past admission (by hand, by an old agent) must never
+    stop the handler: it is rebuilt from the host and the spec.
+    """
+    if not raw:
+        return None
+    try:
+        return cast(T, status_model.model_validate(raw))
+    except ValidationError as exc:
+        log.warning("ignoring a malformed status: %s", "; ".join(describe_errors(exc)))
+        return None
+
+
+def parse_object(body: Any, model: type[M], status_model: type[T]) -> M:
+    """The object with its status, or without it when the status is malformed.
+
+    Raises ValidationError only for the rest of the object (its spec).
+    """
+    keep_status = parse_status(body.get("status"), status_model) is not None
+    kept = {k: v for k, v in dict(body).items() if k != "status" or keep_status}
+    return cast(M, model.model_validate(kept))
+
+
+def snapshot_disk(namespace: Any, spec: Any) -> tuple[Any, str] | None:
+    """The (namespace, name) of a raw DiskSnapshot's disk; None when ``diskName`` is no name.
+
+    Filters see the raw object before any model does: ``diskName`` may be
+    any JSON value there (a list would not even hash).
+    """
+    disk_name = spec.get("diskName") if isinstance(spec, Mapping) else None
+    return (namespace, disk_name) if isinstance(disk_name, str) else None
+
+
+def _clearing(raw: Any, new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` as a merge patch that also removes whatever else a malformed status held."""
+    stale = raw.keys() - new.keys() if isinstance(raw, Mapping) else set()
+    return {**dict.fromkeys(stale), **new}
+
+
 def _reconciled(
     body: Any,
     patch: Any,
@@ -66,14 +109,18 @@ def _reconciled(
     reconcile: Callable[[Any], S],
 ) -> None:
     """Parse, reconcile, write status and events; retry (with backoff) only temporary failures."""
-    old = status_model.model_validate(body.get("status") or {})
+    raw = body.get("status")
+    parsed_old = parse_status(raw, status_model)
+    old = parsed_old or status_model()
     try:
-        new = reconcile(model.model_validate(dict(body)))
+        # The spec is judged on its own: a malformed status is replaced, not blamed.
+        new = reconcile(parse_object(body, model, status_model))
     except ValidationError as exc:
-        generation = body.get("metadata", {}).get("generation")
+        metadata = body.get("metadata")
+        generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
         new = failed_status(old, generation, InvalidSpec("; ".join(describe_errors(exc))))
-    patch.status.update(dump(new))
-    _report(body, old if body.get("status") else None, new)
+    patch.status.update(dump(new) if parsed_old or not raw else _clearing(raw, dump(new)))
+    _report(body, parsed_old, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
         raise _retry_later(f"{ready.reason}: {ready.message}", retry)
@@ -90,7 +137,8 @@ def register(
 
     def disk_on_this_node(*, spec: Any, namespace: Any, **kwargs: Any) -> bool:
         # DiskSnapshots carry no node: they belong to the node of their disk.
-        return (namespace, spec.get("diskName")) in kwargs["node_disks"]
+        key = snapshot_disk(namespace, spec)
+        return key is not None and key in kwargs["node_disks"]
 
     def on_changes(plural: str, when: Any, handler_id: str) -> Callable[[Handler], Handler]:
         """Resume, create and spec updates all lead to the same level-based handler."""
@@ -147,12 +195,12 @@ def register(
     )
     def vmdisk_deleted(*, body: Any, patch: Any, retry: Any, **kw: Any) -> None:
         try:
-            disk = VMDisk.model_validate(dict(body))
+            disk = parse_object(body, VMDisk, VMDiskStatus)
         except ValidationError:
             return  # never provisioned: nothing on the host to remove
         try:
-            engine.delete_disk(disk, lookup(kw))
-        except HasDependents as exc:
+            outcome = engine.delete_disk(disk, lookup(kw))
+        except (HasDependents, DiskInUse) as exc:
             old = disk.status or VMDiskStatus()
             refused = Condition(
                 type="Ready", status="False", reason=exc.reason, message=exc.message
@@ -161,8 +209,7 @@ def register(
             patch.status.update(dump(new))
             _report(body, old, new)
             raise _retry_later(exc.message, retry) from exc
-        policy = disk.spec.deletion_policy
-        kopf.info(body, reason="Deleted", message=f"disk data removed ({policy})")
+        kopf.info(body, reason="Deleted", message=outcome)
 
     @kopf.timer(
         GROUP,
@@ -176,7 +223,7 @@ def register(
     )
     def vmdisk_verified(*, body: Any, patch: Any, **_: Any) -> None:
         try:
-            disk = VMDisk.model_validate(dict(body))
+            disk = parse_object(body, VMDisk, VMDiskStatus)
         except ValidationError:
             return
         new = engine.verify_disk(disk)
@@ -205,11 +252,11 @@ def register(
     )
     def snapshot_deleted(*, body: Any, retry: Any, **kw: Any) -> None:
         try:
-            snap = DiskSnapshot.model_validate(dict(body))
+            snap = parse_object(body, DiskSnapshot, DiskSnapshotStatus)
         except ValidationError:
             return
         try:
             delete_snapshot(engine, snap, lookup(kw))
-        except HasDependents as exc:
+        except (HasDependents, DiskInUse) as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
             raise _retry_later(exc.message, retry) from exc

@@ -21,6 +21,7 @@ import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
 from .. import __version__
 from ..api.common import GROUP, VERSION
@@ -227,6 +228,19 @@ class _EngineCollector(Collector):
         yield from (free, size, thin)
 
 
+def phase_and_reason(raw: Any) -> tuple[str, str | None]:
+    """A raw status's phase and Ready reason; a malformed status counts as Pending.
+
+    Events carry whatever was written, admission or not: never trust their shape.
+    """
+    try:
+        status = VMDiskStatus.model_validate(raw or {})
+    except ValidationError:
+        return "Pending", None
+    ready = next((c for c in status.conditions if c.type == "Ready"), None)
+    return status.phase or "Pending", ready.reason if ready else None
+
+
 def track_phases(registry: kopf.OperatorRegistry, metrics: Metrics) -> None:
     """Keep ``vmdisk_disks{phase}`` in step with the API's view of this node's VMDisks."""
     node = metrics.node
@@ -241,6 +255,4 @@ def track_phases(registry: kopf.OperatorRegistry, metrics: Metrics) -> None:
         if type == "DELETED":
             metrics.disk_seen(namespace, name, None)
             return
-        conditions: list[dict[str, Any]] = status.get("conditions", [])
-        ready = next((c for c in conditions if c.get("type") == "Ready"), {})
-        metrics.disk_seen(namespace, name, status.get("phase") or "Pending", ready.get("reason"))
+        metrics.disk_seen(namespace, name, *phase_and_reason(status))

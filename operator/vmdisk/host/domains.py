@@ -1,0 +1,177 @@
+"""The node's libvirtd, through libvirt-python: which running domains use a disk, and
+the online operations vmdisk asks of them (``virDomainBlockResize``).
+
+A domain "uses" a disk when its live XML names the disk anywhere in a
+``<disk>``: the top image, a ``<backingStore>`` layer (after an external
+snapshot) or a block job's ``<mirror>``; by file or device path (compared
+after resolving symlinks, so ``/dev/vg/lv`` matches ``/dev/dm-3``) or, for
+network disks, by protocol and ``pool/image`` name.
+
+The connection is opened on first use and reused; a connection that broke is
+reopened on the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+
+from ..errors import TemporaryError
+
+log = logging.getLogger(__name__)
+
+
+class HypervisorUnavailable(TemporaryError):
+    reason = "HypervisorUnavailable"
+
+
+class OnlineOperationFailed(TemporaryError):
+    """libvirt refused an online operation; retried (offline once the domain stops)."""
+
+    reason = "OnlineOperationFailed"
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """One running domain's device that uses a disk."""
+
+    domain: str
+    uuid: str
+    target: str  # the guest device (vda, sdb): what virDomainBlockResize names
+
+    def __str__(self) -> str:
+        return f"domain {self.domain!r} (target {self.target})"
+
+
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's default handler prints every error; they arrive as exceptions anyway."""
+
+
+class Hypervisor:
+    """The libvirtd at ``uri`` (``qemu:///system`` on a node)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+        self._lock = threading.Lock()
+
+    # -- connection ----------------------------------------------------------------------
+    def _connection(self) -> Any:
+        with self._lock:
+            if self._conn is not None and self._alive(self._conn):
+                return self._conn
+            libvirt.registerErrorHandler(_quiet, None)
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                self._conn = None
+                raise HypervisorUnavailable(
+                    f"libvirt at {self.uri} did not answer: {exc.get_error_message()}"
+                ) from exc
+            return self._conn
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        try:
+            return bool(conn.isAlive())
+        except libvirt.libvirtError:
+            return False
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                log.debug("closing the libvirt connection failed", exc_info=True)
+
+    # -- queries -------------------------------------------------------------------------
+    def disks_using(
+        self, *, paths: Iterable[str] = (), network: tuple[str, str] | None = None
+    ) -> list[DomainDisk]:
+        """Running domains' devices that name one of ``paths`` or ``(protocol, name)``."""
+        wanted = {os.path.realpath(p) for p in paths}
+        conn = self._connection()
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorUnavailable(
+                f"listing the domains of {self.uri} failed: {exc.get_error_message()}"
+            ) from exc
+        found: list[DomainDisk] = []
+        for domain in domains:
+            try:
+                xml = domain.XMLDesc(0)
+                name, uuid = domain.name(), domain.UUIDString()
+            except libvirt.libvirtError:
+                continue  # it stopped meanwhile
+            for target, sources in _disk_sources(xml):
+                if any(_matches(s, wanted, network) for s in sources):
+                    found.append(DomainDisk(name, uuid, target))
+        return found
+
+    def block_capacity(self, disk: DomainDisk) -> int:
+        """The size QEMU reports for the domain's device, in bytes."""
+        return int(self._call(disk, "read the size of", lambda d: d.blockInfo(disk.target))[0])
+
+    # -- online operations ---------------------------------------------------------------
+    def freeze(self, disk: DomainDisk) -> bool:
+        """Freeze the guest's filesystems through its agent; False when no agent answers."""
+        conn = self._connection()
+        try:
+            frozen = conn.lookupByUUIDString(disk.uuid).fsFreeze()
+        except libvirt.libvirtError as exc:
+            log.info("%s: no quiesce (%s)", disk, exc.get_error_message())
+            return False
+        return bool(frozen)
+
+    def thaw(self, disk: DomainDisk) -> None:
+        """Thaw what ``freeze`` froze; a guest left frozen would hang, so this retries."""
+        for attempt in range(3):
+            try:
+                self._connection().lookupByUUIDString(disk.uuid).fsThaw()
+                return
+            except (libvirt.libvirtError, HypervisorUnavailable):
+                log.exception("%s: thawing the guest failed (attempt %d)", disk, attempt + 1)
+        raise OnlineOperationFailed(f"the filesystems of {disk} could not be thawed")
+
+    def block_resize(self, disk: DomainDisk, size: int) -> None:
+        """Grow the device to ``size`` bytes through QEMU, which tells the guest at once."""
+        flags = libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
+        self._call(disk, "grow", lambda d: d.blockResize(disk.target, size, flags))
+
+    def _call(self, disk: DomainDisk, what: str, fn: Any) -> Any:
+        conn = self._connection()
+        try:
+            return fn(conn.lookupByUUIDString(disk.uuid))
+        except libvirt.libvirtError as exc:
+            raise OnlineOperationFailed(
+                f"libvirt could not {what} {disk}: {exc.get_error_message()}"
+            ) from exc
+
+
+def _disk_sources(xml: str) -> Iterator[tuple[str, list[ET.Element]]]:
+    """Each ``<disk>``'s target and every ``<source>`` inside it (backing chain, mirror)."""
+    root = ET.fromstring(xml)
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        if target is None or not target.get("dev"):
+            continue
+        yield str(target.get("dev")), list(disk.iter("source"))
+
+
+def _matches(source: ET.Element, paths: set[str], network: tuple[str, str] | None) -> bool:
+    path = source.get("file") or source.get("dev")
+    if path:
+        return os.path.realpath(path) in paths
+    if network is not None:
+        return (source.get("protocol"), source.get("name")) == network
+    return False
