@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
@@ -196,6 +196,12 @@ class MemoryLookup:
         return []
 
     def list_snapshots(self, namespace: str) -> list[DiskSnapshot]:
+        return []
+
+    def get_class(self, name: str) -> None:
+        return None  # the built-in classes (raw, qcow2, ploop) apply
+
+    def list_classes(self) -> list[Any]:
         return []
 
 

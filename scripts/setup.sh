@@ -9,7 +9,7 @@ DEBS=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients python3-libvirt
   libxml2-utils python3-venv python3-dev
   e2fsprogs xfsprogs util-linux curl
-  ceph-mon ceph-osd ceph-common python3-rados python3-rbd
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
   podman runc debootstrap
 )

@@ -72,6 +72,28 @@ class CephTestCluster:
         self.ceph("osd", "pool", "application", "enable", name, "rbd")
         return name
 
+    def start_mgr(self, timeout: float = 90.0) -> None:
+        """Start a ceph-mgr (idempotent); it serves what ``ceph df`` reports (pool usage).
+
+        Not started by default: only capacity tests need it, and it adds
+        seconds to the cluster's start.
+        """
+        if "mgr" in self.procs:
+            return
+        (self.root / "mgr" / "x").mkdir(parents=True, exist_ok=True)
+        self._start("mgr", ["ceph-mgr", "--conf", str(self.conf), "-f", "-i", "x"])
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                df = json.loads(self.ceph("df", "--format", "json", timeout=10))
+                if df["stats"]["total_bytes"] > 0:
+                    return
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline or self.procs["mgr"].poll() is not None:
+                raise RuntimeError(f"ceph-mgr did not report usage; logs in {self.root / 'log'}")
+            time.sleep(0.5)
+
     def pause_osd(self) -> None:
         self.procs["osd"].send_signal(signal.SIGSTOP)
 
@@ -93,7 +115,7 @@ class CephTestCluster:
             )
 
     def stop(self) -> None:
-        for key in ("osd", "mon"):
+        for key in ("mgr", "osd", "mon"):
             proc = self.procs.pop(key, None)
             if proc is None:
                 continue
@@ -128,6 +150,7 @@ run dir = {root}/run
 admin socket = {root}/run/$name.asok
 log file = {root}/log/$name.log
 mon data = {root}/mon/$id
+mgr data = {root}/mgr/$id
 osd data = {root}/osd/$id
 """
 

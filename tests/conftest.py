@@ -25,6 +25,21 @@ MiB = 1024 * 1024
 PATTERN = {0: b"vmdisk-boot-sector", 5 * MiB: b"middle-of-the-image", 15 * MiB + 7: b"tail"}
 
 
+def rbd_class(store: LocalStore, image_dir: Path, pool: str, name: str = "rbd") -> None:
+    """An administrator's rbd class in the local store: ``pool``, file images from ``image_dir``.
+
+    Disks that name ``backend: rbd`` and no class get it (the class named like the backend).
+    """
+    from vmdisk.api.vmdiskclass import VMDiskClass
+
+    spec = {
+        "backend": "rbd",
+        "parameters": {"pool": pool},
+        "imageSources": {"fileDirs": [str(image_dir)]},
+    }
+    store.apply(VMDiskClass.model_validate({"metadata": {"name": name}, "spec": spec}))
+
+
 def read_at(path: Path, offset: int, length: int) -> bytes:
     with open(path, "rb") as handle:
         handle.seek(offset)

@@ -51,6 +51,7 @@ import yaml
 
 from schema import CRDValidationError, validate_against_crd
 from vmdisk.api.crd import crds
+from vmdisk.backends.registry import PLUGINS
 
 Obj = dict[str, Any]
 HARNESS_AGENT = "vmdisk-tests-harness"
@@ -304,7 +305,7 @@ def default_kinds() -> list[Kind]:
             ("crd", "crds"),
         ),
     ]
-    for crd in crds():
+    for crd in crds(PLUGINS):
         spec, names = crd["spec"], crd["spec"]["names"]
         for ver in spec["versions"]:
             kinds.append(
@@ -375,7 +376,7 @@ class ApiServer(kmock.KubernetesEmulator):
         """Pre-create the default namespaces and the CRD objects (kopf watches CRDs)."""
         for ns in ("default", "kube-system"):
             self.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
-        for crd in crds():
+        for crd in crds(PLUGINS):
             self.put_object(crd)
 
     def put_object(self, obj: Obj) -> Obj:

@@ -26,6 +26,7 @@ from celpy.adapter import json_to_cel
 
 from vmdisk.api.crd import crds
 from vmdisk.api.quantity import parse_bytes
+from vmdisk.backends.registry import PLUGINS
 
 Schema = dict[str, Any]
 
@@ -40,7 +41,7 @@ class CRDValidationError(ValueError):
 
 def crd_schema(kind: str) -> Schema:
     """The openAPIV3Schema of the CRD serving `kind`."""
-    for crd in crds():
+    for crd in crds(PLUGINS):
         if crd["spec"]["names"]["kind"] == kind:
             schema: Schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
             return schema

@@ -94,7 +94,8 @@ def test_chart_lints_strictly(values: Path | None) -> None:
 def test_every_rendered_object_is_valid_kubernetes(chart: helm.Chart, full: bool) -> None:
     objects = render(chart, full_values() if full else None)
     kinds = sorted(o["kind"] for o in objects)
-    base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]
+    base = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Role", "RoleBinding"]
+    base += ["ServiceAccount"]
     assert kinds == sorted(base + (["Service", "ServiceMonitor"] if full else []))
     for obj in objects:
         if obj["kind"] == "ServiceMonitor":  # a Prometheus Operator CRD: no upstream schema
@@ -114,14 +115,37 @@ def test_chart_crds_are_the_generated_ones() -> None:
 
 
 def test_cluster_role_is_exactly_what_the_agent_calls(chart: helm.Chart) -> None:
-    role = one(render(chart), "ClusterRole")
-    assert role["rules"] == rbac.rules()
-    # Secrets only read one by one (get, never list), never writes beyond
-    # patch/create, never anything cluster-wide but reading CRDs.
+    objects = render(chart)
+    role = one(objects, "ClusterRole")
+    assert role["rules"] == rbac.cluster_rules()
+    # Never anything cluster-wide but reading and patching our own resources and
+    # reading CRDs; no Secrets at all (they are the namespaced Role's).
     flat = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
             for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
-    assert {v for _, r, v in flat if r == "secrets"} == {"get"}
-    assert {v for _, _, v in flat} <= {"get", "list", "watch", "patch", "create"}
+    assert not any(r == "secrets" for _, r, _ in flat)
+    assert {v for _, _, v in flat} <= {"list", "watch", "patch", "create"}
+    assert {v for _, r, v in flat if r == "vmdiskclasses"} == {"list", "watch"}
+
+
+def test_secrets_are_read_only_in_the_agents_own_namespace(chart: helm.Chart) -> None:
+    objects = render(chart)
+    role, binding = one(objects, "Role"), one(objects, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "vmdisk-system"
+    assert role["rules"] == rbac.namespaced_rules()
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]
+    }  # fmt: skip
+    account = one(objects, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": "vmdisk-system"}
+    ]
+    narrowed = one(render(chart, {"rbac": {"secretNames": ["disk-keys"]}}), "Role")
+    assert narrowed["rules"][0]["resourceNames"] == ["disk-keys"]
+    # The agent is told its namespace: the only one it reads keys from.
+    pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["VMDISK_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
 
 
 def test_rbac_switches_off(chart: helm.Chart) -> None:
@@ -136,12 +160,14 @@ def test_configmap_is_read_by_the_settings(chart: helm.Chart) -> None:
     config = one(render(chart, full_values()), "ConfigMap")["data"]
     assert all(key.startswith("VMDISK_") for key in config)
     settings = Settings.from_env(config)
-    assert settings.default_backend == "lvm" and settings.lvm_vg == "vg0"
-    assert settings.rbd_pool == "vms" and settings.rbd_user == "vmdisk"
+    assert settings.default_backend == "lvm" and settings.lvm_vgs == ("vg0",)
+    assert settings.rbd_pools == ("vms",) and settings.rbd_users == ("vmdisk",)
     assert settings.rbd_secret_uuid == "5ab1e5f4-6f0c-4e42-9d1c-3f1e7a3b9c11"
-    assert str(settings.ceph_conf) == "/etc/ceph/ceph.conf"
+    assert [str(c) for c in settings.ceph_confs] == ["/etc/ceph/ceph.conf"]
     assert settings.cache_max_age == 7 * 86400
     assert [str(p) for p in settings.image_dirs] == ["/srv/images", "/var/lib/images"]
+    assert settings.image_hosts == ("images.example.com", "10.20.0.0/16")
+    assert settings.cluster_cidrs == ("10.96.0.0/12", "10.244.0.0/16")
     defaults = one(render(chart), "ConfigMap")["data"]
     assert set(defaults) == {"VMDISK_STATE_DIR", "VMDISK_DEFAULT_BACKEND", "VMDISK_CACHE_MAX_AGE"}
 

@@ -160,9 +160,9 @@ def test_nothing_is_written_outside_the_state_dir(tmp_path: Path, image_dir: Pat
     assert {p for p in after - before if not p.is_relative_to(state)} == set()
 
 
-def test_crds_command_prints_both(tmp_path: Path):
+def test_crds_command_prints_all(tmp_path: Path):
     result = vmdisk("crds", state=tmp_path)  # --state-dir is not a crds flag
     assert result.returncode == 2
     result = subprocess.run([*VMDISK, "crds"], capture_output=True, text=True, check=True)
     kinds = [d["spec"]["names"]["kind"] for d in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["VMDisk", "DiskSnapshot"]
+    assert kinds == ["VMDiskClass", "VMDisk", "DiskSnapshot"]

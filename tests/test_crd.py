@@ -16,6 +16,8 @@ from schema import CRDValidationError, crd_schema, validate_against_crd
 from vmdisk.api import DiskSnapshot, DiskSnapshotStatus, VMDisk, VMDiskStatus, dump
 from vmdisk.api.common import Condition
 from vmdisk.api.crd import RULES, crd_filename, crd_yaml, crds, crds_yaml, write_crds
+from vmdisk.api.vmdiskclass import VMDiskClass
+from vmdisk.backends.registry import PLUGINS
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = ROOT / "crds"
@@ -27,6 +29,7 @@ FULL_VMDISK: dict[str, Any] = {
     "metadata": {"name": "web-root", "namespace": "vms"},
     "spec": {
         "nodeName": "node-a",
+        "className": "qcow2",
         "backend": "qcow2",
         "size": "10Gi",
         "source": {
@@ -49,8 +52,7 @@ FULL_VMDISK: dict[str, Any] = {
             "unit": 0,
             "iotune": {"totalBytesSec": 1000, "readIopsSec": 10, "writeIopsSec": 10},
         },
-        "rbd": {"pool": "vms", "user": "vmdisk", "cephConf": "/etc/ceph/ceph.conf"},
-        "lvm": {"volumeGroup": "vg0", "sparse": True},
+        "rbd": {"flatten": True},
         "restore": {"snapshot": "snap-1"},
     },
 }
@@ -89,7 +91,7 @@ def _model_of(obj: dict[str, Any]) -> type[pydantic.BaseModel]:
 # --- the checked-in files ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("crd", crds(), ids=crd_filename)
+@pytest.mark.parametrize("crd", crds(PLUGINS), ids=crd_filename)
 def test_checked_in_crd_is_current(crd: dict[str, Any]) -> None:
     path = CRD_DIR / crd_filename(crd)
     assert path.exists(), f"{path} is missing: run `make crds`"
@@ -99,38 +101,43 @@ def test_checked_in_crd_is_current(crd: dict[str, Any]) -> None:
 
 
 def test_filenames_and_stream() -> None:
-    assert [crd_filename(c) for c in crds()] == [
+    assert [crd_filename(c) for c in crds(PLUGINS)] == [
+        "vmdiskclasses.vmdisk.io.yaml",
         "vmdisks.vmdisk.io.yaml",
         "disksnapshots.vmdisk.io.yaml",
     ]
-    docs = list(yaml.safe_load_all(crds_yaml()))
-    assert docs == crds()
+    docs = list(yaml.safe_load_all(crds_yaml(PLUGINS)))
+    assert docs == crds(PLUGINS)
 
 
 def test_write_crds(tmp_path: Path) -> None:
-    paths = write_crds(tmp_path / "out")
-    assert [p.name for p in paths] == [crd_filename(c) for c in crds()]
-    for path, crd in zip(paths, crds(), strict=True):
+    paths = write_crds(tmp_path / "out", PLUGINS)
+    assert [p.name for p in paths] == [crd_filename(c) for c in crds(PLUGINS)]
+    for path, crd in zip(paths, crds(PLUGINS), strict=True):
         assert yaml.safe_load(path.read_text(encoding="utf-8")) == crd
 
 
 def test_generation_is_deterministic() -> None:
-    assert [crd_yaml(c) for c in crds()] == [crd_yaml(c) for c in crds()]
-    assert "&id" not in crds_yaml(), "YAML anchors leaked into the output"
+    assert [crd_yaml(c) for c in crds(PLUGINS)] == [crd_yaml(c) for c in crds(PLUGINS)]
+    assert "&id" not in crds_yaml(PLUGINS), "YAML anchors leaked into the output"
 
 
 # --- shape of the CRD objects --------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", ["1.29.0", "1.33.0"])
-@pytest.mark.parametrize("crd", crds(), ids=crd_filename)
+@pytest.mark.parametrize("crd", crds(PLUGINS), ids=crd_filename)
 def test_crd_object_is_valid_kubernetes(crd: dict[str, Any], version: str) -> None:
     # kubernetes-validate bundles the apiextensions.k8s.io/v1 schemas: no network.
     kubernetes_validate.validate(crd, version, strict=True)
 
 
 def test_names_and_printer_columns() -> None:
-    vmdisk, snapshot = crds()
+    klass, vmdisk, snapshot = crds(PLUGINS)
+    assert klass["spec"]["names"]["shortNames"] == ["vmdc"]
+    assert klass["spec"]["names"]["plural"] == "vmdiskclasses"
+    assert klass["spec"]["scope"] == "Cluster"
+    assert "subresources" not in klass["spec"]["versions"][0]
     assert vmdisk["spec"]["names"] == {
         "kind": "VMDisk",
         "listKind": "VMDiskList",
@@ -151,7 +158,13 @@ def test_names_and_printer_columns() -> None:
         cols = crd["spec"]["versions"][0]["additionalPrinterColumns"]
         return [(c["name"], c["jsonPath"], c["type"]) for c in cols]
 
+    assert columns(klass) == [
+        ("Backend", ".spec.backend", "string"),
+        ("Default", ".metadata.annotations.vmdisk\\.io/is-default-class", "string"),
+        ("Age", ".metadata.creationTimestamp", "date"),
+    ]
     assert columns(vmdisk) == [
+        ("Class", ".status.class.name", "string"),
         ("Backend", ".spec.backend", "string"),
         ("Size", ".spec.size", "string"),
         ("Node", ".spec.nodeName", "string"),
@@ -192,7 +205,7 @@ def _walk(node: dict[str, Any], path: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("kind", ["VMDisk", "DiskSnapshot"])
+@pytest.mark.parametrize("kind", ["VMDiskClass", "VMDisk", "DiskSnapshot"])
 def test_schema_is_structural(kind: str) -> None:
     assert _walk(crd_schema(kind), kind) == []
 
@@ -209,7 +222,8 @@ def test_every_rule_sits_where_intended() -> None:
             node = schema
             for name in path.split("."):
                 node = node["properties"][name]
-            assert node["x-kubernetes-validations"] == rules
+            # The table's rules, after any the backends add (enum-like, generated).
+            assert node["x-kubernetes-validations"][-len(rules) :] == rules
 
 
 # --- valid and invalid objects: the CRD and the models agree -------------------------
@@ -237,7 +251,7 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "no source member": (_with(BLANK, "spec.source", {}), "exactly one of"),
     "no source": (_with(BLANK, "spec.source", None), "'source' is a required property"),
-    "bad backend": (_with(BLANK, "spec.backend", "zfs"), "spec.backend: 'zfs' is not one of"),
+    "bad backend": (_with(BLANK, "spec.backend", "Zfs"), "spec.backend: 'Zfs' does not match"),
     "bad quantity": (_with(BLANK, "spec.size", "10GB"), "spec.size: '10GB' does not match"),
     "millis": (_with(BLANK, "spec.size", "100m"), "spec.size: '100m' does not match"),
     "negative size": (_with(BLANK, "spec.size", -1), "spec.size: -1 is less than"),
@@ -413,3 +427,59 @@ def test_every_rule_compiles_in_cel() -> None:
         for rules in table.values():
             for rule in rules:
                 env.compile(rule["rule"])
+
+
+# --- VMDiskClass: each backend's parameters only in its own classes ---------------------
+
+
+def _class(backend: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "vmdisk.io/v1alpha1",
+        "kind": "VMDiskClass",
+        "metadata": {"name": f"{backend}-class"},
+        "spec": {"backend": backend, **spec},
+    }
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        _class("lvm", parameters={"volumeGroup": "vg0", "thin": True}),
+        _class("rbd", parameters={"pool": "vms", "user": "vmdisk", "cephConf": "/etc/ceph/c"}),
+        _class("qcow2", imageSources={"allowedHosts": ["*.example.com", "10.0.0.0/8"]}),
+        _class("raw", limits={"maxSize": "2Ti", "iotune": {"totalIopsSec": 100}}),
+    ],
+    ids=["lvm", "rbd", "qcow2", "raw"],
+)
+def test_valid_classes(obj: dict[str, Any]) -> None:
+    defaulted = validate_against_crd(obj)
+    assert VMDiskClass.model_validate(defaulted) == VMDiskClass.model_validate(obj)
+    # The union schema carries no defaults: one backend's never lands in another's class.
+    assert defaulted["spec"].get("parameters", {}) == obj["spec"].get("parameters", {})
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        (_class("lvm", parameters={"pool": "vms"}), "parameters of a lvm class"),
+        (_class("rbd", parameters={"volumeGroup": "vg0"}), "parameters of a rbd class"),
+        (_class("raw", parameters={"thin": True}), "parameters of a raw class: none"),
+        (_class("lvm", parameters={"volumeGroup": "--select=x"}), "does not match"),
+        (_class("rbd", parameters={"user": "a:b"}), "does not match"),
+        (_class("zfs"), "is not one of"),
+        (
+            _class("raw", limits={"iotune": {"totalIopsSec": 1, "readIopsSec": 1}}),
+            "totalIopsSec cannot be combined",
+        ),
+        ({**_class("raw"), "metadata": {"name": "Bad_Name"}}, None),
+    ],
+    ids=["lvm-pool", "rbd-vg", "raw-thin", "vg-option", "user-colon", "zfs", "iotune", "name"],
+)
+def test_invalid_classes(obj: dict[str, Any], expected: str | None) -> None:
+    if expected is None:  # metadata is the apiserver's business; the model refuses it
+        with pytest.raises(pydantic.ValidationError):
+            VMDiskClass.model_validate(obj)
+        return
+    with pytest.raises(CRDValidationError) as err:
+        validate_against_crd(obj)
+    assert any(expected in line for line in err.value.errors), err.value.errors

@@ -72,7 +72,11 @@ def test_cluster_examples_name_their_node_and_an_image_a_pod_can_reach() -> None
 def test_every_backend_and_source_kind_is_shown() -> None:
     docs = [doc for _, doc in manifests()]
     disks = [d for d in docs if d["kind"] == "VMDisk"]
-    assert {d["spec"].get("backend") for d in disks} >= {"raw", "qcow2", "ploop", "lvm", "rbd"}
+    classes = {
+        d["metadata"]["name"]: d["spec"]["backend"] for d in docs if d["kind"] == "VMDiskClass"
+    }
+    backends = {d["spec"].get("backend") or classes.get(d["spec"].get("className")) for d in disks}
+    assert backends >= {"raw", "qcow2", "ploop", "lvm", "rbd"}
     assert {next(iter(d["spec"]["source"])) for d in disks} == {
         "image",
         "blank",

@@ -17,7 +17,10 @@ from pydantic import ValidationError
 
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.backends.base import DiskState
-from vmdisk.engine.planning import backend_for, plan_disk
+from vmdisk.backends.registry import Registry
+from vmdisk.config import Settings
+from vmdisk.engine.classes import builtin_classes, from_class
+from vmdisk.engine.planning import plan_disk
 from vmdisk.errors import VMDiskError
 from vmdisk.images.inspect import inspect_image
 
@@ -105,7 +108,8 @@ def test_specs_through_models_and_planner(manifest: dict[str, Any], host: Any, p
         return
     status = VMDiskStatus(format=pinned, backend=pinned) if pinned else None
     try:
-        backend_for(disk.spec, status, "qcow2")
+        registry = Registry({})
+        from_class(builtin_classes(registry)["qcow2"], disk, registry, Settings(node_name="n"))
         plan_disk(disk.spec, status, host)
     except VMDiskError as exc:
         assert exc.reason and exc.message

@@ -34,7 +34,7 @@ def test_prune_keeps_a_base_whose_overlay_lost_its_record(tmp_path: Path, image_
     (disk_dir / "disk.json").unlink()
 
     listing = vmdisk("cache", "list", state=state)
-    assert listing.stdout.splitlines()[1].split()[3] == "yes", listing.stdout
+    assert listing.stdout.splitlines()[1].split()[4] == "yes", listing.stdout
     pruned = vmdisk("cache", "prune", "--max-age", "0s", state=state)
     assert pruned.returncode == 0 and pruned.stdout == "", pruned.stdout
     # QEMU can still open the whole chain.

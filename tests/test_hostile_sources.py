@@ -10,6 +10,8 @@ cannot be pointed at a test DNS server); every connection is a real one.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +22,7 @@ import pytest
 import imagefactory as factory
 from httpserver import ImageServer, Switches
 from vmdisk.api.vmdisk import ImageSource
+from vmdisk.config import Settings
 from vmdisk.errors import DownloadFailed, ImageTooLarge, SourceNotAllowed, VMDiskError
 from vmdisk.host import safeopen
 from vmdisk.host.locks import file_lock
@@ -132,6 +135,8 @@ def test_loopback_is_refused_unless_a_cidr_names_it(
         ("http://169.254.169.254/latest/meta-data", "metadata"),
         ("http://[fd00:ec2::254]/latest/meta-data", "metadata"),
         ("http://[::ffff:169.254.169.254]/x", "metadata"),
+        ("http://[64:ff9b::a9fe:a9fe]/x", "metadata"),  # NAT64 of 169.254.169.254
+        ("http://[2002:7f00:1::]/x", "loopback"),  # 6to4 of 127.0.0.1
         ("http://10.96.0.1/api", "cluster range 10.96.0.0/12"),
         ("http://0.0.0.0:{secret}/latest/meta-data", "unspecified"),
         ("http://127.0.0.2:{secret}/latest/meta-data", "loopback"),
@@ -313,3 +318,98 @@ def _get_or_error(cache: ImageCache, source: ImageSource) -> BaseException | obj
         return cache.get(source, disk_size=8 * MiB)
     except BaseException as exc:  # handed to the test thread
         return exc
+
+
+def _tls_server(tmp_path: Path, name: str, body: bytes) -> tuple[Iterator[int], Path]:
+    """A real TLS server on 127.0.0.1 with a self-signed certificate for ``name``."""
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return _serve_tls(key, cert, body), cert
+
+
+def _serve_tls(key: Path, cert: Path, body: bytes) -> Iterator[int]:
+    import http.server
+    import ssl
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield int(httpd.server_address[1])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_verifies_the_name_while_connecting_to_the_checked_address(
+    tmp_path: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = factory.raw(tmp_path / "a.raw")
+    server, cert = _tls_server(tmp_path, "images.tls.test", img.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust this one certificate
+    resolve = {"images.tls.test": ["127.0.0.1"], "other.tls.test": ["127.0.0.1"]}
+    port = next(server)
+    try:
+        h = Harness(tmp_path, image_dir, LOOPBACK_ONLY, FAST, lambda host, p: resolve[host])
+        got = h.cache.get(ImageSource(url=f"https://images.tls.test:{port}/a.raw"), disk_size=None)
+        assert factory.sha256(got.path) == factory.sha256(img)
+        # The same address under a name the certificate does not carry: refused.
+        h = Harness(tmp_path, image_dir, LOOPBACK_ONLY, FAST, lambda host, p: resolve[host])
+        err = h.refuse(f"https://other.tls.test:{port}/a.raw", DownloadFailed, within=10.0)
+        assert "certificate" in err.message.lower() or "hostname" in err.message.lower()
+    finally:
+        server.close()
+
+
+def test_the_bounds_and_the_policy_come_from_settings(tmp_path: Path) -> None:
+    env = {
+        "VMDISK_IMAGE_HOSTS": "images.example.com, 10.20.0.0/16",
+        "VMDISK_CLUSTER_CIDRS": "10.96.0.0/12,fd00:10:96::/108",
+        "VMDISK_FETCH_DEADLINE": "2h",
+        "VMDISK_FETCH_MIN_RATE": "1Mi",
+        "VMDISK_FETCH_RATE_WINDOW": "30s",
+        "VMDISK_FETCH_TIMEOUT": "15s",
+    }
+    settings = Settings.from_env(env, state_dir=tmp_path)
+    assert settings.image_hosts == ("images.example.com", "10.20.0.0/16")
+    assert settings.cluster_cidrs == ("10.96.0.0/12", "fd00:10:96::/108")
+    limits = FetchLimits.from_settings(settings)
+    assert (limits.deadline, limits.min_rate, limits.rate_window, limits.timeout) == (
+        7200.0,
+        1024**2,
+        30.0,
+        15.0,
+    )
+    assert Settings.from_env({"VMDISK_IMAGE_HOSTS": " "}).image_hosts is None
+    for key, bad in [
+        ("VMDISK_IMAGE_HOSTS", "10.0.0.0/33"),
+        ("VMDISK_FETCH_MIN_RATE", "fast"),
+        ("VMDISK_FETCH_DEADLINE", "0"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "vmdisk.cli", "get", "vmdisks", "--state-dir", str(tmp_path)],
+            env={**os.environ, key: bad},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 2, (key, result.stderr)
+        assert result.stderr.startswith(f"error: {key}") and "Traceback" not in result.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import PATTERN, Manifest, MiB, sha256_of
+from conftest import PATTERN, Manifest, MiB, rbd_class, sha256_of
 from libvirtd import qemu_open_files, query_block, running_domain
 from vmdisk.api.common import Condition
 from vmdisk.api.snapshot import DiskSnapshot
@@ -82,6 +82,17 @@ def blocks(domain: Any) -> list[tuple[str, int]]:
     ]
 
 
+def guest_write(domain: Any, byte: int) -> None:
+    """Write 4 KiB of ``byte`` at offset 0 through the running QEMU, as the guest would."""
+    import libvirt_qemu
+
+    (device,) = query_block(domain)
+    command = f'qemu-io -d {device["qdev"]} "write -P {byte:#x} 0 4k"'
+    hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+    out = libvirt_qemu.qemuMonitorCommand(domain, command, hmp)
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+
+
 def target_of(xml: str) -> str:
     target = ET.fromstring(xml).find("target")
     assert target is not None
@@ -113,21 +124,27 @@ def test_restore_and_snapshot_wait_while_a_domain_holds_the_disk(
         (refused,) = runner.apply([restore])
         (waiting,) = runner.apply([snapshot("live", "held")])
 
-        for obj in (refused, waiting):
+        if backend in ("raw", "ploop"):  # QEMU's backup job takes it live, the guest runs on
+            assert waiting.status is not None and waiting.status.ready_to_use
+            assert waiting.status.consistency == "CrashConsistent"  # no guest agent here
+            held = [refused]
+        else:  # nothing takes a qcow2 internal snapshot under a running QEMU
+            assert waiting.status is not None and waiting.status.phase == "Pending"
+            assert not waiting.status.ready_to_use
+            assert not (path.parent / "snapshots" / "live").exists()
+            held = [refused, waiting]
+        for obj in held:
             condition = ready_condition(obj)
             assert (condition.status, condition.reason) == ("False", "DiskInUse")
             assert domain.name() in condition.message and "(will retry)" in condition.message
         assert refused.status is not None and refused.status.phase == "Ready"  # data usable
         assert refused.status.restored_snapshot is None
-        assert waiting.status is not None and waiting.status.phase == "Pending"
-        assert not waiting.status.ready_to_use
         # Nothing changed under the guest: same inode, still open, same image, same bytes.
         assert path.stat().st_ino == inode
         opened = qemu_open_files(domain)
         assert str(path) in opened and not any(f.endswith("(deleted)") for f in opened)
         assert blocks(domain) == seen
         assert first_bytes(path, fmt, shared=True) == b"\x5a" * len(FIRST)
-        assert not (path.parent / "snapshots" / "live").exists()
         domain.destroy()
 
     # The same requests, retried, now go through.
@@ -137,6 +154,36 @@ def test_restore_and_snapshot_wait_while_a_domain_holds_the_disk(
     assert first_bytes(path, fmt) == FIRST
     (live,) = runner.apply([snapshot("live", "held")])
     assert live.status is not None and live.status.ready_to_use, live.status
+    assert live.status.consistency == ("Offline" if backend == "qcow2" else "CrashConsistent")
+
+
+@pytest.mark.parametrize("backend", ["raw", "ploop"])
+def test_live_snapshot_holds_what_the_guest_wrote_before_it(
+    libvirt_system: Any, runner: LocalRunner, disk: Manifest, image_dir: Path, backend: str
+) -> None:
+    vm = disk("livecopy", backend, source=file_source(image_dir), size="32Mi")
+    (made,) = runner.apply([vm])
+    assert made.status is not None
+    path, fmt = Path(str(made.status.path)), QEMU_FORMATS[backend]
+    with running_domain(libvirt_system, str(made.status.libvirt_xml)) as domain:
+        seen = blocks(domain)
+        guest_write(domain, 0x11)
+        (live,) = runner.apply([snapshot("mid", "livecopy")])
+        assert live.status is not None and live.status.ready_to_use, live.status
+        guest_write(domain, 0x22)
+        assert first_bytes(path, fmt, shared=True) == b"\x22" * len(FIRST)
+        # The domain runs on the same file: a backup leaves no trace in its disk.
+        assert domain.isActive() and blocks(domain) == seen
+        assert str(path) in qemu_open_files(domain)
+        domain.destroy()
+    copy = path.parent / "snapshots" / "mid"
+    assert live.status.size is not None and live.status.size < 8 * MiB  # kept thin
+    (restored,) = runner.apply([with_spec(vm, restore={"snapshot": "mid"})])
+    assert restored.status is not None and restored.status.restored_snapshot == "mid"
+    assert first_bytes(path, fmt) == b"\x11" * len(FIRST)
+    assert copy.exists()
+    assert first_bytes(copy, fmt) == b"\x11" * len(FIRST)
+    assert not list(copy.parent.glob(".*"))  # no partial or backup file left
 
 
 def test_clone_and_delete_wait_while_the_source_is_held(
@@ -150,7 +197,10 @@ def test_clone_and_delete_wait_while_the_source_is_held(
     with running_domain(libvirt_system, xml) as domain:
         (waiting,) = runner.apply([clone])
         assert ready_condition(waiting).reason == "DiskInUse"
-        assert runner.engine.registry.get("raw").state(runner.engine.disk_ref(clone)) is None
+        assert (
+            runner.engine.registry.get("raw").state(runner.engine.disk_ref(clone, runner.store))
+            is None
+        )
         domain.destroy()
     (copied,) = runner.apply([clone])
     assert copied.status is not None and copied.status.phase == "Ready"
@@ -338,11 +388,13 @@ def rbd_runner(state_dir: Path, image_dir: Path, ceph_cluster: Any) -> Iterator[
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=RBD_POOL,
-        ceph_conf=ceph_cluster.conf,
+        rbd_pools=(RBD_POOL,),
+        ceph_confs=(ceph_cluster.conf,),
     )
     engine = Engine.build(settings)
-    yield LocalRunner(settings, engine, LocalStore(engine.layout))
+    store = LocalStore(engine.layout)
+    rbd_class(store, image_dir, RBD_POOL)
+    yield LocalRunner(settings, engine, store)
     engine.close()
 
 
@@ -351,17 +403,6 @@ def rbd_size(ceph: Any, status_path: str) -> int:
 
     image = status_path.removeprefix("rbd:")
     return int(json.loads(ceph.rbd("info", "--format", "json", image))["size"])
-
-
-def guest_write(domain: Any, byte: int) -> None:
-    """Write 4 KiB of ``byte`` at offset 0 through the running QEMU, as the guest would."""
-    import libvirt_qemu
-
-    (device,) = query_block(domain)
-    command = f'qemu-io -d {device["qdev"]} "write -P {byte:#x} 0 4k"'
-    hmp = libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
-    out = libvirt_qemu.qemuMonitorCommand(domain, command, hmp)
-    assert "error" not in out.lower() and "fail" not in out.lower(), out
 
 
 def test_rbd_restore_waits_for_the_domain_and_a_live_snapshot_is_consistent(

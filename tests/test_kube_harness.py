@@ -46,8 +46,8 @@ def test_kubectl_apply_get_and_refusal(
     out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(example)).stdout
     assert "vmdisk.vmdisk.io/web-root created" in out
     table = kubectl(kubeconfig, "get", "vmdisks").stdout.splitlines()
-    assert table[0].split() == ["NAME", "BACKEND", "SIZE", "NODE", "PHASE", "AGE"]
-    assert table[1].split()[:3] == ["web-root", "qcow2", "1Gi"]
+    assert table[0].split() == ["NAME", "CLASS", "BACKEND", "SIZE", "NODE", "PHASE", "AGE"]
+    assert table[1].split()[:3] == ["web-root", "qcow2", "1Gi"]  # no class resolved yet: blank
     assert "web-root" in kubectl(kubeconfig, "get", "vmd", "-o", "name").stdout
     out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(example)).stdout
     assert "unchanged" in out

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import PATTERN, Manifest, read_at
 from lvmfixtures import LoopActivation, VolumeGroup, needs_dm, sh
+from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.backends.base import (
     BaseImage,
     Blank,
@@ -27,12 +29,12 @@ from vmdisk.backends.base import (
     SupportsInventory,
     SupportsSnapshots,
 )
-from vmdisk.backends.lvm import LvmBackend, ThinPoolMissing
+from vmdisk.backends.lvm import LvmBackend, LvmParameters, ThinPoolMissing
 from vmdisk.backends.lvm_names import crypt_mapping, disk_lv, dm_escape, snapshot_lv
 from vmdisk.backends.registry import Registry, default_registry
 from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
-from vmdisk.errors import InsufficientCapacity
+from vmdisk.errors import ClassNotAllowed, InsufficientCapacity
 from vmdisk.host.crypt import Crypt, WrongKey
 from vmdisk.host.run import run
 from vmdisk.layout import StateLayout
@@ -160,9 +162,9 @@ def test_failure_midway_removes_the_half_made_volume(
 def test_sparse_without_thin_pool_says_what_to_do(
     backend: LvmBackend, volume_group: VolumeGroup
 ) -> None:
-    ref = DiskRef("vms", "thin", volume_group.name)
+    ref = DiskRef("vms", "thin", volume_group.name, parameters=LvmParameters(thin=True))
     with pytest.raises(ThinPoolMissing, match="lvcreate --type thin-pool"):
-        backend.create(ref, CreateRequest(8 * MiB, Blank(), sparse=True))
+        backend.create(ref, CreateRequest(8 * MiB, Blank()))
 
 
 def test_luks2_header_and_wrong_key_with_the_key_only_on_stdin(
@@ -227,8 +229,8 @@ def test_dm_thin_volume_and_thin_snapshot(
         volume_group.name,
         env=volume_group.env,
     )
-    ref = DiskRef("vms", "thin", volume_group.name)
-    state = dm_backend.create(ref, CreateRequest(200 * MiB, Blank(), sparse=True))
+    ref = DiskRef("vms", "thin", volume_group.name, parameters=LvmParameters(thin=True))
+    state = dm_backend.create(ref, CreateRequest(200 * MiB, Blank()))
     assert state.virtual_size == 200 * MiB and state.actual_size < 8 * MiB
     dm_backend.create_snapshot(ref, "s1")
     assert dm_backend.snapshots(ref) == ("s1",)
@@ -253,45 +255,193 @@ def test_dm_encrypted_disk_opens_at_dev_mapper(dm_backend: LvmBackend, image_dir
 
 
 # -- through the engine (local mode) --------------------------------------------------
-def test_engine_makes_an_lvm_disk_ready_with_block_xml(
-    settings: Settings, volume_group: VolumeGroup, loop_activation: LoopActivation, disk: Manifest
-) -> None:
-    settings = replace(settings, lvm_vg=volume_group.name)
+def lvm_class(name: str, **spec: Any) -> VMDiskClass:
+    return VMDiskClass.model_validate(
+        {"metadata": {"name": name}, "spec": {"backend": "lvm", **spec}}
+    )
+
+
+@pytest.fixture
+def lvm_engine(
+    settings: Settings, volume_group: VolumeGroup, loop_activation: LoopActivation
+) -> Engine:
+    settings = replace(settings, lvm_vgs=(volume_group.name,))
     layout = StateLayout(settings.state_dir)
     lvm = LvmBackend(volume_group.name, lvm=volume_group.lvm, activation=loop_activation)
-    registry = default_registry(layout, lvm_vg=volume_group.name)
-    engine = Engine.build(settings, Registry({**registry.backends, "lvm": lvm}))
-    store = LocalStore(layout)
+    registry = default_registry(replace(settings, lvm_vgs=()), layout)
+    return Engine.build(settings, Registry({**registry.backends, "lvm": lvm}))
+
+
+def test_engine_makes_an_lvm_disk_ready_with_block_xml(
+    lvm_engine: Engine, volume_group: VolumeGroup, disk: Manifest
+) -> None:
+    engine, settings = lvm_engine, lvm_engine.settings
+    store = LocalStore(engine.layout)
+    store.apply(lvm_class("fast", parameters={"volumeGroup": volume_group.name}))
     obj = disk("web-root", "lvm", source={"blank": {"filesystem": "ext4"}}, size="16Mi")
+    status = engine.reconcile_disk(obj, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Pending", "ClassNotFound")
+    obj = obj.model_copy(update={"spec": obj.spec.model_copy(update={"class_name": "fast"})})
     status = engine.reconcile_disk(obj, store)
     assert status.phase == "Ready", status.conditions
     assert status.path == f"/dev/{volume_group.name}/vms_web-root"
     assert status.format == "raw" and status.virtual_size == 16 * MiB
+    assert status.pinned_class is not None and status.pinned_class.name == "fast"
+    assert status.pinned_class.parameters["volumeGroup"] == volume_group.name
     assert status.libvirt_xml is not None and '<disk type="block"' in status.libvirt_xml
     assert 'io="native"' in status.libvirt_xml
 
-    secret = disk(
-        "enc",
-        "lvm",
-        source={"blank": {}},
-        size="16Mi",
-        encryption={"secretRef": {"name": "k", "key": "key"}},
-    )
+    key = {"encryption": {"keySecretRef": {"name": "k", "key": "key"}}}
+    store.apply(lvm_class("sealed", **key))
+    secret = disk("enc", "lvm", source={"blank": {}}, size="16Mi", className="sealed")
     status = engine.reconcile_disk(secret, store)
     assert (status.phase, status.conditions[-1].reason) == ("Pending", "SecretNotFound")  # retried
-    assert (
-        str(settings.state_dir / "secrets" / "vms" / "k" / "key") in status.conditions[-1].message
-    )
-    on_raw = disk(
-        "raw-enc",
-        "raw",
-        source={"blank": {}},
-        size="16Mi",
-        encryption={"secretRef": {"name": "k", "key": "key"}},
-    )
+    # The key is read from the agent's own namespace, never the disk's.
+    where = settings.state_dir / "secrets" / settings.namespace / "k" / "key"
+    assert str(where) in status.conditions[-1].message
+    store.apply(VMDiskClass.model_validate({"metadata": {"name": "raw-sealed"},
+                                            "spec": {"backend": "raw", **key}}))  # fmt: skip
+    on_raw = disk("raw-enc", "raw", source={"blank": {}}, size="16Mi", className="raw-sealed")
     status = engine.reconcile_disk(on_raw, store)
     assert (status.phase, status.conditions[-1].reason) == ("Failed", "Unsupported")
     assert volume_group.lvm.volumes(volume_group.name, tag="vmdisk.luks2") == []
+
+
+def _foreign_lv(volume_group: VolumeGroup, name: str) -> None:
+    """An LV that is not ours but wears our tags: what an injected VG name would adopt."""
+    volume_group.lvm.create(
+        volume_group.name, name, 4 * MiB, tags=["vmdisk", "vmdisk.disk=vms/victim"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("volume_group_name", "reason"),
+    [
+        ("--select=vg_name={vg}||lv_name=", "InvalidClass"),  # an option, by its looks
+        ("-ay", "InvalidClass"),
+        ("other-vg", "ClassNotAllowed"),  # well-formed, but not one VMDISK_LVM_VG allows
+        ("{vg}/x", "InvalidClass"),
+    ],
+)
+def test_a_class_cannot_reach_outside_the_allowed_volume_groups(
+    lvm_engine: Engine,
+    volume_group: VolumeGroup,
+    disk: Manifest,
+    volume_group_name: str,
+    reason: str,
+) -> None:
+    """The issue's injection: nothing is adopted, nothing removed, no lvm command runs."""
+    engine, store = lvm_engine, LocalStore(lvm_engine.layout)
+    _foreign_lv(volume_group, "vms_victim")
+    before = volume_group.lvm.volumes(volume_group.name)
+    vg = volume_group_name.format(vg=volume_group.name)
+    store.apply(lvm_class("evil", parameters={"volumeGroup": vg}))
+    victim = disk("victim", "lvm", source={"blank": {}}, size="4Mi", className="evil")
+    calls: list[list[str]] = []
+    lvm = engine.registry.get("lvm")
+    assert isinstance(lvm, LvmBackend)
+    recording = replace(
+        lvm.lvm, runner=lambda argv, **kw: calls.append(list(argv)) or run(argv, **kw)
+    )
+    lvm.lvm = recording
+    status = engine.reconcile_disk(victim, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", reason)
+    assert "spec.parameters.volumeGroup" in status.conditions[-1].message
+    engine.delete_disk(victim, store)  # never pinned: nothing to remove, nothing run
+    assert calls == []
+    assert volume_group.lvm.volumes(volume_group.name) == before
+
+
+def test_the_backend_refuses_a_volume_group_it_was_not_given(
+    backend: LvmBackend, volume_group: VolumeGroup
+) -> None:
+    """Defence in depth: a reference naming another VG never reaches lvm either."""
+    from vmdisk.errors import UnsafeName
+
+    _foreign_lv(volume_group, "vms_victim")
+    with pytest.raises(ClassNotAllowed):
+        backend.state(DiskRef("vms", "victim", "other-vg"))
+    with pytest.raises(ClassNotAllowed):
+        backend.delete(DiskRef("vms", "victim", f"--select=vg_name={volume_group.name}"))
+    with pytest.raises(UnsafeName):
+        volume_group.lvm.remove("--select=vg_name=x", "lv")
+    assert [v.name for v in volume_group.lvm.volumes(volume_group.name)] == ["vms_victim"]
+
+
+def test_a_class_edit_never_moves_an_existing_disk(
+    lvm_engine: Engine, volume_group: VolumeGroup, disk: Manifest, tmp_path: Path
+) -> None:
+    """Parameters are pinned at creation; limits apply to what the disk asks next."""
+    engine, store = lvm_engine, LocalStore(lvm_engine.layout)
+    store.apply(lvm_class("db", parameters={"volumeGroup": volume_group.name},
+                          limits={"maxSize": "32Mi"}))  # fmt: skip
+    obj = disk("db", "lvm", source={"blank": {}}, size="16Mi", className="db")
+    first = engine.reconcile_disk(obj, store)
+    assert first.phase == "Ready", first.conditions
+    # The administrator points the class elsewhere (thin, another pool name).
+    moved = {"volumeGroup": volume_group.name, "thin": True, "thinPool": "gone"}
+    store.apply(lvm_class("db", parameters=moved, limits={"maxSize": "20Mi"}))
+    made = obj.model_copy(update={"status": first})
+    again = engine.reconcile_disk(made, store)
+    assert again.phase == "Ready" and again.pinned_class == first.pinned_class
+    assert again.path == first.path and again.virtual_size == 16 * MiB
+    lv = volume_group.lvm.volume(volume_group.name, "vms_db")
+    assert lv is not None and lv.segtype == "linear"  # still thick
+    # A grow beyond the class's current limit is refused with its reason, and nothing changes.
+    bigger = made.model_copy(update={"spec": made.spec.model_copy(update={"size": "24Mi"})})
+    refused = engine.reconcile_disk(bigger, store)
+    change = next(c for c in refused.conditions if c.type == "ChangeRefused")
+    assert (refused.phase, change.reason) == ("Ready", "ExceedsClassLimit")
+    assert "maxSize: 20Mi" in change.message
+    lv = volume_group.lvm.volume(volume_group.name, "vms_db")
+    assert lv is not None and lv.size == 16 * MiB
+
+
+def test_a_pinned_class_is_still_bounded_by_the_settings(
+    lvm_engine: Engine, volume_group: VolumeGroup, disk: Manifest
+) -> None:
+    """A status naming another VG (hand-edited, or settings narrowed since) is refused."""
+    engine, store = lvm_engine, LocalStore(lvm_engine.layout)
+    store.apply(lvm_class("db", parameters={"volumeGroup": volume_group.name}))
+    obj = disk("db", "lvm", source={"blank": {}}, size="8Mi", className="db")
+    made = engine.reconcile_disk(obj, store)
+    assert made.phase == "Ready" and made.pinned_class is not None
+    _foreign_lv(volume_group, "vms_victim")
+    before = volume_group.lvm.volumes(volume_group.name)
+    forged = made.pinned_class.model_copy(update={"parameters": {"volumeGroup": "other-vg"}})
+    status = made.model_copy(update={"pinned_class": forged})
+    victim = disk("victim", "lvm", source={"blank": {}}, size="8Mi", className="db")
+    forged_disk = victim.model_copy(update={"status": status})
+    result = engine.reconcile_disk(forged_disk, store)
+    ready = next(c for c in result.conditions if c.type == "Ready")
+    assert (result.phase, ready.reason) == ("Failed", "ClassNotAllowed")
+    with pytest.raises(ClassNotAllowed):
+        engine.delete_disk(forged_disk, store)
+    assert volume_group.lvm.volumes(volume_group.name) == before
+
+
+def test_a_new_disk_above_the_class_limit_is_refused_before_anything_is_made(
+    lvm_engine: Engine, volume_group: VolumeGroup, disk: Manifest
+) -> None:
+    engine, store = lvm_engine, LocalStore(lvm_engine.layout)
+    store.apply(lvm_class("small", limits={"maxSize": "8Mi", "iotune": {"totalIopsSec": 100}}))
+    big = disk("big", "lvm", source={"blank": {}}, size="16Mi", className="small")
+    status = engine.reconcile_disk(big, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "ExceedsClassLimit")
+    assert status.pinned_class is None  # nothing made, nothing pinned
+    fast = disk("fast", "lvm", source={"blank": {}}, size="4Mi", className="small",
+                libvirt={"iotune": {"totalIopsSec": 500}})  # fmt: skip
+    status = engine.reconcile_disk(fast, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "ExceedsClassLimit")
+    assert volume_group.lvm.volumes(volume_group.name) == []
+    # Asking for nothing gets the class's limit in the domain XML.
+    plain = disk("plain", "lvm", source={"blank": {}}, size="4Mi", className="small")
+    status = engine.reconcile_disk(plain, store)
+    assert status.phase == "Ready", status.conditions
+    assert (
+        status.libvirt_xml is not None
+        and "<total_iops_sec>100</total_iops_sec>" in status.libvirt_xml
+    )
 
 
 def test_volume_group_capacity_reaches_the_metrics(

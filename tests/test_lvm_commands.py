@@ -20,7 +20,7 @@ import pytest
 
 from vmdisk.backends import lvm as lvm_backend
 from vmdisk.backends.base import Blank, CreateRequest, DiskRef
-from vmdisk.backends.lvm import LvmBackend
+from vmdisk.backends.lvm import LvmBackend, LvmParameters
 from vmdisk.errors import InsufficientCapacity
 from vmdisk.host.crypt import Crypt
 from vmdisk.host.lvm import Lvm
@@ -170,41 +170,42 @@ def test_create_resize_snapshot_rollback_delete(recorder: RecordingRunner) -> No
     snap = "--addtag vmdisk --addtag vmdisk.disk=vms/db --addtag vmdisk.snapshot=s1"
     assert recorder.commands() == [
         f"lvcreate --yes --wipesignatures y -n vms_db {TAGS} --addtag vmdisk.partial "
-        "--addtag vmdisk.fs=ext4 --type linear -L 67108864b vg0",  # lvcreate activates
+        "--addtag vmdisk.fs=ext4 --type linear -L 67108864b -- vg0",  # lvcreate activates
         "blkdiscard /dev/vg0/vms_db",
         "mkfs.ext4 /dev/vg0/vms_db",
-        "lvchange --deltag vmdisk.partial vg0/vms_db",
-        "lvextend -L 134217728b vg0/vms_db",
+        "lvchange --deltag vmdisk.partial -- vg0/vms_db",
+        "lvextend -L 134217728b -- vg0/vms_db",
         "resize2fs /dev/vg0/vms_db",
-        f"lvcreate --yes -s -n vms_db_s1 {snap} -L 134217728b vg0/vms_db",
-        "lvconvert --merge --interval 1 vg0/vms_db_s1",
-        f"lvcreate --yes -s -n vms_db_s1 {snap} -L 134217728b vg0/vms_db",
-        "lvchange --addtag vmdisk.restored=s1 vg0/vms_db",
-        "lvchange -an vg0/vms_db_s1",
-        "lvremove --yes vg0/vms_db_s1",
-        "lvchange -an vg0/vms_db",
-        "lvremove --yes vg0/vms_db",
+        f"lvcreate --yes -s -n vms_db_s1 {snap} -L 134217728b -- vg0/vms_db",
+        "lvconvert --merge --interval 1 -- vg0/vms_db_s1",
+        f"lvcreate --yes -s -n vms_db_s1 {snap} -L 134217728b -- vg0/vms_db",
+        "lvchange --addtag vmdisk.restored=s1 -- vg0/vms_db",
+        "lvchange -an -- vg0/vms_db_s1",
+        "lvremove --yes -- vg0/vms_db_s1",
+        "lvchange -an -- vg0/vms_db",
+        "lvremove --yes -- vg0/vms_db",
     ]
 
 
 def test_thin_volume_and_thin_snapshot(recorder: RecordingRunner) -> None:
     recorder.lvs["vmdisk-thinpool"] = {"size": 512 * MiB, "tags": [], "segtype": "thin-pool"}
-    backend, ref = backend_for(recorder), DiskRef("vms", "db", "vg0")
-    backend.create(ref, CreateRequest(1024 * MiB, Blank(), sparse=True))
+    thin = LvmParameters(thin=True)
+    backend, ref = backend_for(recorder), DiskRef("vms", "db", "vg0", parameters=thin)
+    backend.create(ref, CreateRequest(1024 * MiB, Blank()))
     backend.create_snapshot(ref, "s1")
     backend.rollback(ref, "s1")
     snap = "--addtag vmdisk --addtag vmdisk.disk=vms/db --addtag vmdisk.snapshot=s1"
     assert recorder.commands() == [
         f"lvcreate --yes --wipesignatures y -n vms_db {TAGS} --addtag vmdisk.partial "
-        "--type thin -V 1073741824b --thinpool vmdisk-thinpool vg0",
+        "--type thin -V 1073741824b --thinpool vmdisk-thinpool -- vg0",
         # no blkdiscard: the pool hands out zeroed blocks
-        "lvchange --deltag vmdisk.partial vg0/vms_db",
-        f"lvcreate --yes -s -n vms_db_s1 {snap} --setactivationskip n vg0/vms_db",
-        "lvconvert --merge --interval 1 vg0/vms_db_s1",
-        "lvchange -an vg0/vms_db",
-        "lvchange -ay -K vg0/vms_db",
-        f"lvcreate --yes -s -n vms_db_s1 {snap} --setactivationskip n vg0/vms_db",
-        "lvchange --addtag vmdisk.restored=s1 vg0/vms_db",
+        "lvchange --deltag vmdisk.partial -- vg0/vms_db",
+        f"lvcreate --yes -s -n vms_db_s1 {snap} --setactivationskip n -- vg0/vms_db",
+        "lvconvert --merge --interval 1 -- vg0/vms_db_s1",
+        "lvchange -an -- vg0/vms_db",
+        "lvchange -ay -K -- vg0/vms_db",
+        f"lvcreate --yes -s -n vms_db_s1 {snap} --setactivationskip n -- vg0/vms_db",
+        "lvchange --addtag vmdisk.restored=s1 -- vg0/vms_db",
     ]
 
 
@@ -224,11 +225,11 @@ def test_encrypted_create_unlock_and_delete_keep_the_key_off_argv(
     assert recorder.commands() == [
         "cryptsetup open --type luks2 --disable-keyring --key-file=- /dev/vg0/vms_db "
         "vmdisk_vg0-vms_db",
-        f"lvextend -L {128 * MiB + 16 * MiB}b vg0/vms_db",
+        f"lvextend -L {128 * MiB + 16 * MiB}b -- vg0/vms_db",
         "cryptsetup resize vmdisk_vg0-vms_db",
         "cryptsetup close vmdisk_vg0-vms_db",
-        "lvchange -an vg0/vms_db",
-        "lvremove --yes vg0/vms_db",
+        "lvchange -an -- vg0/vms_db",
+        "lvremove --yes -- vg0/vms_db",
     ]
     secrets = {KEY.hex(), KEY.decode("latin-1"), "secret-key-bytes"}
     assert not any(s in " ".join(argv) for argv in recorder.calls for s in secrets)
@@ -250,7 +251,7 @@ def test_encrypted_create_order_and_failure_removes_mapping_and_lv(
     commands = recorder.commands()
     assert commands[0].startswith("lvcreate --yes --wipesignatures y -n vms_db ")
     assert "--addtag vmdisk.luks2" in commands[0] and commands[0].endswith(
-        f"-L {80 * MiB}b vg0"
+        f"-L {80 * MiB}b -- vg0"
     )  # 16 MiB LUKS2 header on top of the disk
     assert commands[1:] == [
         "cryptsetup luksFormat --batch-mode --type luks2 --offset 32768 --pbkdf argon2id "
@@ -260,8 +261,8 @@ def test_encrypted_create_order_and_failure_removes_mapping_and_lv(
         "vmdisk_vg0-vms_db",
         f"blkdiscard {recorder.mapper}/vmdisk_vg0-vms_db",
         "cryptsetup close vmdisk_vg0-vms_db",  # remove_volume_on_error: mapping, then LV
-        "lvchange -an vg0/vms_db",
-        "lvremove --yes vg0/vms_db",
+        "lvchange -an -- vg0/vms_db",
+        "lvremove --yes -- vg0/vms_db",
     ]
     assert recorder.lvs == {} and not any(recorder.mapper.iterdir())
     assert not any(KEY.hex() in c for c in commands)

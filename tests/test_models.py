@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from vmdisk.api import DiskSnapshot, VMDisk, dump, format_bytes, parse_bytes
 from vmdisk.api.crd import crds
+from vmdisk.backends.registry import PLUGINS
 
 GI = 2**30
 
@@ -112,7 +113,7 @@ def test_parse_bytes_fails_only_with_value_error(text: str) -> None:
 
 
 def _crd_size_pattern() -> str:
-    schema = crds()[0]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema = crds(PLUGINS)[1]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     pattern: str = schema["properties"]["spec"]["properties"]["size"]["pattern"]
     return pattern
 
@@ -226,8 +227,8 @@ FULL: dict[str, Any] = _disk(
     preallocation="falloc",
     deletionPolicy="Retain",
     libvirt={"bus": "scsi", "unit": 2, "device": "lun", "iotune": {"totalIopsSec": 9}},
-    rbd={"pool": "p", "secretUUID": "u"},
-    lvm={"volumeGroup": "vg", "sparse": True},
+    className="ceph-fast",
+    rbd={"flatten": True},
     restore={"snapshot": "s"},
 )
 
@@ -242,7 +243,7 @@ def test_vmdisk_round_trip(obj: dict[str, Any]) -> None:
 
 def test_aliases_in_dump() -> None:
     spec = dump(VMDisk.model_validate(FULL))["spec"]
-    assert spec["rbd"]["secretUUID"] == "u"
+    assert spec["className"] == "ceph-fast" and spec["rbd"]["flatten"] is True
     assert spec["deletionPolicy"] == "Retain"
     assert spec["libvirt"]["iotune"]["totalIopsSec"] == 9
 

@@ -62,7 +62,10 @@ def test_kubectl_apply_qcow2_and_raw_from_http(
             assert ready is not None and ready["status"]["libvirtXML"].startswith("<disk")
         assert [s.status for s in server.gets("/disk.raw")] == [200]  # one download
     table = kubectl(kubeconfig, "get", "vmdisks")
-    assert table.split("\n")[0].split()[:5] == ["NAME", "BACKEND", "SIZE", "NODE", "PHASE"]
+    lines = table.split("\n")
+    assert lines[0].split()[:6] == ["NAME", "CLASS", "BACKEND", "SIZE", "NODE", "PHASE"]
+    # The built-in class of the disk's backend, pinned in status.
+    assert {line.split()[1] for line in lines[1:] if line} <= {"qcow2", "raw"}
     assert_clean(api_server)
 
 
@@ -152,3 +155,57 @@ def test_malformed_object_fails_and_the_agent_keeps_serving(
     assert "spec.size" in message and "spec.source" in message
     api_server.create(vmdisk("fine"))
     api_server.wait_for("vmdisks", NS, "fine", phase("Ready"), timeout=30)
+
+
+def test_malformed_status_and_snapshot_never_wedge_the_agent(
+    api_server: KubeApi, agents: Callable[..., Agent]
+) -> None:
+    """A status written past admission is rebuilt; a list-valued diskName is no one's."""
+    agents("node-a")
+    disk = vmdisk("garbled", backend="raw")
+    disk["status"] = {"phase": 7, "conditions": "not-a-list", "virtualSize": {"x": 1}}
+    api_server.inject(disk)
+    api_server.inject(
+        {
+            "apiVersion": "vmdisk.io/v1alpha1",
+            "kind": "DiskSnapshot",
+            "metadata": {"name": "listy", "namespace": NS},
+            "spec": {"diskName": ["garbled", "other"]},
+        }
+    )
+
+    def rebuilt(obj: dict[str, object] | None) -> bool:
+        status = (obj or {}).get("status")
+        return isinstance(status, dict) and status.get("phase") == "Ready"
+
+    ready = api_server.wait_for("vmdisks", NS, "garbled", rebuilt, timeout=30)
+    assert ready is not None
+    assert ready["status"]["virtualSize"] == 16 * MiB
+    assert [c["type"] for c in ready["status"]["conditions"]] == ["Ready"]
+    api_server.create(vmdisk("after"))
+    api_server.wait_for("vmdisks", NS, "after", phase("Ready"), timeout=30)
+
+
+def test_a_refused_shrink_keeps_the_disk_ready_and_warns(
+    api_server: KubeApi, agents: Callable[..., Agent]
+) -> None:
+    agents("node-a")
+    api_server.create(vmdisk("steady", backend="raw"))
+    ready = api_server.wait_for("vmdisks", NS, "steady", phase("Ready"), timeout=30)
+    assert ready is not None
+    shrunk = {**ready, "spec": {**ready["spec"], "size": "8Mi"}}
+    shrunk["metadata"] = {**ready["metadata"], "generation": ready["metadata"]["generation"] + 1}
+    api_server.inject(shrunk)  # the CRD's CEL rule would refuse it; an old CRD did not
+
+    def refused(obj: dict[str, object] | None) -> bool:
+        status = (obj or {}).get("status") or {}
+        assert isinstance(status, dict)
+        return any(c["type"] == "ChangeRefused" for c in status.get("conditions", []))
+
+    after = api_server.wait_for("vmdisks", NS, "steady", refused, timeout=30)
+    assert after is not None and after["status"]["phase"] == "Ready"
+    assert ready_reason(after) == "Provisioned"
+    deadline = time.monotonic() + 10
+    while not [e for e in api_server.list("events", NS) if e["reason"] == "ShrinkNotSupported"]:
+        assert time.monotonic() < deadline, "no Warning event for the refused change"
+        time.sleep(0.2)

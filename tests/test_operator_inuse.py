@@ -36,7 +36,7 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
 ) -> None:
     agents("node-a")
     api_server.create(vmdisk("vm", size="16Mi"))
-    ready = api_server.wait_for("vmdisks", NS, "vm", phase("Ready"), timeout=30)
+    ready = api_server.wait_for("vmdisks", NS, "vm", phase("Ready"), timeout=90)
     assert ready is not None
     api_server.create(
         {
@@ -52,7 +52,7 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
     with running_domain(libvirt_system, xml) as domain:
         api_server.patch("vmdisks", NS, "vm", {"spec": {"size": "32Mi"}})
         grown = api_server.wait_for(
-            "vmdisks", NS, "vm", lambda o: status(o).get("resizedOnline") is True, timeout=30
+            "vmdisks", NS, "vm", lambda o: status(o).get("resizedOnline") is True, timeout=90
         )
         assert grown is not None and status(grown)["virtualSize"] == 32 * MiB
         assert status(grown)["libvirtXML"] == xml
@@ -68,11 +68,11 @@ def test_running_vm_grows_online_and_offline_requests_wait_then_complete(
             }
         )
         held = api_server.wait_for(
-            "vmdisks", NS, "vm", lambda o: reason(o) == "DiskInUse", timeout=30
+            "vmdisks", NS, "vm", lambda o: reason(o) == "DiskInUse", timeout=90
         )
         assert held is not None and domain.name() in str(status(held)["conditions"])
         waiting = api_server.wait_for(
-            "disksnapshots", NS, "live", lambda o: reason(o) == "DiskInUse", timeout=30
+            "disksnapshots", NS, "live", lambda o: reason(o) == "DiskInUse", timeout=90
         )
         assert waiting is not None and status(waiting)["phase"] == "Pending"
         assert "restoredSnapshot" not in status(api_server.get("vmdisks", NS, "vm"))

@@ -35,6 +35,15 @@ def test_rbd_disk_follows_its_vm_to_another_node(
     env = {"VMDISK_RBD_POOL": POOL, "VMDISK_CEPH_CONF": str(ceph_cluster.conf)}
     agents("node-a", env=env)
     agents("node-b", env=env)
+    # The administrator's class; the agents' settings allow its pool and ceph.conf.
+    api_server.create(
+        {
+            "apiVersion": "vmdisk.io/v1alpha1",
+            "kind": "VMDiskClass",
+            "metadata": {"name": "rbd"},
+            "spec": {"backend": "rbd", "parameters": {"pool": POOL}},
+        }
+    )
     api_server.create(
         vmdisk("roaming", backend="rbd", size="16Mi", source={"blank": {"filesystem": "ext4"}})
     )

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from vmdisk.api.vmdisk import VMDiskSpec, VMDiskStatus
 from vmdisk.backends.base import DiskState
-from vmdisk.engine.planning import Create, Resize, Restore, backend_for, plan_disk
-from vmdisk.errors import DiskMissing, InvalidSpec, ShrinkNotSupported, VMDiskError
+from vmdisk.engine.planning import Create, Resize, Restore, plan_disk
+from vmdisk.errors import DiskMissing, ShrinkNotSupported, VMDiskError
 
 MiB = 1024 * 1024
 sizes = st.integers(min_value=1, max_value=1 << 44)
@@ -41,14 +41,6 @@ def test_restore_is_applied_once_per_value():
     assert plan_disk(spec(MiB, "s1"), None, host(MiB)) == [Restore("s1"), Resize(MiB)]
     assert plan_disk(spec(MiB, "s1"), None, host(MiB, restored="s1")) == []
     assert plan_disk(spec(MiB, "s2"), None, host(MiB, restored="s1"))[0] == Restore("s2")
-
-
-def test_backend_is_pinned_after_creation():
-    made = VMDiskStatus(format="raw", backend="raw")
-    assert backend_for(spec(MiB), made, "qcow2") == "raw"
-    with pytest.raises(InvalidSpec) as err:
-        backend_for(spec(MiB, backend="qcow2"), made, "qcow2")
-    assert err.value.reason == "ImmutableField"
 
 
 @given(wanted=st.one_of(st.none(), sizes), current=sizes, restored=st.sampled_from([None, "a"]))

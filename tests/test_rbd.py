@@ -15,6 +15,7 @@ from ceph import CephTestCluster
 from conftest import PATTERN, MiB, read_at, sha256_of
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import LibvirtSpec, VMDisk
+from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.backends.base import BaseImage, Blank, CreateRequest, DiskRef, FromImage, FromStore
 from vmdisk.backends.rbd import RbdBackend, SourceNotInCluster
 from vmdisk.backends.rbd_config import RbdSettings
@@ -36,7 +37,9 @@ def pools(ceph_cluster: CephTestCluster) -> CephTestCluster:
 
 @pytest.fixture
 def backend(pools: CephTestCluster, tmp_path: Path) -> Iterator[RbdBackend]:
-    settings = RbdSettings(pool=POOL, ceph_conf=pools.conf, node_name="node-a", op_timeout=3.0)
+    settings = RbdSettings(
+        pools=(POOL, EXPORTS), ceph_confs=(pools.conf,), node_name="node-a", op_timeout=3.0
+    )
     backend = RbdBackend(settings, StateLayout(tmp_path / "state"))
     yield backend
     backend.close()
@@ -301,9 +304,16 @@ def rbd_settings(state_dir: Path, image_dir: Path, pools: CephTestCluster) -> Se
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=POOL,
-        ceph_conf=pools.conf,
+        rbd_pools=(POOL, EXPORTS),
+        ceph_confs=(pools.conf,),
     )
+
+
+def rbd_class(image_dir: Path) -> VMDiskClass:
+    """The administrator's class: the pool, and file:// images from the test's directory."""
+    spec = {"backend": "rbd", "parameters": {"pool": POOL}}
+    spec["imageSources"] = {"fileDirs": [str(image_dir)]}
+    return VMDiskClass.model_validate({"metadata": {"name": "rbd"}, "spec": spec})
 
 
 def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
@@ -327,7 +337,7 @@ def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
             "spec": {"diskName": name, "export": {"pool": EXPORTS}},
         }
     )
-    (made, snapped) = runner.apply([disk, snap])
+    (_, made, snapped) = runner.apply([rbd_class(image_dir), disk, snap])
     assert isinstance(made, VMDisk) and made.status is not None
     assert made.status.phase == "Ready", made.status.conditions
     assert made.status.path == f"rbd:{POOL}/vmdisk_vms_{name}"
@@ -357,3 +367,74 @@ def test_engine_end_to_end(rbd_settings: Settings, image_dir: Path) -> None:
     assert isinstance(flattened, VMDisk) and flattened.status is not None
     assert flattened.status.phase == "Ready" and flattened.status.parent is None
     assert runner.delete([flattened, snap, made]) == []
+
+
+# -- the trust boundary: a class may only name what the node allows ----------------------
+@pytest.mark.parametrize(
+    ("parameters", "reason", "field"),
+    [
+        ({"cephConf": "/etc/passwd"}, "ClassNotAllowed", "cephConf"),  # not a Ceph config
+        ({"cephConf": "{foreign}"}, "ClassNotAllowed", "cephConf"),  # a working one, not listed
+        ({"user": "admin"}, "ClassNotAllowed", "user"),  # client.admin
+        ({"pool": IMAGES}, "ClassNotAllowed", "pool"),  # a real pool the node does not list
+        ({"pool": "--pool=vms"}, "InvalidClass", "pool"),
+        ({"pool": "vms/../x"}, "InvalidClass", "pool"),
+        ({"user": "vmdisk:conf=/etc/passwd"}, "InvalidClass", "user"),
+    ],
+)
+def test_a_class_cannot_reach_outside_the_nodes_ceph_settings(
+    rbd_settings: Settings,
+    pools: CephTestCluster,
+    image_dir: Path,
+    tmp_path: Path,
+    parameters: dict[str, str],
+    reason: str,
+    field: str,
+) -> None:
+    """Refused before any Ceph connection is made; nothing appears in any pool."""
+    from vmdisk.engine.reconcile import Engine
+    from vmdisk.local.store import LocalStore
+
+    foreign = tmp_path / "foreign.conf"
+    foreign.write_text(pools.conf.read_text())
+    params = {k: v.format(foreign=foreign) for k, v in parameters.items()}
+    engine = Engine.build(rbd_settings)
+    store = LocalStore(engine.layout)
+    spec = {"backend": "rbd", "parameters": {"pool": POOL, **params}}
+    store.apply(VMDiskClass.model_validate({"metadata": {"name": "evil"}, "spec": spec}))
+    before = {p: pools.rbd("ls", p) for p in (POOL, IMAGES, EXPORTS)}
+    name = f"evil-{uuid.uuid4().hex[:6]}"
+    disk = VMDisk.model_validate(
+        {
+            "metadata": {"name": name, "namespace": "vms"},
+            "spec": {"className": "evil", "size": "8Mi", "source": {"blank": {}}},
+        }
+    )
+    status = engine.reconcile_disk(disk, store)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", reason)
+    assert f"spec.parameters.{field}" in status.conditions[-1].message
+    engine.delete_disk(disk, store)  # never made: nothing to remove
+    backend = engine.registry.get("rbd")
+    assert isinstance(backend, RbdBackend) and backend._clusters == {}  # no connection at all
+    assert {p: pools.rbd("ls", p) for p in (POOL, IMAGES, EXPORTS)} == before
+    engine.close()
+
+
+def test_the_backend_refuses_foreign_access_it_was_not_configured_for(
+    backend: RbdBackend, pools: CephTestCluster, tmp_path: Path
+) -> None:
+    """Defence in depth: a reference with foreign parameters never reaches librados."""
+    from vmdisk.backends.rbd_config import RbdParameters
+    from vmdisk.errors import ClassNotAllowed
+
+    foreign = tmp_path / "foreign.conf"
+    foreign.write_text(pools.conf.read_text())
+    for params in (
+        RbdParameters(ceph_conf=str(foreign)),
+        RbdParameters(user="admin"),
+    ):
+        with pytest.raises(ClassNotAllowed):
+            backend.state(DiskRef("vms", "x", POOL, parameters=params))
+    with pytest.raises(ClassNotAllowed):
+        backend.state(DiskRef("vms", "x", IMAGES))
+    assert backend._clusters == {}

@@ -18,6 +18,7 @@ import pytest
 
 import test_rbd
 from ceph import CephTestCluster
+from conftest import rbd_class
 from test_rbd import EXPORTS, POOL, assert_pattern, base_image, read_disk, ref
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk
@@ -126,11 +127,13 @@ def rbd_runner(state_dir: Path, image_dir: Path, pools: CephTestCluster) -> Loca
         state_dir=state_dir,
         node_name="node-a",
         image_dirs=(image_dir,),
-        rbd_pool=POOL,
-        ceph_conf=pools.conf,
+        rbd_pools=(POOL, EXPORTS),
+        ceph_confs=(pools.conf,),
     )
     engine = Engine.build(settings)
-    return LocalRunner(settings, engine, LocalStore(engine.layout))
+    store = LocalStore(engine.layout)
+    rbd_class(store, image_dir, POOL)
+    return LocalRunner(settings, engine, store)
 
 
 def test_refused_snapshot_deletion_removes_nothing(
@@ -191,3 +194,33 @@ def test_refused_snapshot_deletion_removes_nothing(
     assert rbd_runner.delete([published, exported, disk]) == []
     assert f"vmdisk-snapshot_vms_{name}-p" not in pools.rbd("ls", EXPORTS).split()
     assert not export_path.exists()
+
+
+def test_rbd_capacity_is_the_pools_and_reaches_the_metrics(
+    rbd_runner: LocalRunner, pools: CephTestCluster
+) -> None:
+    """The figures are the manager's (``ceph df``): the suite's cluster gets a ceph-mgr here."""
+    from prometheus_client import generate_latest
+
+    from test_metrics import samples, value
+    from vmdisk.backends.base import SupportsCapacity
+    from vmdisk.operator.metrics import Metrics
+
+    pools.start_mgr()
+    rbd = rbd_runner.engine.registry.get("rbd")
+    assert isinstance(rbd, SupportsCapacity)
+    capacity = rbd.capacity()
+    df = json.loads(pools.ceph("df", "--format", "json"))
+    (stats,) = [p["stats"] for p in df["pools"] if p["name"] == POOL]
+    assert capacity.placement == POOL
+    assert 0 < capacity.free <= df["stats"]["total_avail_bytes"]
+    assert abs(capacity.free - stats["max_avail"]) <= stats["max_avail"] // 10
+    assert capacity.size >= capacity.free + stats["stored"] - stats["stored"] // 10
+
+    metrics = Metrics("node-a")
+    metrics.watch_engine(rbd_runner.engine)
+    found = samples(generate_latest(metrics.registry).decode())
+    free = value(found, "vmdisk_backend_free_bytes", backend="rbd", placement=POOL)
+    assert free is not None and free > 0
+    size = value(found, "vmdisk_backend_size_bytes", backend="rbd", placement=POOL)
+    assert size is not None and size >= free

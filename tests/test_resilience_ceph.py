@@ -14,10 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from ceph import CephTestCluster
-from conftest import PATTERN, Manifest, MiB, sha256_of
+from conftest import PATTERN, Manifest, MiB, rbd_class, sha256_of
 from vmdisk.api.vmdisk import VMDisk
+from vmdisk.backends.rbd import RbdBackend
 from vmdisk.backends.rbd_config import RbdSettings
-from vmdisk.backends.registry import default_registry
+from vmdisk.backends.registry import Registry, default_registry
 from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
 from vmdisk.layout import StateLayout
@@ -32,11 +33,16 @@ def test_osd_outage_is_temporary_then_ready(
     ceph_cluster: CephTestCluster, settings: Settings, disk: Manifest, image_dir: Path
 ) -> None:
     ceph_cluster.create_pool(POOL)
-    settings = replace(settings, rbd_pool=POOL, ceph_conf=ceph_cluster.conf)
+    settings = replace(settings, rbd_pools=(POOL,), ceph_confs=(ceph_cluster.conf,))
     layout = StateLayout(settings.state_dir)
     rbd = replace(RbdSettings.from_settings(settings), op_timeout=3.0)
-    engine = Engine.build(settings, registry=default_registry(layout, rbd=rbd))
-    runner = LocalRunner(settings, engine, LocalStore(layout))
+    files = default_registry(replace(settings, rbd_pools=(), ceph_confs=()), layout)
+    engine = Engine.build(
+        settings, registry=Registry({**files.backends, "rbd": RbdBackend(rbd, layout)})
+    )
+    store = LocalStore(layout)
+    rbd_class(store, image_dir, POOL)
+    runner = LocalRunner(settings, engine, store)
     image = image_dir / "base.qcow2"
     manifest = disk(
         "during-outage",

@@ -20,6 +20,7 @@ import imagefactory as factory
 from conftest import Manifest, loop_mounted_ext4
 from httpserver import ImageServer
 from vmdisk.api.vmdisk import VMDisk
+from vmdisk.errors import UnsafePath
 from vmdisk.local.runner import LocalRunner
 
 MiB = factory.MiB
@@ -176,3 +177,21 @@ def test_a_full_state_filesystem_is_an_error_line_or_a_condition(
     assert full.returncode == 1
     errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
     assert errors and all("InsufficientSpace" in line for line in errors), full.stderr
+
+
+def test_deleting_through_a_planted_namespace_link_removes_nothing_outside(
+    runner: LocalRunner, disk: Manifest, state_dir: Path, outside: Path
+) -> None:
+    phase, *_ = ready(runner, disk("a", "raw", source={"blank": {}}, size="4Mi"))
+    assert phase == "Ready"
+    stored = runner.store.get_disk("vms", "a")
+    assert stored is not None
+    (outside / "a").mkdir()
+    (outside / "a" / "precious").write_bytes(b"keep me")
+    before = listing(outside)
+    real = state_dir / "disks" / "vms"
+    real.rename(state_dir / "disks" / "vms-moved")
+    real.symlink_to(outside)
+    with pytest.raises(UnsafePath, match="'vms' is a symbolic link"):
+        runner.delete([stored])
+    assert listing(outside) == before

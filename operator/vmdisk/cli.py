@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -16,14 +17,16 @@ from .api.common import dump
 from .api.crd import MIN_KUBERNETES
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
+from .api.vmdisk import VMDisk
+from .api.vmdiskclass import VMDiskClass
+from .backends.registry import PLUGINS
 from .config import Settings, parse_duration
 from .engine.reconcile import Engine
 from .errors import VMDiskError
 from .host.files import host_error
-from .layout import StateLayout
 from .local.manifests import ManifestError, load
 from .local.runner import LocalRunner
-from .local.store import LocalStore, Plural, Resource
+from .local.store import CLUSTER_SCOPE, LocalStore, Plural, Stored
 
 KIND_ALIASES: dict[str, Plural] = {
     "vmdisk": "vmdisks",
@@ -32,7 +35,15 @@ KIND_ALIASES: dict[str, Plural] = {
     "disksnapshot": "disksnapshots",
     "disksnapshots": "disksnapshots",
     "dsnap": "disksnapshots",
+    "vmdiskclass": "vmdiskclasses",
+    "vmdiskclasses": "vmdiskclasses",
+    "vmdc": "vmdiskclasses",
 }
+
+
+def _namespace_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """One ``-n`` for every command: the same default and the same words."""
+    parser.add_argument("-n", "--namespace", metavar="NS", help=what)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,37 +52,57 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--node", help="this node's name [VMDISK_NODE_NAME, hostname]")
     common.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     output = argparse.ArgumentParser(add_help=False)
-    output.add_argument("-o", "--output", choices=("yaml", "json", "table"), default="table")
-    output.add_argument("-n", "--namespace", help="only this namespace")
+    output.add_argument(
+        "-o", "--output", choices=("yaml", "json", "table"), default="table", help="[table]"
+    )
 
     parser = argparse.ArgumentParser(prog="vmdisk", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vmdisk {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    apply = sub.add_parser("apply", parents=[common, output], help="reconcile manifests locally")
-    apply.add_argument("-f", "--filename", type=Path, required=True, help="file or directory")
+    def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> Any:
+        return sub.add_parser(name, parents=list(parents), help=summary, description=summary)
 
-    get = sub.add_parser("get", parents=[common, output], help="show objects and their status")
-    get.add_argument("kind", nargs="?", default="vmdisks", choices=sorted(KIND_ALIASES))
-    get.add_argument("name", nargs="?")
+    apply = command(
+        "apply",
+        "create or update objects from manifests and reconcile them on this host",
+        common,
+        output,
+    )
+    apply.add_argument(
+        "-f", "--filename", type=Path, required=True, help="manifest file or directory"
+    )
+    _namespace_option(apply, "namespace for objects that name none (others must match) [default]")
 
-    delete = sub.add_parser("delete", parents=[common], help="delete objects and their data")
-    delete.add_argument("-f", "--filename", type=Path)
-    delete.add_argument("-n", "--namespace", default="default")
-    delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES))
-    delete.add_argument("name", nargs="?")
+    get = command(
+        "get", "show objects and their status (disks checked against the host)", common, output
+    )
+    get.add_argument(
+        "kind", nargs="?", default="vmdisks", choices=sorted(KIND_ALIASES), help="[vmdisks]"
+    )
+    get.add_argument("name", nargs="?", help="one object (in -n, [default]); all when omitted")
+    _namespace_option(get, "the object's namespace [default], or the only one to list [all]")
 
-    run = sub.add_parser("run", parents=[common], help="run the node agent (cluster mode)")
+    delete = command("delete", "delete objects and, per deletionPolicy, their data", common)
+    delete.add_argument("-f", "--filename", type=Path, help="delete what these manifests name")
+    delete.add_argument("kind", nargs="?", choices=sorted(KIND_ALIASES), help="kind of NAME")
+    delete.add_argument("name", nargs="?", help="the object to delete")
+    _namespace_option(delete, "namespace of the object [default]")
+
+    run = command("run", "run the node agent (cluster mode)", common)
     run.add_argument(
         "--liveness", metavar="URL", help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz"
     )
     run.add_argument("--workers", type=int, default=4, help="concurrent disk operations [4]")
     run.add_argument("--namespace", action="append", default=[], help="watch only these namespaces")
     run.add_argument(
-        "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds"
+        "--scan-interval", type=float, default=600.0, help="orphan scan period, seconds [600]"
     )
     run.add_argument(
-        "--verify-interval", type=float, default=60.0, help="host check of Ready disks, seconds"
+        "--verify-interval",
+        type=float,
+        default=60.0,
+        help="host check of Ready disks, seconds [60]",
     )
     run.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
@@ -84,18 +115,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="[text]")
 
-    orphans = sub.add_parser("orphans", parents=[common], help="disks on this host no object owns")
-    orphans.add_argument("-n", "--namespace", help="only this namespace")
+    orphans = command("orphans", "list disk data on this host that no VMDisk owns", common)
+    _namespace_option(orphans, "only this namespace [all]")
+    orphans.add_argument(
+        "-o", "--output", choices=("json", "table"), default="table", help="[table]"
+    )
 
-    needs = f"the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)"
-    crds = sub.add_parser("crds", help=f"print {needs}", description=f"Print {needs}.")
+    crds = command(
+        "crds",
+        f"print the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)",
+    )
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
-    cache = sub.add_parser("cache", parents=[common], help="inspect or prune the image cache")
-    cache.add_argument("action", choices=("list", "prune"))
+    cache = command("cache", "list or prune the node's image cache", common)
     cache.add_argument(
-        "--max-age", help="prune entries unused for this long [VMDISK_CACHE_MAX_AGE]"
+        "action", choices=("list", "prune"), help="list entries, or remove unused ones"
     )
+    cache.add_argument(
+        "--max-age",
+        help="prune entries unused this long, with a unit: 30m, 24h, 7d [VMDISK_CACHE_MAX_AGE]",
+    )
+    cache.add_argument("-o", "--output", choices=("json", "table"), default="table", help="[table]")
     return parser
 
 
@@ -108,45 +148,52 @@ def _runner(settings: Settings) -> LocalRunner:
     return LocalRunner(settings, engine, LocalStore(engine.layout))
 
 
-def _table(objects: Sequence[Resource]) -> str:
-    rows = []
-    for obj in objects:
-        if isinstance(obj, DiskSnapshot):
-            st = obj.status
-            rows.append(
-                [
-                    obj.metadata.name,
-                    obj.spec.disk_name,
-                    str(bool(st and st.ready_to_use)).lower(),
-                    st.phase if st else "Pending",
-                    (st.export_path if st else None) or "",
-                ]
-            )
-            header = ["NAME", "DISK", "READY", "PHASE", "EXPORT"]
-        else:
-            ds = obj.status
-            size = ds.virtual_size if ds and ds.virtual_size else None
-            rows.append(
-                [
-                    obj.metadata.name,
-                    (ds.backend if ds else None) or obj.spec.backend or "",
-                    format_bytes(size) if size else str(obj.spec.size or ""),
-                    ds.phase if ds else "Pending",
-                    (ds.path if ds else None) or "",
-                ]
-            )
-            header = ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"]
-    if not rows:
-        return "No resources found."
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
+def _row(obj: Stored) -> tuple[list[str], list[str]]:
+    """The table header and row of one object."""
+    if isinstance(obj, VMDiskClass):
+        default = str(obj.is_default).lower()
+        return ["NAME", "BACKEND", "DEFAULT"], [obj.metadata.name, obj.spec.backend, default]
+    if isinstance(obj, DiskSnapshot):
+        st = obj.status
+        return ["NAME", "DISK", "READY", "PHASE", "EXPORT"], [
+            obj.metadata.name,
+            obj.spec.disk_name,
+            str(bool(st and st.ready_to_use)).lower(),
+            st.phase if st else "Pending",
+            (st.export_path if st else None) or "",
+        ]
+    ds = obj.status
+    size = ds.virtual_size if ds and ds.virtual_size else None
+    return ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"], [
+        obj.metadata.name,
+        (ds.backend if ds else None) or obj.spec.backend or "",
+        format_bytes(size) if size else str(obj.spec.size or ""),
+        ds.phase if ds else "Pending",
+        (ds.path if ds else None) or "",
     ]
-    return "\n".join(lines)
 
 
-def _print(objects: Sequence[Resource], fmt: str) -> None:
+def _table(objects: Sequence[Stored]) -> str:
+    """One table per kind, in the order the kinds first appear."""
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
+    for obj in objects:
+        header, row = _row(obj)
+        tables.setdefault(obj.kind, (header, []))[1].append(row)
+    if not tables:
+        return "No resources found."
+    out = []
+    for header, rows in tables.values():
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        out.append(
+            "\n".join(
+                "   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                for r in [header, *rows]
+            )
+        )
+    return "\n\n".join(out)
+
+
+def _print(objects: Sequence[Stored], fmt: str) -> None:
     if fmt == "json":
         data = [dump(o) for o in objects]
         print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
@@ -156,10 +203,15 @@ def _print(objects: Sequence[Resource], fmt: str) -> None:
         print(_table(objects))
 
 
-def _not_ready(objects: Sequence[Resource]) -> list[str]:
+def _not_ready(objects: Sequence[Stored]) -> list[str]:
+    """One line per object that is not Ready, or whose last change was refused."""
     problems = []
     for obj in objects:
+        if isinstance(obj, VMDiskClass):
+            continue  # nothing to reconcile
         status = obj.status
+        refused = [c for c in (status.conditions if status else []) if c.type == "ChangeRefused"]
+        problems += [f"{obj.kind}/{obj.metadata.name}: {c.reason}: {c.message}" for c in refused]
         if (
             status is not None
             and status.phase == "Ready"
@@ -174,7 +226,7 @@ def _not_ready(objects: Sequence[Resource]) -> list[str]:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    objects = load(args.filename, max_size=settings.max_virtual_size)
+    objects = load(args.filename, max_size=settings.max_virtual_size, namespace=args.namespace)
     runner = _runner(settings)
     try:
         results = runner.apply(objects)
@@ -189,27 +241,43 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_get(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    store = LocalStore(StateLayout(settings.state_dir))
+    engine = Engine.build(settings)
+    store = LocalStore(engine.layout)
     plural = KIND_ALIASES[args.kind]
-    objects: list[Resource]
+    objects: list[Stored]
+    namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
     if args.name:
-        found = store.get(plural, args.namespace or "default", args.name)
+        found = store.get(plural, namespace or "default", args.name)
         if found is None:
             print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
             return 1
         objects = [found]
     else:
-        objects = store.list_objects(plural, args.namespace)
-    _print(objects, args.output)
+        objects = store.list_objects(plural, namespace)
+    _print([_checked(engine, obj) for obj in objects], args.output)
     return 0
+
+
+def _checked(engine: Engine, obj: Stored) -> Stored:
+    """A Ready disk as the host has it now (a cheap header read), not as last saved.
+
+    Shared stores (RBD) are not asked: that would be a network call per disk.
+    Nothing is written: the next apply records what changed.
+    """
+    if not isinstance(obj, VMDisk) or obj.status is None or obj.status.shared:
+        return obj
+    status = engine.verify_disk(obj)
+    return obj if status is None else obj.model_copy(update={"status": status})
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     runner = _runner(_settings(args))
     if args.filename is not None:
-        objects: list[Resource] = list(load(args.filename))
+        objects: list[Stored] = list(load(args.filename, namespace=args.namespace))
     elif args.kind and args.name:
-        found = runner.store.get(KIND_ALIASES[args.kind], args.namespace, args.name)
+        plural = KIND_ALIASES[args.kind]
+        namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
+        found = runner.store.get(plural, namespace or "default", args.name)
         if found is None:
             print(f"error: {args.kind} {args.name!r} not found", file=sys.stderr)
             return 1
@@ -231,10 +299,10 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     from .api.crd import crd_yaml, crds, write_crds
 
     if args.split:
-        for path in write_crds(args.split):
+        for path in write_crds(args.split, PLUGINS):
             print(path)
     else:
-        print("---\n".join(crd_yaml(c) for c in crds()), end="")
+        print("---\n".join(crd_yaml(c) for c in crds(PLUGINS)), end="")
     return 0
 
 
@@ -244,15 +312,24 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     in_use = engine.cache_in_use()
     if args.action == "list":
         entries = engine.cache.entries(in_use)
-        print(f"{'ID':<73} {'FORMAT':<7} {'SIZE':>10} {'IN USE':<6} SOURCE")
+        if args.output == "json":
+            fields = ("id", "format", "virtual_size", "size", "last_used", "source_url", "in_use")
+            items = [{k: getattr(e, k) for k in fields} for e in entries]
+            for item in items:
+                item["allocated_bytes"] = item.pop("size")
+                item["path"] = str(engine.cache.root / str(item["id"]))
+            print(json.dumps({"items": items}, indent=2))
+            return 0
+        print(f"{'ID':<73} {'FORMAT':<7} {'VIRTUAL':>10} {'ALLOCATED':>10} {'IN USE':<6} SOURCE")
         for e in entries:
             used = "yes" if e.in_use else "no"
-            size = format_bytes(e.size)
-            print(f"{e.id:<73} {e.format:<7} {size:>10} {used:<6} {e.source_url or ''}")
+            virtual, allocated = format_bytes(e.virtual_size), format_bytes(e.size)
+            source = e.source_url or ""
+            print(f"{e.id:<73} {e.format:<7} {virtual:>10} {allocated:>10} {used:<6} {source}")
         return 0
     max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age
     for e in engine.cache.prune(max_age, in_use):
-        print(f"removed {e.id} ({format_bytes(e.size)})")
+        print(f"removed {e.id} ({format_bytes(e.size)} allocated)")
     return 0
 
 
@@ -285,11 +362,14 @@ def _cmd_orphans(args: argparse.Namespace) -> int:
     else:
         owned = {
             f"{o.metadata.namespace}/{o.metadata.name}"
-            for o in LocalStore(engine.layout).list_objects("vmdisks")
+            for o in LocalStore(engine.layout).list_disks_everywhere()
         }
         orphans = sorted(str(ref) for ref in engine.host_disks() if str(ref) not in owned)
-    for ref in orphans:
-        if args.namespace is None or ref.startswith(f"{args.namespace}/"):
+    shown = [r for r in orphans if args.namespace is None or r.startswith(f"{args.namespace}/")]
+    if args.output == "json":
+        print(json.dumps({"items": shown}, indent=2))
+    else:
+        for ref in shown:
             print(ref)
     return 0
 
@@ -307,8 +387,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Without -v only errors are logged: every failure reaches the user once,
+    # in the command's own summary on stderr.
     logging.basicConfig(
-        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        level=logging.INFO if getattr(args, "verbose", False) else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

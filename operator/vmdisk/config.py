@@ -15,10 +15,16 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m`` (or plain seconds)."""
+    """Parse ``90s``, ``15m``, ``24h``, ``7d``, ``1h30m``; the unit is required.
+
+    A bare number is refused: ``3`` meaning three seconds (not days, not
+    hours) is how a cache is emptied by mistake.
+    """
     text = text.strip()
     if text.isdigit():
-        return float(text)
+        raise ValueError(
+            f"invalid duration {text!r}: give a unit, e.g. {text}s, {text}h or {text}d"
+        )
     pos, total = 0, 0
     for match in _DURATION.finditer(text):
         if match.start() != pos:
@@ -39,11 +45,15 @@ class Settings:
     default_backend: str = "qcow2"
     image_dirs: tuple[Path, ...] = ()
     cache_max_age: float = 24 * 3600.0
-    rbd_pool: str | None = None
-    rbd_user: str | None = None
-    ceph_conf: Path | None = None
+    # Allow-lists: what a VMDiskClass may name on this node; the first entry is
+    # the default for a class that names none.  Comma-separated in the env.
+    rbd_pools: tuple[str, ...] = ()
+    rbd_users: tuple[str, ...] = ()  # Ceph ids without "client."; none: librados' default
+    ceph_confs: tuple[Path, ...] = ()
     rbd_secret_uuid: str | None = None
-    lvm_vg: str | None = None
+    lvm_vgs: tuple[str, ...] = ()
+    # The agent's own namespace: the only one it reads Secrets (class keys) from.
+    namespace: str = "vmdisk-system"
     # Sane ceiling on any image's virtual size (Nova's lesson: a tiny file
     # can claim petabytes).  Not part of the fixed interface.
     max_virtual_size: int = 64 * 1024**4
@@ -79,20 +89,25 @@ class Settings:
                 Path(p) for p in env["VMDISK_IMAGE_DIRS"].split(os.pathsep) if p
             )
         if "VMDISK_CACHE_MAX_AGE" in env:
-            values["cache_max_age"] = parse_duration(env["VMDISK_CACHE_MAX_AGE"])
-        if "VMDISK_CEPH_CONF" in env:
-            values["ceph_conf"] = Path(env["VMDISK_CEPH_CONF"])
+            values["cache_max_age"] = _duration("VMDISK_CACHE_MAX_AGE", env["VMDISK_CACHE_MAX_AGE"])
         for key, name in (
-            ("VMDISK_RBD_POOL", "rbd_pool"),
-            ("VMDISK_RBD_USER", "rbd_user"),
+            ("VMDISK_RBD_POOL", "rbd_pools"),
+            ("VMDISK_RBD_USER", "rbd_users"),
+            ("VMDISK_LVM_VG", "lvm_vgs"),
+        ):
+            if env.get(key):
+                values[name] = _list(env[key])
+        if env.get("VMDISK_CEPH_CONF"):
+            values["ceph_confs"] = tuple(Path(p) for p in _list(env["VMDISK_CEPH_CONF"]))
+        for key, name in (
             ("VMDISK_RBD_SECRET_UUID", "rbd_secret_uuid"),
-            ("VMDISK_LVM_VG", "lvm_vg"),
+            ("VMDISK_NAMESPACE", "namespace"),
         ):
             if env.get(key):
                 values[name] = env[key]
         if "VMDISK_LIBVIRT_URI" in env:
             values["libvirt_uri"] = env["VMDISK_LIBVIRT_URI"] or None
-        if "VMDISK_IMAGE_HOSTS" in env:
+        if env.get("VMDISK_IMAGE_HOSTS", "").strip():  # blank: unset, public addresses only
             values["image_hosts"] = _hosts("VMDISK_IMAGE_HOSTS", env["VMDISK_IMAGE_HOSTS"])
         if "VMDISK_CLUSTER_CIDRS" in env:
             values["cluster_cidrs"] = _cidrs(env["VMDISK_CLUSTER_CIDRS"])
@@ -102,7 +117,7 @@ class Settings:
             ("VMDISK_FETCH_RATE_WINDOW", "fetch_rate_window"),
         ):
             if env.get(key):
-                values[name] = _positive(key, parse_duration(env[key]))
+                values[name] = _positive(key, _duration(key, env[key]))
         if env.get("VMDISK_FETCH_MIN_RATE"):
             values["fetch_min_rate"] = _rate(env["VMDISK_FETCH_MIN_RATE"])
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -112,7 +127,21 @@ class Settings:
             # Resolved once: a configured symlink is fine, a planted one below is refused.
             state_dir=settings.state_dir.resolve(),
             image_dirs=tuple(p.resolve() for p in settings.image_dirs),
+            ceph_confs=tuple(p.absolute() for p in settings.ceph_confs),
         )
+
+
+def _duration(key: str, text: str) -> float:
+    """``parse_duration``, its error naming the variable."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """``a,b`` (or ``a b``) as ``("a", "b")``."""
+    return tuple(p for p in text.replace(",", " ").split() if p)
 
 
 def _split_list(text: str) -> list[str]:

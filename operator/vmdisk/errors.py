@@ -42,8 +42,20 @@ class InvalidSpec(PermanentError):
     reason = "InvalidSpec"
 
 
-class ShrinkNotSupported(PermanentError):
+class ChangeRefused(InvalidSpec):
+    """A change to an existing disk that is refused; the disk itself stays as it was.
+
+    Not a failure of the disk: it stays Ready (a VM may be using it) and a
+    separate ``ChangeRefused`` condition says what was refused.
+    """
+
+
+class ShrinkNotSupported(ChangeRefused):
     reason = "ShrinkNotSupported"
+
+
+class ImmutableField(ChangeRefused):
+    reason = "ImmutableField"
 
 
 class UnsupportedOperation(PermanentError):
@@ -146,6 +158,43 @@ class InsufficientCapacity(PermanentError):
     """
 
     reason = "InsufficientCapacity"
+
+
+class UnsafeName(PermanentError):
+    """A name outside a host tool's own grammar never reaches that tool."""
+
+    reason = "UnsafeName"
+
+
+# VMDiskClass refusals (the trust boundary between tenants and administrators).
+class ClassNotFound(TemporaryError):
+    """The disk's class (or a default class) does not exist (yet); retried like a PVC's."""
+
+    reason = "ClassNotFound"
+
+    def __init__(self, message: str, *, reason: str | None = None, delay: float = 30.0) -> None:
+        super().__init__(message, reason=reason, delay=delay)
+
+
+class InvalidClass(PermanentError):
+    """The class's spec does not validate against its backend's own model."""
+
+    reason = "InvalidClass"
+
+
+class ClassNotAllowed(PermanentError):
+    """The class names something this node's settings do not allow (a VG, a ceph.conf, a user)."""
+
+    reason = "ClassNotAllowed"
+
+
+class ExceedsClassLimit(ChangeRefused):
+    """The disk asks for more than its class allows (size, iotune).
+
+    A new disk is Failed; a Ready one stays Ready and unchanged (ChangeRefused).
+    """
+
+    reason = "ExceedsClassLimit"
 
 
 class UnsafePath(PermanentError):

@@ -124,6 +124,20 @@ def render_filesystem(location: DiskLocation, target_dir: str) -> str:
     return _serialize(fs)
 
 
+CONTAINER_ROOT = "/"
+
+
+def container_filesystem(location: DiskLocation) -> str | None:
+    """The ``<filesystem>`` that makes the disk a container's root, where that makes sense.
+
+    File and block disks can be mounted by the host for a container (Nova's
+    ``libvirt_fs_info`` for LXC); a network image (rbd) cannot, so None.
+    """
+    if location.type == "network":
+        return None
+    return render_filesystem(location, CONTAINER_ROOT)
+
+
 def validate_disk_xml(xml: str, uri: str = "test:///default") -> None:
     """Raise ValueError with libvirt's message unless ``xml`` is a valid device.
 

@@ -15,15 +15,21 @@ Cross-field rules of the models are repeated as CEL ``x-kubernetes-validations``
 (`RULES`), plus the transition rules only the apiserver can check: the source,
 backend and (except on shared RBD storage) node are immutable and the size only
 grows.  The size rules use the Kubernetes quantity library, so the CRDs need
-Kubernetes 1.29 or newer (`MIN_KUBERNETES`; the chart's kubeVersion and the README
-say the same, checked by tests/test_crd.py).
+Kubernetes 1.29 or newer (`MIN_KUBERNETES`; the chart's kubeVersion, the README and
+`vmdisk crds` say the same, checked by tests/test_chart.py).
+
+Backends are passed in (``backends/registry.PLUGINS``; this layer imports
+none): their names become the ``backend`` enums, and a VMDiskClass's
+``spec.parameters`` is the union of their parameter models, each backend's
+fields allowed only in its own classes.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import BaseModel
@@ -31,8 +37,23 @@ from pydantic import BaseModel
 from .common import GROUP, VERSION
 from .snapshot import DiskSnapshotSpec, DiskSnapshotStatus
 from .vmdisk import VMDiskSpec, VMDiskStatus
+from .vmdiskclass import DEFAULT_CLASS_ANNOTATION, VMDiskClassSpec
 
 Schema = dict[str, Any]
+
+
+class BackendSchema(Protocol):
+    """What the CRDs need to know of a backend (``backends.base.BackendPlugin``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def parameters(self) -> type[BaseModel]: ...
+
+    @property
+    def shared(self) -> bool: ...
+
 
 _HEADER = "# Generated from the pydantic models in vmdisk.api by `make crds`; do not edit.\n"
 _INT_OR_STRING = [{"type": "integer"}, {"type": "string"}]
@@ -97,9 +118,10 @@ RULES: dict[str, dict[str, list[dict[str, str]]]] = {
         "spec": [
             _rule(_same("backend"), "backend is immutable", ".backend"),
             _rule(
-                f"(has(self.backend) && self.backend == 'rbd') || ({_same('nodeName')})",
-                "nodeName is immutable unless the backend is rbd (shared storage)",
-                ".nodeName",
+                "!has(oldSelf.className) || "
+                "(has(self.className) && self.className == oldSelf.className)",
+                "className is immutable",
+                ".className",
             ),
             _rule("!has(oldSelf.size) || has(self.size)", "size cannot be removed", ".size"),
             # No default in a cluster: a disk no agent owns would wait silently forever.
@@ -163,7 +185,66 @@ RULES: dict[str, dict[str, list[dict[str, str]]]] = {
     "DiskSnapshot": {
         "spec.diskName": [_rule("self == oldSelf", "diskName is immutable")],
     },
+    "VMDiskClass": {
+        "spec.limits.iotune": [
+            _rule(
+                _total_excludes_split("BytesSec"),
+                "totalBytesSec cannot be combined with readBytesSec/writeBytesSec",
+            ),
+            _rule(
+                _total_excludes_split("IopsSec"),
+                "totalIopsSec cannot be combined with readIopsSec/writeIopsSec",
+            ),
+        ],
+    },
 }
+
+
+def _node_rule(backends: Sequence[BackendSchema]) -> dict[str, str]:
+    shared = [b.name for b in backends if b.shared]
+    listed = ", ".join(f"'{n}'" for n in shared)
+    return _rule(
+        f"(has(self.backend) && self.backend in [{listed}]) || ({_same('nodeName')})",
+        f"nodeName is immutable unless backend names shared storage ({', '.join(shared)})",
+        ".nodeName",
+    )
+
+
+def _parameters(backends: Sequence[BackendSchema]) -> tuple[Schema, list[dict[str, str]]]:
+    """The union of the backends' parameter schemas, and rules keeping each to its backend."""
+    properties: dict[str, Schema] = {}
+    owners: dict[str, set[str]] = {}
+    for backend in backends:
+        for key, field in model_schema(backend.parameters).get("properties", {}).items():
+            if key in properties and properties[key] != field:
+                raise ValueError(f"backends disagree on the schema of parameter {key!r}")
+            # No defaults in the union: the apiserver would put one backend's
+            # defaults into every class.  Each backend's model applies its own.
+            field.pop("default", None)
+            properties[key] = field
+            owners.setdefault(backend.name, set()).add(key)
+    rules = []
+    for backend in backends:
+        own = owners.get(backend.name, set())
+        foreign = sorted(set(properties) - own)
+        if not foreign:
+            continue
+        absent = " && ".join(f"!has(self.parameters.{key})" for key in foreign)
+        allowed = ", ".join(sorted(own)) or "none"
+        rules.append(
+            _rule(
+                f"self.backend != '{backend.name}' || !has(self.parameters) || ({absent})",
+                f"parameters of a {backend.name} class: {allowed}",
+                ".parameters",
+            )
+        )
+    schema: Schema = {
+        "description": "Placement and access, validated by the backend's own model "
+        "(and bounded by the agent's settings).",
+        "type": "object",
+        "properties": dict(sorted(properties.items())),
+    }
+    return schema, rules
 
 
 def _sorted_keys(node: Schema) -> Schema:
@@ -187,7 +268,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         node.pop(key, None)
     if node.get("default", 0) is None:
         del node["default"]
-    if node.get("additionalProperties") is False:
+    if node.get("additionalProperties") in (False, True):
         del node["additionalProperties"]
     if "const" in node:
         node["enum"] = [node.pop("const")]
@@ -229,33 +310,45 @@ def _crd(
     plural: str,
     short_names: list[str],
     description: str,
-    spec: type[BaseModel],
-    status: type[BaseModel],
+    spec: Schema,
+    status: type[BaseModel] | None,
     columns: list[dict[str, Any]],
+    *,
+    scope: str = "Namespaced",
 ) -> dict[str, Any]:
-    status_schema = model_schema(status)
-    _conditions_as_map(status_schema)
+    properties: Schema = {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": spec,
+    }
+    if status is not None:
+        status_schema = model_schema(status)
+        _conditions_as_map(status_schema)
+        properties["status"] = status_schema
     root: Schema = {
         "description": description,
         "type": "object",
         "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": model_schema(spec),
-            "status": status_schema,
-        },
+        "properties": properties,
     }
     for path, rules in RULES[kind].items():
-        _node(root, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
+        node = _node(root, path)
+        node["x-kubernetes-validations"] = node.get("x-kubernetes-validations", []) + (
+            copy.deepcopy(rules)
+        )
+    version: Schema = {"name": VERSION, "served": True, "storage": True}
+    if status is not None:
+        version["subresources"] = {"status": {}}
+    version["additionalPrinterColumns"] = columns
+    version["schema"] = {"openAPIV3Schema": root}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
@@ -264,16 +357,7 @@ def _crd(
                 "shortNames": short_names,
                 "categories": ["vmdisk"],
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {"openAPIV3Schema": root},
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -285,17 +369,48 @@ def _column(name: str, path: str, type_: str = "string") -> dict[str, str]:
 _AGE = _column("Age", ".metadata.creationTimestamp", "date")
 
 
-def crds() -> list[dict[str, Any]]:
-    """The VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1), for Kubernetes 1.29+."""
+def _with_rules(schema: Schema, rules: list[dict[str, str]]) -> Schema:
+    schema["x-kubernetes-validations"] = schema.get("x-kubernetes-validations", []) + rules
+    return _sorted_keys(schema)
+
+
+def crds(backends: Sequence[BackendSchema]) -> list[dict[str, Any]]:
+    """The VMDiskClass, VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1), for 1.29+."""
+    names = [b.name for b in backends]
+    disk_spec = model_schema(VMDiskSpec)
+    disk_spec["properties"]["backend"]["enum"] = names
+    disk_spec = _with_rules(disk_spec, [_node_rule(backends)])
+    class_spec = model_schema(VMDiskClassSpec)
+    class_spec["properties"]["backend"]["enum"] = names
+    parameters, parameter_rules = _parameters(backends)
+    class_spec["properties"]["parameters"] = parameters
+    class_spec = _with_rules(class_spec, parameter_rules)
+    annotation = DEFAULT_CLASS_ANNOTATION.replace(".", "\\.")
     return [
+        _crd(
+            "VMDiskClass",
+            "vmdiskclasses",
+            ["vmdc"],
+            "What disks of a class may touch on a node (set by administrators; "
+            "VMDisks name a class).",
+            class_spec,
+            None,
+            [
+                _column("Backend", ".spec.backend"),
+                _column("Default", f".metadata.annotations.{annotation}"),
+                _AGE,
+            ],
+            scope="Cluster",
+        ),
         _crd(
             "VMDisk",
             "vmdisks",
             ["vmd"],
             "A virtual machine disk, provisioned on a node by that node's vmdisk agent.",
-            VMDiskSpec,
+            disk_spec,
             VMDiskStatus,
             [
+                _column("Class", ".status.class.name"),
                 _column("Backend", ".spec.backend"),
                 _column("Size", ".spec.size"),
                 _column("Node", ".spec.nodeName"),
@@ -308,7 +423,7 @@ def crds() -> list[dict[str, Any]]:
             "disksnapshots",
             ["dsnap"],
             "A point-in-time snapshot of a VMDisk.",
-            DiskSnapshotSpec,
+            model_schema(DiskSnapshotSpec),
             DiskSnapshotStatus,
             [
                 _column("Disk", ".spec.diskName"),
@@ -337,20 +452,29 @@ def crd_filename(crd: dict[str, Any]) -> str:
     return f"{crd['metadata']['name']}.yaml"
 
 
-def crds_yaml() -> str:
+def crds_yaml(backends: Sequence[BackendSchema]) -> str:
     """All CRDs as one multi-document YAML stream."""
-    return "---\n".join(crd_yaml(crd) for crd in crds())
+    return "---\n".join(crd_yaml(crd) for crd in crds(backends))
 
 
-def write_crds(directory: Path) -> list[Path]:
+def write_crds(directory: Path, backends: Sequence[BackendSchema]) -> list[Path]:
     """Write one file per CRD into `directory`; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for crd in crds():
+    for crd in crds(backends):
         path = directory / crd_filename(crd)
         path.write_text(crd_yaml(crd), encoding="utf-8")
         paths.append(path)
     return paths
 
 
-__all__ = ["RULES", "crd_filename", "crd_yaml", "crds", "crds_yaml", "model_schema", "write_crds"]
+__all__ = [
+    "RULES",
+    "BackendSchema",
+    "crd_filename",
+    "crd_yaml",
+    "crds",
+    "crds_yaml",
+    "model_schema",
+    "write_crds",
+]

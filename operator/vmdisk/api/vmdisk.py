@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -16,7 +16,9 @@ from .common import (
 )
 from .quantity import parse_bytes
 
-Backend = Literal["raw", "qcow2", "lvm", "rbd", "ploop"]
+# Backend names: the registry (backends/registry.py) says which exist; the CRD
+# lists them as an enum.
+BACKEND_NAME = r"^[a-z][a-z0-9]*$"
 ImageFormat = Literal["raw", "qcow2"]
 Preallocation = Literal["none", "metadata", "falloc", "full"]
 Phase = Literal["Pending", "Provisioning", "Ready", "Failed", "Deleting"]
@@ -131,11 +133,9 @@ class LibvirtSpec(Model):
         return {"virtio": "vda", "ide": "hda"}.get(self.bus, "sda")
 
 
-class RbdSpec(Model):
-    pool: str | None = None
-    user: str | None = None
-    ceph_conf: str | None = None
-    secret_uuid: str | None = Field(default=None, alias="secretUUID")
+class RbdOptions(Model):
+    """Per-disk choices of an rbd disk; placement and access live in its class."""
+
     flatten: bool = Field(
         default=False,
         description="Copy a clone's parent data in so it no longer depends on the parent "
@@ -143,22 +143,11 @@ class RbdSpec(Model):
     )
 
 
-class LvmSpec(Model):
-    volume_group: str | None = None
-    sparse: bool = False
-
-
 class SecretKeyRef(Model):
-    """One key of a Kubernetes Secret in the disk's namespace."""
+    """One key of a Kubernetes Secret."""
 
     name: ObjectName
     key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
-
-
-class EncryptionSpec(Model):
-    """Encryption at rest (lvm: dm-crypt LUKS2); the key is never copied into status."""
-
-    secret_ref: SecretKeyRef
 
 
 class RestoreSpec(Model):
@@ -169,15 +158,18 @@ class RestoreSpec(Model):
 
 class VMDiskSpec(Model):
     node_name: str | None = Field(default=None, max_length=253)
-    backend: Backend | None = None
+    class_name: ObjectName | None = Field(
+        default=None, description="A VMDiskClass; the default class when omitted."
+    )
+    backend: str | None = Field(
+        default=None, pattern=BACKEND_NAME, max_length=63, description="Must match the class's."
+    )
     size: Quantity | None = None
     source: Source
     preallocation: Preallocation = "none"
     deletion_policy: Literal["Delete", "Retain"] = "Delete"
     libvirt: LibvirtSpec = Field(default_factory=LibvirtSpec)
-    rbd: RbdSpec | None = None
-    lvm: LvmSpec | None = None
-    encryption: EncryptionSpec | None = None
+    rbd: RbdOptions | None = None
     restore: RestoreSpec | None = None
 
     @model_validator(mode="after")
@@ -194,11 +186,39 @@ class VMDiskSpec(Model):
         return None if self.size is None else parse_bytes(self.size)
 
 
+class IoTuneLimits(IoTune):
+    """The largest ``libvirt.iotune`` values a disk may ask for (0: no limit).
+
+    A disk that asks for nothing gets the limit itself.
+    """
+
+
+class ClassLimits(Model):
+    max_size: Quantity | None = Field(default=None, description="Largest virtual size.")
+    iotune: IoTuneLimits | None = None
+
+    @property
+    def max_size_bytes(self) -> int | None:
+        return None if self.max_size is None else parse_bytes(self.max_size)
+
+
+class PinnedClass(StatusModel):
+    """The class a disk was made with, as resolved then; later class edits do not move it."""
+
+    name: str
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
+    key_secret_ref: SecretKeyRef | None = None
+    limits: ClassLimits | None = None  # apply while the class is gone
+
+
 class VMDiskStatus(StatusModel):
     phase: Phase = "Pending"
     observed_generation: int | None = None
     node_name: str | None = None
-    backend: Backend | None = None
+    backend: str | None = None
+    pinned_class: PinnedClass | None = Field(default=None, alias="class")
     format: str | None = None
     path: str | None = None
     virtual_size: int | None = None
@@ -206,6 +226,12 @@ class VMDiskStatus(StatusModel):
     base_image: str | None = None
     progress: str | None = None
     libvirt_xml: str | None = Field(default=None, alias="libvirtXML")
+    libvirt_filesystem_xml: str | None = Field(
+        default=None,
+        alias="libvirtFilesystemXML",
+        description="A libvirt <filesystem> element mounting the disk as a container's root "
+        "filesystem (Nova's libvirt_fs_info; LXC domains). Absent for network disks (rbd).",
+    )
     shared: bool | None = None
     restored_snapshot: str | None = None
     parent: str | None = Field(

@@ -8,20 +8,33 @@ SupportsSnapshots), never silent no-ops.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import ClassVar, Literal, Protocol, Self, runtime_checkable
 
+from ..api.common import Model
 from ..api.vmdisk import Preallocation
+from ..config import Settings
+from ..layout import StateLayout
 
 
-@dataclass(frozen=True)
-class ClusterAccess:
-    """Per-disk overrides of how to reach a shared store (``spec.rbd``)."""
+class ClassParameters(Model):
+    """Base of a backend's ``VMDiskClass.spec.parameters`` model (no parameters).
 
-    conf: str | None = None
-    user: str | None = None
-    secret_uuid: str | None = None
+    Each backend subclasses it with its own fields; ``resolve`` fills in the
+    node's defaults and refuses what the node's settings do not allow, so a
+    wrong class is refused, never obeyed.
+    """
+
+    def resolve(self, settings: Settings) -> Self:
+        """These parameters with node defaults filled in; ClassNotAllowed when outside them."""
+        return self
+
+    @property
+    def placement(self) -> str | None:
+        """The backend's container for the disk (an LVM VG, an RBD pool), if it has one."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -29,15 +42,16 @@ class DiskRef:
     """Identifies one disk: the VMDisk's namespace and name.
 
     ``placement`` is the backend's container for it where there is one (the
-    RBD pool, the LVM volume group); file backends ignore it.
+    RBD pool, the LVM volume group); file backends ignore it.  ``parameters``
+    are the disk's resolved class parameters, of the backend's own model.
     """
 
     namespace: str
     name: str
     placement: str | None = None
-    encrypted: bool = False  # spec.encryption is set: the disk is opened with its key
-    # How to reach the store (rbd); not part of the disk's identity.
-    access: ClusterAccess | None = field(default=None, compare=False)
+    encrypted: bool = False  # the class encrypts: the disk is opened with its key
+    # How to place and reach the disk (thin or thick, Ceph identity); not its identity.
+    parameters: ClassParameters | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -135,8 +149,7 @@ class CreateRequest:
     content: Content
     preallocation: Preallocation = "none"
     progress: Callable[[float], None] | None = None  # percent of a long copy or conversion
-    sparse: bool = False  # backends with thick and thin volumes make a thin one (spec.lvm.sparse)
-    # The key of an encrypted disk (spec.encryption); never printed.
+    # The key of an encrypted disk (its class's encryption); never printed.
     encryption_key: bytes | None = field(default=None, repr=False)
 
 
@@ -150,6 +163,22 @@ class DiskState:
     base_image: str | None = None
     restored_snapshot: str | None = None  # the last spec.restore applied, pinned
     parent: str | None = None  # copy-on-write parent ("pool/image@snap" for rbd clones)
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """Everything the rest of the product knows about one backend.
+
+    The registry is a list of these (``registry.PLUGINS``); the VMDiskClass
+    CRD lists their names and merges their parameter models.
+    """
+
+    name: str
+    parameters: type[ClassParameters]
+    # The backend on this node, or None when the node is not configured for it.
+    build: Callable[[Settings, StateLayout], DiskBackend | None]
+    builtin_class: bool = False  # a built-in VMDiskClass of the same name (file backends)
+    shared: bool = False  # disks reachable from every node (a VMDisk may change nodes)
 
 
 @runtime_checkable
@@ -291,12 +320,24 @@ class SupportsHolders(Protocol):
         ...
 
 
+class PointInTime(Protocol):
+    """A running domain's disk, as live snapshots are made of it."""
+
+    def frozen(self) -> AbstractContextManager[None]:
+        """The guest's filesystems frozen inside (when its agent answers)."""
+        ...
+
+    def copy(self, target: Path, fmt: str) -> None:
+        """Have QEMU write a point-in-time copy of the disk into the new file ``target``."""
+        ...
+
+
 @runtime_checkable
 class SupportsLiveSnapshot(Protocol):
-    """Snapshots that stay consistent while a running VM writes (rbd: the exclusive-lock
-    owner, the VM's QEMU, is asked to flush and take it)."""
+    """Snapshots taken while a running VM writes, each one point in time (rbd: the
+    exclusive-lock owner is asked to take it; raw: QEMU's backup job copies it)."""
 
-    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+    def create_live_snapshot(self, ref: DiskRef, name: str, live: PointInTime) -> int:
         """Snapshot the disk under a running VM; the snapshot's size in bytes."""
         ...
 

@@ -1,14 +1,20 @@
-"""Offline snapshots as sparse (or reflinked) copies, for raw and ploop disks."""
+"""Snapshots as sparse (or reflinked) copies, for raw and ploop disks.
+
+Offline, a copy of the disk file; under a running domain, a copy QEMU makes
+at one point in time (libvirt's backup job) while the guest runs on.
+"""
 
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import PermanentError
 from ..host.files import allocated_bytes, fsync_dir, remove_on_error, remove_path, sparse_copy
 from ..host.safeopen import ensure_dir
-from .base import DiskRef, DiskState, Readable
+from .base import DiskRef, DiskState, PointInTime, Readable
 from .filebase import FileBackend
 
 
@@ -26,6 +32,30 @@ class CopySnapshots(FileBackend):
         return self._snapshot_dir(ref) / name
 
     def create_snapshot(self, ref: DiskRef, name: str) -> int:
+        data = self.data_path(ref)
+        return self._snapshot_from(ref, name, lambda tmp: sparse_copy(data, tmp))
+
+    def create_live_snapshot(self, ref: DiskRef, name: str, live: PointInTime) -> int:
+        """A point-in-time copy made by the running QEMU (libvirt's backup job)."""
+
+        def fill(tmp: Path) -> None:
+            # QEMU writes unallocated ranges out as zero extents; re-reading its
+            # raw output into the snapshot's own format keeps the snapshot thin.
+            full = tmp.with_name(f"{tmp.name}.backup")
+            remove_path(full)
+            with remove_on_error(full):
+                live.copy(full, "raw")
+                self._from_raw(full, tmp)
+            remove_path(full)
+
+        return self._snapshot_from(ref, name, fill)
+
+    @abstractmethod
+    def _from_raw(self, raw: Path, target: Path) -> None:
+        """Write the raw image ``raw`` into ``target`` in this backend's format, sparsely."""
+
+    def _snapshot_from(self, ref: DiskRef, name: str, fill: Callable[[Path], object]) -> int:
+        """Snapshot ``name`` as the file ``fill`` writes; all or nothing."""
         target = self._snapshot_path(ref, name)
         if target.exists():
             return allocated_bytes(target)
@@ -33,7 +63,7 @@ class CopySnapshots(FileBackend):
         tmp = target.with_name(f".{name}.partial")
         remove_path(tmp)
         with remove_on_error(tmp):
-            sparse_copy(self.data_path(ref), tmp)
+            fill(tmp)
             os.rename(tmp, target)
             fsync_dir(target.parent)
         return allocated_bytes(target)

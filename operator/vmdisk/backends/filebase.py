@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from ..errors import InvalidSpec, UnsupportedOperation
+from ..errors import DiskExists, FormatConflict, InvalidSpec, UnsupportedOperation
 from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
 from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
@@ -51,7 +51,14 @@ class FileBackend(ABC):
 
     # -- lifecycle -----------------------------------------------------------
     def state(self, ref: DiskRef) -> DiskState | None:
-        record = read_record(self.directory(ref))
+        """The disk's state, None when absent; refuses data another backend made.
+
+        The record, not the bytes, says what the data is: a raw disk kept with
+        ``Retain`` whose guest wrote a qcow2 header is never read as qcow2 by
+        a new VMDisk of the same name (Nova bug 1221190).
+        """
+        directory = self.directory(ref)
+        record = self._own_record(directory)
         if record is None:
             return None
         data = self.data_path(ref)
@@ -64,6 +71,29 @@ class FileBackend(ABC):
             base_image=record.base_image,
             restored_snapshot=record.restored_snapshot,
         )
+
+    def _own_record(self, directory: Path) -> DiskRecord | None:
+        """The record of ``directory`` if it is this backend's, None when there is none."""
+        try:
+            record = read_record(directory)
+        except (ValueError, TypeError) as exc:
+            raise DiskExists(
+                f"{directory} holds an unreadable disk record ({exc}); the data is left untouched"
+            ) from None
+        if record is None:
+            return None
+        if record.backend != self.name:
+            raise DiskExists(
+                f"{directory} holds a {record.backend} disk, not a {self.name} one (kept with "
+                f"deletionPolicy: Retain?); it is never adopted as {self.name}: use backend "
+                f"{record.backend}, another name, or remove the data"
+            )
+        if record.format != self.format:
+            raise FormatConflict(
+                f"{directory} records format {record.format}, but {self.name} disks are "
+                f"{self.format}; it is never re-read as another format, and is left untouched"
+            )
+        return record
 
     @abstractmethod
     def virtual_size(self, data: Path) -> int:
@@ -82,9 +112,16 @@ class FileBackend(ABC):
                 reason="SourceNotSupported",
             )
         final = self.directory(ref)
+        if os.path.lexists(final):
+            # state() found no complete disk of ours there: someone else's data.
+            raise DiskExists(
+                f"{final} already exists but holds no complete {self.name} disk made by "
+                "vmdisk (no record, or no data file); it is left untouched: move it away, "
+                "or choose another name"
+            )
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
-        remove_path(partial)  # leftovers of a crashed attempt
         ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+        remove_path(partial)  # leftovers of a crashed attempt
         partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)

@@ -1,8 +1,9 @@
 """The LVM backend (Nova's Lvm): one logical volume per disk in a volume group.
 
-* Thick disks are linear LVs; ``spec.lvm.sparse`` disks are thin LVs in the
-  volume group's thin pool (``vmdisk-thinpool`` unless configured), which an
-  administrator creates once.  Not ``lvcreate --virtualsize`` without a pool:
+* The class names the volume group (one the node's ``VMDISK_LVM_VG`` allows)
+  and thick or thin.  Thick disks are linear LVs; thin ones are thin LVs in
+  the volume group's thin pool (``vmdisk-thinpool`` unless the class names
+  another), which an administrator creates once.  Not ``lvcreate --virtualsize`` without a pool:
   current LVM turns that into one private thin pool per disk (metadata,
   spare and free space fragmented per disk), and the older "snapshot of
   zero" kind it replaced is invalidated for good when its COW area fills.
@@ -23,18 +24,32 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
-from ..errors import DiskMissing, InvalidSpec, PermanentError, UnsupportedOperation
+from pydantic import Field
+
+from ..config import Settings
+from ..errors import (
+    ClassNotAllowed,
+    DiskMissing,
+    InvalidSpec,
+    PermanentError,
+    UnsupportedOperation,
+)
 from ..host import blockdev, qemu_img
 from ..host.crypt import HEADER_BYTES, Crypt
 from ..host.imagelocks import qemu_lock_held
 from ..host.lvm import LogicalVolume, Lvm
 from ..host.mkfs import make_filesystem
+from ..host.names import LVM_NAME_PATTERN, check_lvm_name
+from ..layout import StateLayout
 from .base import (
+    BackendPlugin,
     Blank,
     Capacity,
+    ClassParameters,
     CreateRequest,
+    DiskBackend,
     DiskLocation,
     DiskRef,
     DiskState,
@@ -63,6 +78,38 @@ class ThinPoolMissing(PermanentError):
     reason = "ThinPoolMissing"
 
 
+class LvmParameters(ClassParameters):
+    """``spec.parameters`` of an lvm class."""
+
+    volume_group: str | None = Field(
+        default=None,
+        pattern=LVM_NAME_PATTERN,
+        description="lvm: a volume group the node's VMDISK_LVM_VG allows; default: its first.",
+    )
+    thin: bool = Field(default=False, description="lvm: thin volumes in the thin pool.")
+    thin_pool: str = Field(
+        default=DEFAULT_THIN_POOL, pattern=LVM_NAME_PATTERN, description="lvm: the thin pool's LV."
+    )
+
+    def resolve(self, settings: Settings) -> Self:
+        allowed = settings.lvm_vgs
+        vg = self.volume_group or (allowed[0] if allowed else None)
+        if vg is None or vg not in allowed:
+            raise ClassNotAllowed(
+                f"spec.parameters.volumeGroup: {vg or '(none)'!r} is not a volume group this "
+                f"node allows (VMDISK_LVM_VG: {', '.join(allowed) or 'unset'})"
+            )
+        return self.model_copy(update={"volume_group": vg})
+
+    @property
+    def placement(self) -> str | None:
+        return self.volume_group
+
+
+def _params(ref: DiskRef) -> LvmParameters:
+    return ref.parameters if isinstance(ref.parameters, LvmParameters) else LvmParameters()
+
+
 class LvmBackend:
     name: ClassVar[str] = "lvm"
     shared: ClassVar[bool] = False
@@ -71,21 +118,34 @@ class LvmBackend:
     def __init__(
         self,
         volume_group: str,
-        *,
+        *others: str,
         lvm: Lvm | None = None,
         crypt: Crypt | None = None,
         activation: Activation | None = None,
-        thin_pool: str = DEFAULT_THIN_POOL,
     ) -> None:
-        self.volume_group = volume_group
+        """``volume_group`` (the default) and ``others``: the only VGs this backend touches."""
+        self.volume_groups = tuple(
+            check_lvm_name("volume group", vg) for vg in (volume_group, *others)
+        )
         self.lvm = lvm or Lvm()
         self.crypt = crypt or Crypt()
         self.activation = activation or DeviceMapperActivation(self.lvm)
-        self.thin_pool = thin_pool
+
+    @property
+    def volume_group(self) -> str:
+        return self.volume_groups[0]
 
     # -- names ---------------------------------------------------------------
     def _vg(self, ref: DiskRef) -> str:
-        return ref.placement or self.volume_group
+        # The engine resolved the class against the same settings; refusing
+        # here too keeps a wrong reference from ever reaching lvm.
+        vg = ref.placement or self.volume_group
+        if vg not in self.volume_groups:
+            raise ClassNotAllowed(
+                f"disk {ref}: volume group {vg!r} is not one this node allows "
+                f"({', '.join(self.volume_groups)})"
+            )
+        return vg
 
     def _lv(self, ref: DiskRef) -> tuple[str, str]:
         vg = self._vg(ref)
@@ -107,7 +167,7 @@ class LvmBackend:
             return None
         if (LUKS2 in volume.tags) != ref.encrypted:
             raise InvalidSpec(
-                "spec.encryption cannot be added to or removed from an existing disk "
+                "encryption cannot be added to or removed from an existing disk "
                 f"(the LV of {ref} is {'' if LUKS2 in volume.tags else 'not '}encrypted)"
             )
         return volume
@@ -130,16 +190,17 @@ class LvmBackend:
 
     def inventory(self) -> list[DiskRef]:
         refs = []
-        for volume in self.lvm.volumes(self.volume_group, tag=OWNER):
-            disk = volume.tag_value(DISK)
-            if disk and volume.tag_value(SNAPSHOT) is None and PARTIAL not in volume.tags:
-                namespace, name = disk.split("/", 1)
-                refs.append(DiskRef(namespace, name, self.volume_group, LUKS2 in volume.tags))
+        for vg in self.volume_groups:
+            for volume in self.lvm.volumes(vg, tag=OWNER):
+                disk = volume.tag_value(DISK)
+                if disk and volume.tag_value(SNAPSHOT) is None and PARTIAL not in volume.tags:
+                    namespace, name = disk.split("/", 1)
+                    refs.append(DiskRef(namespace, name, vg, LUKS2 in volume.tags))
         return refs
 
     def capacity(self) -> Capacity:
         group = self.lvm.volume_group(self.volume_group)
-        pool = self.lvm.volume(self.volume_group, self.thin_pool)
+        pool = self.lvm.volume(self.volume_group, DEFAULT_THIN_POOL)
         pool_free = None
         if pool is not None and pool.data_percent is not None:
             pool_free = int(pool.size * (100 - pool.data_percent) / 100)
@@ -167,7 +228,8 @@ class LvmBackend:
             tags.append(f"{BASE}={content.image.id}")
         elif isinstance(content, FromDisk) and content.base is not None:
             tags.append(f"{BASE}={content.base.id}")
-        pool = self.thin_pool if request.sparse else None
+        params = _params(ref)
+        pool = params.thin_pool if params.thin else None
         size = request.size + (HEADER_BYTES if key is not None else 0)
         self.lvm.create(vg, lv, size, tags=tags, thin_pool=pool)
         with self._remove_on_error(ref):
@@ -176,7 +238,7 @@ class LvmBackend:
                 self.crypt.format(device, key)
                 device = self.crypt.open(device, self._mapping(ref), key)
             # Thin pools hand out zeroed blocks; anything else may hold old data.
-            self._populate(device, request, zero=not (request.sparse and key is None))
+            self._populate(device, request, zero=not (params.thin and key is None))
             self.lvm.tag(vg, lv, remove=[PARTIAL])
         state = self.state(ref)
         assert state is not None
@@ -188,21 +250,24 @@ class LvmBackend:
                 f"spec.preallocation: {request.preallocation!r} is not supported by the lvm "
                 "backend (thick volumes are always fully allocated; use none or full)"
             )
-        if request.sparse and request.preallocation == "full":
-            raise InvalidSpec("spec.preallocation: full contradicts spec.lvm.sparse: true")
+        params = _params(ref)
+        if params.thin and request.preallocation == "full":
+            raise InvalidSpec(
+                "spec.preallocation: full contradicts the class's thin volumes (parameters.thin)"
+            )
         if not isinstance(request.content, Blank | FromImage | FromDisk):
             raise UnsupportedOperation(
                 "spec.source.image.url: rbd:// images can only back rbd disks, not lvm ones",
                 reason="SourceNotSupported",
             )
         if ref.encrypted != (request.encryption_key is not None):
-            raise InvalidSpec(f"disk {ref}: spec.encryption is set but no key was given")
+            raise InvalidSpec(f"disk {ref}: its class encrypts but no key was given")
         vg = self._vg(ref)
-        if request.sparse and self.lvm.volume(vg, self.thin_pool) is None:
+        if params.thin and self.lvm.volume(vg, params.thin_pool) is None:
             raise ThinPoolMissing(
-                f"spec.lvm.sparse: volume group {vg} has no thin pool {self.thin_pool!r}; an "
+                f"the class's volume group {vg} has no thin pool {params.thin_pool!r}; an "
                 f"administrator creates it once (lvcreate --type thin-pool -l 50%FREE -n "
-                f"{self.thin_pool} {vg}), or use sparse: false"
+                f"{params.thin_pool} {vg}), or uses a class with thin: false"
             )
 
     def _populate(self, device: Path, request: CreateRequest, *, zero: bool) -> None:
@@ -391,3 +456,10 @@ class LvmBackend:
         state = self.state(ref)
         assert state is not None
         return state
+
+
+def _build(settings: Settings, layout: StateLayout) -> DiskBackend | None:
+    return LvmBackend(*settings.lvm_vgs) if settings.lvm_vgs else None
+
+
+PLUGIN = BackendPlugin("lvm", LvmParameters, _build)

@@ -18,7 +18,17 @@ from ..host import qemu_img
 from ..host.files import atomic_write, remove_on_error, remove_path
 from ..host.headers import parallels_virtual_size
 from ..host.run import Progress
-from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
+from .base import (
+    BackendPlugin,
+    Blank,
+    ClassParameters,
+    CreateRequest,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    Readable,
+)
 from .copysnap import CopySnapshots
 from .record import DiskRecord
 
@@ -116,6 +126,9 @@ class PloopBackend(CopySnapshots):
     def virtual_size(self, data: Path) -> int:
         return parallels_virtual_size(data)
 
+    def _from_raw(self, raw: Path, target: Path) -> None:
+        qemu_img.convert(raw, "raw", target, "parallels")  # zero clusters stay unallocated
+
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)
         grown = data.with_name(f".{data.name}.grow")
@@ -127,3 +140,11 @@ class PloopBackend(CopySnapshots):
         state = self.state(ref)
         assert state is not None
         return state
+
+
+PLUGIN = BackendPlugin(
+    PloopBackend.name,
+    ClassParameters,
+    lambda settings, layout: PloopBackend(layout),
+    builtin_class=True,
+)

@@ -8,7 +8,17 @@ from typing import ClassVar, Literal
 from ..host import qemu_img
 from ..host.files import remove_path
 from ..host.headers import qcow2_virtual_size
-from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
+from .base import (
+    BackendPlugin,
+    Blank,
+    ClassParameters,
+    CreateRequest,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    Readable,
+)
 from .copysnap import SnapshotMissing
 from .filebase import FileBackend
 from .record import DiskRecord
@@ -122,3 +132,11 @@ class Qcow2Backend(FileBackend):
         if snapshot is not None and snapshot not in self.snapshots(ref):
             raise SnapshotMissing(f"snapshot {snapshot!r} of disk {ref} does not exist")
         return Readable(self.data_path(ref), "qcow2", snapshot)
+
+
+PLUGIN = BackendPlugin(
+    Qcow2Backend.name,
+    ClassParameters,
+    lambda settings, layout: Qcow2Backend(layout),
+    builtin_class=True,
+)

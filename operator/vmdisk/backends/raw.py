@@ -8,7 +8,17 @@ from typing import ClassVar, Literal
 
 from ..host import qemu_img
 from ..host.files import remove_path, sparse_copy
-from .base import Blank, CreateRequest, DiskRef, DiskState, FromDisk, FromImage, Readable
+from .base import (
+    BackendPlugin,
+    Blank,
+    ClassParameters,
+    CreateRequest,
+    DiskRef,
+    DiskState,
+    FromDisk,
+    FromImage,
+    Readable,
+)
 from .copysnap import CopySnapshots
 from .record import DiskRecord
 
@@ -63,6 +73,9 @@ class RawBackend(CopySnapshots):
     def virtual_size(self, data: Path) -> int:
         return data.stat().st_size
 
+    def _from_raw(self, raw: Path, target: Path) -> None:
+        sparse_copy(raw, target)
+
     def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
         """Nothing: QEMU extends the file it has open itself."""
 
@@ -72,3 +85,11 @@ class RawBackend(CopySnapshots):
         state = self.state(ref)
         assert state is not None
         return state
+
+
+PLUGIN = BackendPlugin(
+    RawBackend.name,
+    ClassParameters,
+    lambda settings, layout: RawBackend(layout),
+    builtin_class=True,
+)

@@ -29,6 +29,7 @@ from typing import ClassVar
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import (
+    ClassNotAllowed,
     ImageError,
     ImageLargerThanDisk,
     InvalidSpec,
@@ -43,6 +44,7 @@ from ..host.rbd_images import Cluster, ImageFacts, SnapshotSpec
 from ..layout import StateLayout
 from .base import (
     Blank,
+    Capacity,
     CreateRequest,
     DiskLocation,
     DiskRef,
@@ -51,10 +53,11 @@ from .base import (
     FromImage,
     FromStore,
     NetworkHost,
+    PointInTime,
     Readable,
 )
 from .copysnap import SnapshotMissing
-from .rbd_config import RbdSettings, parse_mon_host
+from .rbd_config import RbdParameters, RbdSettings, parse_mon_host
 from .rbd_names import disk_image, export_image, parse_disk_image
 
 COMPLETE = "vmdisk.complete"
@@ -109,12 +112,23 @@ class RbdBackend:
         self._lock = threading.Lock()
 
     # -- wiring ----------------------------------------------------------------------
+    def _params(self, ref: DiskRef) -> RbdParameters:
+        params = ref.parameters if isinstance(ref.parameters, RbdParameters) else RbdParameters()
+        # The engine resolved the class against the same settings; refusing
+        # here too keeps a foreign ceph.conf or identity from ever being used.
+        conf = params.ceph_conf or (str(c) if (c := self.settings.ceph_conf) else None)
+        user = params.user or self.settings.user
+        if conf is not None and conf not in {str(c) for c in self.settings.ceph_confs}:
+            raise ClassNotAllowed(f"disk {ref}: ceph.conf {conf} is not allowed on this node")
+        if user is not None and user not in self.settings.users:
+            raise ClassNotAllowed(f"disk {ref}: Ceph user {user!r} is not allowed on this node")
+        return params.model_copy(update={"ceph_conf": conf, "user": user})
+
     def _access(self, ref: DiskRef) -> CephAccess:
-        conf = ref.access.conf if ref.access and ref.access.conf else self.settings.ceph_conf
-        user = ref.access.user if ref.access and ref.access.user else self.settings.user
+        params = self._params(ref)
         return CephAccess(
-            conf=Path(conf) if conf else None,
-            user=user,
+            conf=Path(params.ceph_conf) if params.ceph_conf else None,
+            user=params.user,
             keyring=self.settings.keyring,
             op_timeout=self.settings.op_timeout,
             long_timeout=self.settings.command_timeout,
@@ -134,13 +148,16 @@ class RbdBackend:
         for cluster in clusters:
             cluster.close()
 
-    @staticmethod
-    def _pool(ref: DiskRef) -> str:
-        if not ref.placement:
+    def _pool(self, ref: DiskRef) -> str:
+        pool = ref.placement or self.settings.pool
+        if not pool:
             raise InvalidSpec(
-                "spec.rbd.pool: no RBD pool given and the node has no default (VMDISK_RBD_POOL)"
+                "spec.parameters.pool: the class names no RBD pool and the node has no default "
+                "(VMDISK_RBD_POOL)"
             )
-        return ref.placement
+        if self.settings.pools and pool not in self.settings.pools:
+            raise ClassNotAllowed(f"disk {ref}: RBD pool {pool!r} is not allowed on this node")
+        return pool
 
     @staticmethod
     def image(ref: DiskRef) -> str:
@@ -155,7 +172,7 @@ class RbdBackend:
             hosts = parse_mon_host(self.cluster(ref).mon_host())
             with self._lock:
                 self._hosts[access] = hosts
-        secret = ref.access.secret_uuid if ref.access and ref.access.secret_uuid else None
+        secret = self._params(ref).secret_uuid
         return DiskLocation(
             type="network",
             protocol="rbd",
@@ -177,7 +194,7 @@ class RbdBackend:
     def create(self, ref: DiskRef, request: CreateRequest) -> DiskState:
         if ref.encrypted:
             raise UnsupportedOperation(
-                "spec.encryption: the rbd backend cannot encrypt disks (use lvm)"
+                "encryption: the rbd backend cannot encrypt disks (use an lvm class)"
             )
         if request.preallocation not in self.preallocations:
             raise InvalidSpec(
@@ -320,10 +337,11 @@ class RbdBackend:
         cluster.create_snapshot(pool, image, name)
         return self._require_state(ref).virtual_size
 
-    def create_live_snapshot(self, ref: DiskRef, name: str) -> int:
+    def create_live_snapshot(self, ref: DiskRef, name: str, live: PointInTime) -> int:
         """librbd hands the request to the exclusive-lock owner (the VM's QEMU), which
         flushes its in-flight writes and takes the snapshot between two of them."""
-        return self.create_snapshot(ref, name)
+        with live.frozen():
+            return self.create_snapshot(ref, name)
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         try:
@@ -350,6 +368,7 @@ class RbdBackend:
     def direct_snapshot(self, ref: DiskRef, name: str, pool: str) -> str:
         """Nova's direct_snapshot: snapshot, clone into ``pool``, flatten, publish ``snap``."""
         cluster, source_pool, source = self.cluster(ref), self._pool(ref), self.image(ref)
+        self._pool(DiskRef(ref.namespace, ref.name, pool))  # a pool this node allows
         target = export_image(ref.namespace, name)
         url = str(StoreUrl(cluster.fsid(), SnapshotSpec(pool, target, EXPORT_SNAPSHOT)))
         existing = cluster.facts(pool, target)
@@ -389,6 +408,15 @@ class RbdBackend:
         cluster, pool, image = self.cluster(ref), self._pool(ref), self.image(ref)
         if cluster.metadata(pool, image).get(NODE) != self.settings.node_name:
             cluster.set_metadata(pool, image, {NODE: self.settings.node_name})
+
+    # -- SupportsCapacity -------------------------------------------------------------------
+    def capacity(self) -> Capacity:
+        """The node's default pool: what it stores plus what it can still take, and the latter."""
+        pool = self.settings.pool
+        if pool is None:
+            raise UnsupportedOperation("no default RBD pool (VMDISK_RBD_POOL) to report on")
+        stored, available = self.cluster(DiskRef("-", "-", pool)).pool_usage(pool)
+        return Capacity(pool, stored + available, available)
 
     # -- SupportsInventory ------------------------------------------------------------------
     def inventory(self) -> list[DiskRef]:

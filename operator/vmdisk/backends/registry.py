@@ -1,23 +1,36 @@
-"""Maps ``spec.backend`` to a backend instance, each with its settings injected."""
+"""The backends, as one list of plugins, and the ones this node runs.
+
+Adding a backend is its module (declaring a ``PLUGIN``), its host module, and
+one line in ``PLUGINS``; the CRDs regenerate from the list.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..config import Settings
 from ..errors import UnsupportedOperation
 from ..layout import StateLayout
-from .base import DiskBackend
-from .lvm import LvmBackend
-from .ploop import PloopBackend
-from .qcow2 import Qcow2Backend
-from .raw import RawBackend
-from .rbd_config import RbdSettings
+from . import lvm, ploop, qcow2, raw, rbd_config
+from .base import BackendPlugin, DiskBackend
+
+PLUGINS: tuple[BackendPlugin, ...] = (
+    raw.PLUGIN,
+    qcow2.PLUGIN,
+    ploop.PLUGIN,
+    lvm.PLUGIN,
+    rbd_config.PLUGIN,
+)
+PLUGINS_BY_NAME: Mapping[str, BackendPlugin] = {p.name: p for p in PLUGINS}
 
 
 @dataclass(frozen=True)
 class Registry:
+    """The backends running on this node, by name, and every backend's plugin."""
+
     backends: Mapping[str, DiskBackend]
+    plugins: Mapping[str, BackendPlugin] = field(default_factory=lambda: PLUGINS_BY_NAME)
 
     def get(self, name: str) -> DiskBackend:
         try:
@@ -29,17 +42,17 @@ class Registry:
                 reason="BackendUnavailable",
             ) from None
 
+    def plugin(self, name: str) -> BackendPlugin:
+        try:
+            return self.plugins[name]
+        except KeyError:
+            raise UnsupportedOperation(
+                f"backend {name!r} does not exist (known: {', '.join(sorted(self.plugins))})",
+                reason="BackendUnavailable",
+            ) from None
 
-def default_registry(
-    layout: StateLayout, *, lvm_vg: str | None = None, rbd: RbdSettings | None = None
-) -> Registry:
-    """The backends every node has (the file-based ones), plus lvm when a VG is configured
-    and rbd when the node is configured for Ceph (a default pool or a ceph.conf)."""
-    backends: list[DiskBackend] = [RawBackend(layout), Qcow2Backend(layout), PloopBackend(layout)]
-    if lvm_vg:
-        backends.append(LvmBackend(lvm_vg))
-    if rbd is not None and (rbd.pool or rbd.ceph_conf):
-        from .rbd import RbdBackend  # imports librados: only on Ceph nodes
 
-        backends.append(RbdBackend(rbd, layout))
-    return Registry({b.name: b for b in backends})
+def default_registry(settings: Settings, layout: StateLayout) -> Registry:
+    """Every backend the node's settings configure (the file backends always)."""
+    built = ((p.name, p.build(settings, layout)) for p in PLUGINS)
+    return Registry({name: backend for name, backend in built if backend is not None})

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.vmdisk import VMDisk, VMDiskSpec, VMDiskStatus
-from ..backends.base import ClusterAccess, DiskRef, DiskState
-from ..config import Settings
-from ..errors import DiskMissing, InvalidSpec, ShrinkNotSupported
+from ..api.vmdisk import VMDiskSpec, VMDiskStatus
+from ..backends.base import DiskState
+from ..errors import DiskMissing, ShrinkNotSupported
 
 
 @dataclass(frozen=True)
@@ -29,21 +28,6 @@ class Restore:
 
 
 Action = Create | Resize | Restore
-
-
-def backend_for(spec: VMDiskSpec, status: VMDiskStatus | None, default: str) -> str:
-    """The backend of a disk: pinned in status once created, never switched.
-
-    A changed node default does not move existing disks; only an explicit
-    different ``spec.backend`` is an error.
-    """
-    pinned = status.backend if status is not None and status.format is not None else None
-    if pinned is not None and spec.backend is not None and pinned != spec.backend:
-        raise InvalidSpec(
-            f"spec.backend: cannot change from {pinned!r} to {spec.backend!r} after creation",
-            reason="ImmutableField",
-        )
-    return pinned or spec.backend or default
 
 
 def plan_disk(
@@ -74,28 +58,3 @@ def plan_disk(
             # After a restore the disk may be back at the snapshot's size.
             actions.append(Resize(wanted))
     return actions
-
-
-def backend_name(disk: VMDisk, default: str) -> str:
-    """The disk's backend without judging a change: pinned once created, else spec or default."""
-    status = disk.status
-    if status is not None and status.format is not None and status.backend is not None:
-        return status.backend
-    return disk.spec.backend or default
-
-
-def disk_ref(disk: VMDisk, settings: Settings) -> DiskRef:
-    """The backend reference of a VMDisk, with its pool or volume group and cluster access."""
-    spec = disk.spec
-    backend = backend_name(disk, settings.default_backend)
-    placement = None
-    if backend == "rbd":
-        placement = (spec.rbd.pool if spec.rbd else None) or settings.rbd_pool
-    elif backend == "lvm":
-        placement = (spec.lvm.volume_group if spec.lvm else None) or settings.lvm_vg
-    access = None
-    if backend == "rbd" and spec.rbd is not None:
-        access = ClusterAccess(spec.rbd.ceph_conf, spec.rbd.user, spec.rbd.secret_uuid)
-    return DiskRef(
-        disk.metadata.namespace, disk.metadata.name, placement, spec.encryption is not None, access
-    )

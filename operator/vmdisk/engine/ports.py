@@ -12,6 +12,7 @@ from typing import Protocol
 
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..api.vmdiskclass import VMDiskClass
 from ..images.cache import CacheObserver
 
 Publish = Callable[[VMDiskStatus], None]
@@ -28,9 +29,16 @@ class Lookup(Protocol):
 
     def list_snapshots(self, namespace: str) -> list[DiskSnapshot]: ...
 
+    def get_class(self, name: str) -> VMDiskClass | None: ...
+
+    def list_classes(self) -> list[VMDiskClass]: ...
+
 
 class Secrets(Protocol):
-    """Reads one key of a Secret: files in local mode, the Kubernetes API in the operator."""
+    """Reads one key of a Secret: files in local mode, the Kubernetes API in the operator.
+
+    The engine only asks for keys named by classes, in the agent's own namespace.
+    """
 
     def get(self, namespace: str, name: str, key: str) -> bytes: ...
 

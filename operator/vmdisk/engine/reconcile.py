@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ..api.common import Condition
-from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..api.vmdisk import LibvirtSpec, VMDisk, VMDiskStatus
 from ..backends.base import (
     Closeable,
     CreateRequest,
@@ -28,10 +28,10 @@ from ..backends.base import (
     SupportsOnlineGrow,
     SupportsSnapshots,
 )
-from ..backends.rbd_config import RbdSettings
 from ..backends.registry import Registry, default_registry
 from ..config import Settings
 from ..errors import (
+    ChangeRefused,
     DiskInUse,
     DiskMissing,
     HasDependents,
@@ -49,20 +49,20 @@ from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
 from ..layout import StateLayout
-from ..libvirt import check_device, render_disk
+from ..libvirt import check_device, container_filesystem, render_disk
+from .classes import ResolvedClass, resolve_class
 from .inuse import holder, require_offline
-from .planning import (
-    Create,
-    Resize,
-    Restore,
-    backend_for,
-    backend_name,
-    disk_ref,
-    plan_disk,
-)
+from .limits import check_size, effective_iotune
+from .planning import Create, Resize, Restore, plan_disk
 from .ports import NO_OBSERVER, Lookup, Observer, Publish, Secrets
 from .sources import resolve_source
-from .status import ProgressPublisher, failed_status, still_creating, with_condition
+from .status import (
+    ProgressPublisher,
+    failed_status,
+    refused_status,
+    still_creating,
+    with_condition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,7 @@ class Engine:
         return cls(
             settings,
             layout,
-            registry
-            or default_registry(
-                layout, lvm_vg=settings.lvm_vg, rbd=RbdSettings.from_settings(settings)
-            ),
+            registry or default_registry(settings, layout),
             cache,
             observer or NO_OBSERVER,
             secrets or FileSecrets(settings.state_dir / "secrets"),
@@ -129,26 +126,36 @@ class Engine:
     ) -> VMDiskStatus:
         status = disk.status or VMDiskStatus()
         generation = disk.metadata.generation
-        ref = self.disk_ref(disk)
+        ref = DiskRef(disk.metadata.namespace, disk.metadata.name)
+        host: DiskState | None = None
         try:
             self._check_size(disk)
-            backend = self.registry.get(
-                backend_for(disk.spec, disk.status, self.settings.default_backend)
-            )
-            key = self._encryption_key(disk, backend)
-            # Before any data is made: a disk no VM can start never goes Ready.
-            check_device(backend.location(ref), disk.spec.libvirt)
             with self._disk_lock(ref.namespace, ref.name):
+                # Decided under the lock, from the freshest status: a process that
+                # just created the disk published it (and its class) before letting go.
+                pinned = self._fresh_status(disk, lookup)
+                klass = self.resolve_class(disk.model_copy(update={"status": pinned}), lookup)
+                ref = klass.ref(disk)
+                backend = self.registry.get(klass.backend)
+                key = self._encryption_key(klass, backend)
+                iotune = effective_iotune(
+                    disk.spec.libvirt.iotune, klass.limits, class_name=klass.name
+                )
+                libvirt = disk.spec.libvirt.model_copy(update={"iotune": iotune})
+                # Before any data is made: a disk no VM can start never goes Ready.
+                check_device(backend.location(ref), libvirt)
                 host = backend.state(ref)
                 if key is not None and host is not None:
                     assert isinstance(backend, SupportsEncryption)
                     backend.unlock(ref, key)  # after a reboot; resize needs it open
-                actions = plan_disk(disk.spec, disk.status, host)
+                actions = plan_disk(disk.spec, pinned, host)
                 online: bool | None = None
                 for action in actions:
-                    status = self._progressing(status, generation, action, publish)
+                    if isinstance(action, Resize):
+                        check_size(klass.limits, action.size, class_name=klass.name)
+                    status = self._progressing(status, generation, action, klass, publish)
                     if isinstance(action, Create):
-                        host = self._create(disk, ref, backend, lookup, status, publish)
+                        host = self._create(disk, ref, klass, backend, key, lookup, status, publish)
                     elif isinstance(action, Restore):
                         host = self._restore(ref, backend, action.snapshot)
                     elif isinstance(action, Resize):
@@ -168,15 +175,43 @@ class Engine:
                     if not isinstance(backend, SupportsFlatten):
                         raise UnsupportedOperation(f"the {backend.name} backend cannot flatten")
                     host = backend.flatten(ref)
-            if online is not None:
-                status = status.model_copy(update={"resized_online": online})
-            return self._ready(disk, backend, ref, host, status, changed=bool(actions) or flattened)
+                if online is not None:
+                    status = status.model_copy(update={"resized_online": online})
+                changed = bool(actions) or flattened
+                result = self._ready(disk, backend, ref, host, status, libvirt, changed=changed)
+                if changed and publish is not None:
+                    publish(result)  # before the lock goes: the next holder sees the backend
+            return result
+        except ChangeRefused as exc:
+            log.warning("%s: change refused: %s (%s)", ref, exc.message, exc.reason)
+            if status.phase == "Ready":
+                return refused_status(status, generation, exc)
+            return failed_status(self._unpinned(status, host), generation, exc)
         except VMDiskError as exc:
             log.warning("%s: %s (%s)", ref, exc.message, exc.reason)
-            return failed_status(status, generation, exc)
+            return failed_status(self._unpinned(status, host), generation, exc)
         except OSError as exc:
             log.exception("%s: host error", ref)
-            return failed_status(status, generation, host_error(exc))
+            return failed_status(self._unpinned(status, host), generation, host_error(exc))
+
+    @staticmethod
+    def _unpinned(status: VMDiskStatus, host: DiskState | None) -> VMDiskStatus:
+        """A disk that never came to exist keeps no class pin: a fixed class applies next time.
+
+        (A crash mid-create leaves the pin, so the next run finishes or cleans
+        up in the same place.)
+        """
+        if host is None and status.format is None:
+            return status.model_copy(update={"pinned_class": None})
+        return status
+
+    @staticmethod
+    def _fresh_status(disk: VMDisk, lookup: Lookup) -> VMDiskStatus | None:
+        """The stored status of this very object (same uid), else the one we were given."""
+        fresh = lookup.get_disk(disk.metadata.namespace, disk.metadata.name)
+        if fresh is not None and fresh.metadata.uid == disk.metadata.uid and fresh.status:
+            return fresh.status
+        return disk.status
 
     def _check_size(self, disk: VMDisk) -> None:
         size = disk.spec.size_bytes
@@ -188,9 +223,19 @@ class Engine:
             )
 
     def _progressing(
-        self, status: VMDiskStatus, generation: int | None, action: object, publish: Publish | None
+        self,
+        status: VMDiskStatus,
+        generation: int | None,
+        action: object,
+        klass: ResolvedClass,
+        publish: Publish | None,
     ) -> VMDiskStatus:
         verb = type(action).__name__
+        if status.pinned_class is None:
+            # Pinned before anything is made: an interrupted create resumes in place.
+            status = status.model_copy(
+                update={"pinned_class": klass.pin(), "backend": klass.backend}
+            )
         status = with_condition(
             status,
             Condition(
@@ -211,24 +256,30 @@ class Engine:
         self,
         disk: VMDisk,
         ref: DiskRef,
+        klass: ResolvedClass,
         backend: DiskBackend,
+        key: bytes | None,
         lookup: Lookup,
         status: VMDiskStatus,
         publish: Publish | None,
     ) -> DiskState:
         spec = disk.spec
+        if spec.size_bytes is not None:
+            check_size(klass.limits, spec.size_bytes, class_name=klass.name)
         progress = ProgressPublisher(status, publish)
         source = resolve_source(
             disk,
             lookup,
             cache=self.cache,
             registry=self.registry,
-            ref_of=self.disk_ref,
+            ref_of=lambda d: self.disk_ref(d, lookup),
+            policy=klass.sources,
             progress=progress.download,
         )
         size = spec.size_bytes
         if size is None:
             size = source.minimum
+            check_size(klass.limits, size, class_name=klass.name)
         elif size < source.minimum:
             raise ImageLargerThanDisk(
                 f"spec.size: {spec.size} is smaller than the source's {source.minimum} bytes"
@@ -238,8 +289,7 @@ class Engine:
             content=source.content,
             preallocation=spec.preallocation,
             progress=progress.percent,
-            sparse=spec.lvm.sparse if spec.lvm else False,
-            encryption_key=self._encryption_key(disk, backend),
+            encryption_key=key,
         )
         if source.live is not None:
             # A copy of a disk a VM is writing would be torn: wait until it stops.
@@ -295,6 +345,7 @@ class Engine:
         ref: DiskRef,
         host: DiskState,
         status: VMDiskStatus,
+        libvirt: LibvirtSpec,
         *,
         changed: bool,
     ) -> VMDiskStatus:
@@ -309,7 +360,7 @@ class Engine:
                 message=f"{backend.name} disk of {host.virtual_size} bytes at {location.path}",
                 observed_generation=generation,
             ),
-            drop="Progressing",
+            drop=("Progressing", "ChangeRefused"),
         )
         if changed:
             log.info("%s: ready (%s, %d bytes)", ref, backend.name, host.virtual_size)
@@ -329,7 +380,8 @@ class Engine:
                 "actual_size": host.actual_size,
                 "base_image": host.base_image,
                 "progress": "100%",
-                "libvirt_xml": render_disk(location, disk.spec.libvirt),
+                "libvirt_xml": render_disk(location, libvirt),
+                "libvirt_filesystem_xml": container_filesystem(location),
                 "shared": backend.shared,
                 "restored_snapshot": host.restored_snapshot,
                 "parent": host.parent,
@@ -363,8 +415,12 @@ class Engine:
         if disk.spec.deletion_policy == "Retain":
             log.info("%s/%s: deletionPolicy Retain, keeping the data", namespace, name)
             return f"disk data kept at {where} (deletionPolicy: Retain)"
-        backend = self.registry.get(self.backend_name(disk))
-        ref = self.disk_ref(disk)
+        status = disk.status
+        if status is None or (status.pinned_class is None and status.format is None):
+            # Never pinned to a class nor made (a create pins first): nothing to remove.
+            return f"no disk data was made at {where}"
+        klass = self.resolve_class(disk, lookup)
+        backend, ref = self.registry.get(klass.backend), klass.ref(disk)
         with self._disk_lock(namespace, name):
             require_offline(backend, ref, self.hypervisor, "deletion")
             backend.delete(ref)
@@ -395,8 +451,8 @@ class Engine:
         status = disk.status
         if status is None or status.phase != "Ready" or status.backend is None:
             return None
-        ref = self.disk_ref(disk)
         try:
+            ref = self.disk_ref(disk)
             with self._disk_lock(ref.namespace, ref.name):
                 state = self.registry.get(status.backend).state(ref)
         except VMDiskError as exc:
@@ -424,23 +480,28 @@ class Engine:
         return found
 
     def backend_name(self, disk: VMDisk) -> str:
-        """The disk's backend: pinned in status once created, else the spec's or the default."""
-        return backend_name(disk, self.settings.default_backend)
+        """The disk's backend as far as known without a lookup (for metrics and logs)."""
+        status = disk.status
+        return (status.backend if status else None) or disk.spec.backend or "unknown"
 
-    def disk_ref(self, disk: VMDisk) -> DiskRef:
-        """The backend reference of a VMDisk, with its pool or volume group."""
-        return disk_ref(disk, self.settings)
+    def resolve_class(self, disk: VMDisk, lookup: Lookup | None = None) -> ResolvedClass:
+        """The disk's class on this node: pinned once created, else looked up now."""
+        return resolve_class(disk, lookup, self.registry, self.settings)
 
-    def _encryption_key(self, disk: VMDisk, backend: DiskBackend) -> bytes | None:
-        """The disk's key from its Secret, or None when it is not encrypted."""
-        encryption = disk.spec.encryption
-        if encryption is None:
+    def disk_ref(self, disk: VMDisk, lookup: Lookup | None = None) -> DiskRef:
+        """The backend reference of a VMDisk, with its class's placement and parameters."""
+        return self.resolve_class(disk, lookup).ref(disk)
+
+    def _encryption_key(self, klass: ResolvedClass, backend: DiskBackend) -> bytes | None:
+        """The key of the class's Secret (in the agent's namespace), or None."""
+        if klass.key_ref is None:
             return None
         if not isinstance(backend, SupportsEncryption):
             raise UnsupportedOperation(
-                f"spec.encryption: the {backend.name} backend cannot encrypt disks (use lvm)"
+                f"VMDiskClass {klass.name!r}: the {backend.name} backend cannot encrypt disks "
+                "(use lvm)"
             )
         if self.secrets is None:
-            raise UnsupportedOperation("spec.encryption: no Secret reader is configured")
-        ref = encryption.secret_ref
-        return self.secrets.get(disk.metadata.namespace, ref.name, ref.key)
+            raise UnsupportedOperation("encryption: no Secret reader is configured")
+        ref = klass.key_ref
+        return self.secrets.get(self.settings.namespace, ref.name, ref.key)

@@ -23,6 +23,7 @@ from ..backends.base import (
 )
 from ..errors import DependencyNotReady, HasDependents, UnsupportedOperation, VMDiskError
 from ..host import qemu_img
+from ..host.domains import LiveDomain
 from ..host.files import host_error, remove_on_error, remove_path
 from ..host.locks import file_lock
 from ..host.safeopen import ensure_dir
@@ -45,7 +46,7 @@ def _snapshot_backend(
     backend = engine.registry.get(disk.status.backend)
     if not isinstance(backend, SupportsSnapshots):
         raise UnsupportedOperation(f"the {backend.name} backend does not support snapshots")
-    return backend, backend, engine.disk_ref(disk)
+    return backend, backend, engine.disk_ref(disk, lookup)
 
 
 def reconcile_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> DiskSnapshotStatus:
@@ -116,9 +117,10 @@ def _take(
 ) -> tuple[int, Consistency]:
     """Take snapshot ``name``: offline, or live under the one domain of this node that holds it.
 
-    Only backends whose snapshots stay consistent under a writer go live
-    (rbd); a copy of a file a VM writes would be torn, and qemu-img cannot
-    write an image QEMU holds, so those wait (``DiskInUse``).
+    Only backends that can take one point in time under a writer go live
+    (rbd through librbd, raw through QEMU's backup job); the others wait
+    (``DiskInUse``): qemu-img cannot write a qcow2 image QEMU holds, and
+    libvirt's disk-only snapshots would move the domain onto a new file.
     """
     found = holder(backend, ref, engine.hypervisor)
     if found is None:
@@ -126,15 +128,10 @@ def _take(
     if len(found.domains) != 1 or not isinstance(backend, SupportsLiveSnapshot):
         raise in_use(found, ref, f"snapshot {name!r}")
     assert engine.hypervisor is not None
-    domain = found.domains[0]
-    quiesced = engine.hypervisor.freeze(domain)
-    try:
-        size = backend.create_live_snapshot(ref, name)
-    finally:
-        if quiesced:
-            engine.hypervisor.thaw(domain)
-    log.info("%s: snapshot %r taken under %s (quiesced: %s)", ref, name, domain, quiesced)
-    return size, "Quiesced" if quiesced else "CrashConsistent"
+    live = LiveDomain(engine.hypervisor, found.domains[0], engine.settings.command_timeout)
+    size = backend.create_live_snapshot(ref, name, live)
+    log.info("%s: snapshot %r taken under %s (quiesced: %s)", ref, name, live.disk, live.quiesced)
+    return size, "Quiesced" if live.quiesced else "CrashConsistent"
 
 
 def _export(backend: DiskBackend, ref: DiskRef, name: str, target: Path, fmt: str) -> None:
@@ -175,14 +172,14 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
     if disk is not None and disk.status is not None and disk.status.backend is not None:
         backend = engine.registry.get(disk.status.backend)
     if disk is not None and isinstance(backend, SupportsDependents):
-        clones = backend.snapshot_dependents(engine.disk_ref(disk), name, pool)
+        clones = backend.snapshot_dependents(engine.disk_ref(disk, lookup), name, pool)
         if clones:
             raise HasDependents(
                 f"DiskSnapshot {name!r} still has clones: {', '.join(clones)}; "
                 "flatten them (spec.rbd.flatten: true) or delete them first"
             )
     if disk is not None and isinstance(backend, SupportsSnapshots):
-        ref = engine.disk_ref(disk)
+        ref = engine.disk_ref(disk, lookup)
         if name in backend.snapshots(ref) and backend.readable(ref, name).snapshot:
             # Removing an internal snapshot rewrites the live image file.
             require_offline(backend, ref, engine.hypervisor, f"removing snapshot {name!r}")
@@ -190,7 +187,7 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
         remove_path(engine.layout.export_file(namespace, name, export.format))
     if disk is None or backend is None:
         return  # the disk (and with it the snapshot) is gone
-    ref = engine.disk_ref(disk)
+    ref = engine.disk_ref(disk, lookup)
     if pool is not None and isinstance(backend, SupportsDirectSnapshot):
         backend.remove_direct_snapshot(ref, name, pool)
     if isinstance(backend, SupportsSnapshots):

@@ -19,6 +19,7 @@ from ..backends.base import (
 from ..backends.registry import Registry
 from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
+from ..images.policy import SourcePolicy
 from .ports import Lookup
 
 
@@ -39,15 +40,23 @@ def resolve_source(
     cache: ImageCache,
     registry: Registry,
     ref_of: Callable[[VMDisk], DiskRef],
+    policy: SourcePolicy,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> ResolvedSource:
-    """Turn ``spec.source`` into backend content; images are fetched and checked here."""
+    """Turn ``spec.source`` into backend content; images are fetched and checked here.
+
+    ``policy`` is what the disk's class lets it read,
+    checked by the cache at every hop and on cache hits.
+    """
     source = disk.spec.source
     if source.image is not None and source.image.url.startswith("rbd://"):
-        # Already in the backend's store: the backend clones it (and checks its size).
+        # Already in the backend's store: the backend clones it (and checks its size)
+        # with the class's own Ceph identity, whose caps bound what it may read.
         return ResolvedSource(FromStore(source.image.url), 0)
     if source.image is not None:
-        image = cache.get(source.image, disk_size=disk.spec.size_bytes, progress=progress)
+        image = cache.get(
+            source.image, disk_size=disk.spec.size_bytes, progress=progress, policy=policy
+        )
         return ResolvedSource(FromImage(image), image.virtual_size)
     if source.blank is not None:
         return ResolvedSource(Blank(source.blank.filesystem), 0)

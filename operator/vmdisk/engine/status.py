@@ -23,12 +23,33 @@ def still_creating(status: VMDiskStatus | None) -> bool:
     return status is None or status.phase not in ("Ready", "Failed")
 
 
-def with_condition(status: S, condition: Condition, *, drop: str | None = None) -> S:
-    """``status`` with ``condition`` set (and the condition type ``drop`` removed)."""
+def with_condition(status: S, condition: Condition, *, drop: str | tuple[str, ...] = ()) -> S:
+    """``status`` with ``condition`` set (and the condition types ``drop`` removed)."""
     conditions = set_condition(status.conditions, condition)
-    if drop is not None:
-        conditions = [c for c in conditions if c.type != drop]
+    dropped = (drop,) if isinstance(drop, str) else drop
+    conditions = [c for c in conditions if c.type not in dropped]
     return status.model_copy(update={"conditions": conditions})
+
+
+def refused_status(status: S, generation: int | None, exc: VMDiskError) -> S:
+    """A refused change to a Ready object: it stays Ready, a ``ChangeRefused`` condition says why.
+
+    Kubernetes' convention for a change a controller will not make: the
+    object's health is one condition, the refusal another, so that whoever
+    waits for ``Ready`` (a VM controller) is not told a healthy disk failed.
+    """
+    status = with_condition(
+        status,
+        Condition(
+            type="ChangeRefused",
+            status="True",
+            reason=exc.reason,
+            message=f"{exc.message}; the disk is unchanged",
+            observed_generation=generation,
+        ),
+        drop="Progressing",
+    )
+    return status.model_copy(update={"observed_generation": generation})
 
 
 def failed_status(status: S, generation: int | None, exc: VMDiskError) -> S:

@@ -30,6 +30,7 @@ import rados
 import rbd
 
 from ..errors import PermanentError, TemporaryError, VMDiskError
+from .names import check_ceph_name as check_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +117,8 @@ class CephConnection:
 
     # -- connection -----------------------------------------------------------------
     def _new_handle(self) -> Any:
+        if self.access.user is not None:
+            check_name("user", self.access.user)
         conffile = str(self.access.conf) if self.access.conf else ""
         handle = rados.Rados(
             conffile=conffile, rados_id=self.access.user or "admin", conf=self.access.conf_options()
@@ -167,7 +170,7 @@ class CephConnection:
 
     @contextmanager
     def _ioctx(self, handle: Any, pool: str) -> Iterator[Any]:
-        ioctx = handle.open_ioctx(pool)
+        ioctx = handle.open_ioctx(check_name("pool", pool))
         try:
             yield ioctx
         finally:
@@ -177,6 +180,7 @@ class CephConnection:
         self, what: str, pool: str, fn: Callable[[Any], T], *, timeout: float | None = None
     ) -> T:
         """Run ``fn(ioctx)`` on ``pool``."""
+        check_name("pool", pool)  # before connecting
 
         def work(handle: Any) -> T:
             with self._ioctx(handle, pool) as ioctx:
@@ -196,6 +200,10 @@ class CephConnection:
         timeout: float | None = None,
     ) -> T:
         """Run ``fn(rbd.Image)`` on ``pool/image`` (opened and closed around it)."""
+
+        check_name("image", image)
+        if snapshot is not None:
+            check_name("snapshot", snapshot)
 
         def work(ioctx: Any) -> T:
             with rbd.Image(ioctx, image, snapshot=snapshot, read_only=read_only) as handle:
@@ -217,9 +225,11 @@ class CephConnection:
 
     def qemu_filename(self, pool: str, image: str, snapshot: str | None = None) -> str:
         """``rbd:pool/image[@snap]:conf=...:id=...`` as qemu-img (block-rbd) opens it."""
-        name = f"{_qemu_escape(pool)}/{_qemu_escape(image)}"
+        name = (
+            f"{_qemu_escape(check_name('pool', pool))}/{_qemu_escape(check_name('image', image))}"
+        )
         if snapshot is not None:
-            name += f"@{_qemu_escape(snapshot)}"
+            name += f"@{_qemu_escape(check_name('snapshot', snapshot))}"
         options = self.access.conf_options()
         if self.access.conf is not None:
             options["conf"] = str(self.access.conf)

@@ -76,7 +76,7 @@ class Crypt:
         except CommandError as exc:
             if exc.returncode == _WRONG_KEY:
                 raise WrongKey(
-                    f"the key in spec.encryption does not open the LUKS2 volume {device}"
+                    f"the class's encryption key does not open the LUKS2 volume {device}"
                 ) from exc
             raise
 

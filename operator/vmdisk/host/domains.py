@@ -16,9 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -133,6 +136,32 @@ class Hypervisor:
             return False
         return bool(frozen)
 
+    def backup(self, live: LiveDomain, target: Path, fmt: str) -> None:
+        """Run a push backup of ``live.disk`` into the new file ``target`` and wait for it."""
+        disk = live.disk
+        conn = self._connection()
+        try:
+            domain = conn.lookupByUUIDString(disk.uuid)
+            if domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                # Perhaps our own backup, started before a crash: let it end first.
+                raise OnlineOperationFailed(f"{disk} is busy with another job; retrying later")
+            xml = _backup_xml(domain.XMLDesc(0), disk.target, target, fmt)
+            with live.frozen():
+                domain.backupBegin(xml, None, 0)
+            deadline = time.monotonic() + live.timeout
+            while domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+                if time.monotonic() > deadline:
+                    domain.abortJob()
+                    raise OnlineOperationFailed(f"the backup of {disk} overran {live.timeout}s")
+                time.sleep(0.05)
+            done = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError as exc:
+            raise OnlineOperationFailed(
+                f"libvirt could not back up {disk}: {exc.get_error_message()}"
+            ) from exc
+        if done.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+            raise OnlineOperationFailed(f"the backup of {disk} did not complete: {done}")
+
     def thaw(self, disk: DomainDisk) -> None:
         """Thaw what ``freeze`` froze; a guest left frozen would hang, so this retries."""
         for attempt in range(3):
@@ -156,6 +185,53 @@ class Hypervisor:
             raise OnlineOperationFailed(
                 f"libvirt could not {what} {disk}: {exc.get_error_message()}"
             ) from exc
+
+
+@dataclass
+class LiveDomain:
+    """A point in time of one running domain's disk: what live snapshots are made with.
+
+    ``quiesced`` says afterwards whether the guest's filesystems were frozen
+    (through its agent) at that point.
+    """
+
+    hypervisor: Hypervisor
+    disk: DomainDisk
+    timeout: float = 3600.0
+    quiesced: bool = field(default=False, init=False)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The guest's filesystems frozen while inside, when its agent answers."""
+        self.quiesced = self.hypervisor.freeze(self.disk)
+        try:
+            yield
+        finally:
+            if self.quiesced:
+                self.hypervisor.thaw(self.disk)
+
+    def copy(self, target: Path, fmt: str) -> None:
+        """A point-in-time copy of the disk into ``target`` (libvirt's push backup).
+
+        QEMU copies the blocks the guest is about to overwrite first, so the
+        guest runs on while the copy is made; it is frozen only while the
+        backup job starts.  The disk the domain uses does not change.
+        """
+        self.hypervisor.backup(self, target, fmt)
+
+
+def _backup_xml(domain_xml: str, target_dev: str, target: Path, fmt: str) -> str:
+    """A push backup of ``target_dev`` only: every other disk says backup='no'."""
+    backup = ET.Element("domainbackup", mode="push")
+    disks = ET.SubElement(backup, "disks")
+    for dev, _sources in _disk_sources(domain_xml):
+        if dev != target_dev:
+            ET.SubElement(disks, "disk", name=dev, backup="no")
+            continue
+        disk = ET.SubElement(disks, "disk", name=dev, backup="yes", type="file")
+        ET.SubElement(disk, "driver", type=fmt)
+        ET.SubElement(disk, "target", file=str(target))
+    return ET.tostring(backup, encoding="unicode")
 
 
 def _disk_sources(xml: str) -> Iterator[tuple[str, list[ET.Element]]]:

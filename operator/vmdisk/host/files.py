@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import HostIOError, InsufficientSpace, VMDiskError
-from .safeopen import ensure_dir
+from .safeopen import ensure_dir, open_dir
 
 _FICLONE = 0x40049409  # ioctl(FICLONE): share extents (btrfs, xfs reflink=1)
 _CHUNK = 16 * 1024 * 1024
@@ -102,7 +102,15 @@ def raise_if_no_space(exc: OSError) -> None:
 
 
 def remove_path(path: Path) -> None:
-    """Remove a file or a directory tree; missing is fine."""
+    """Remove a file or a directory tree; missing is fine.
+
+    Refuses (UnsafePath) when a parent is a planted symlink, which would
+    make the removal land outside the state directory.
+    """
+    try:
+        os.close(open_dir(path.parent))
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there to remove
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

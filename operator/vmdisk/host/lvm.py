@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..errors import InsufficientCapacity
+from .names import check_lvm_name as check_name
 from .run import CommandError, Result, run
+
+
+def _lv_path(vg: str, name: str) -> str:
+    return f"{check_name('volume group', vg)}/{check_name('logical volume', name)}"
 
 
 class Runner(Protocol):
@@ -138,15 +143,20 @@ class Lvm:
     def _env(self) -> dict[str, str]:
         return {"LVM_SUPPRESS_FD_WARNINGS": "1", **self.env}
 
-    def _query(self, command: str, kind: str, fields: str, *args: str) -> list[dict[str, str]]:
-        result = self._run(
-            command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields, *args
-        )
-        return _report(result.stdout, kind)
+    def _query(
+        self, command: str, kind: str, fields: str, *args: str, target: str | None = None
+    ) -> list[dict[str, str]]:
+        argv = [command, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", fields]
+        argv += args
+        if target is not None:
+            argv += ["--", target]  # never an option, whatever it looks like
+        return _report(self._run(*argv).stdout, kind)
 
     # -- queries -------------------------------------------------------------
     def volume_group(self, vg: str) -> VolumeGroup:
-        (row,) = self._query("vgs", "vg", "vg_name,vg_size,vg_free,vg_extent_size", vg)
+        (row,) = self._query(
+            "vgs", "vg", "vg_name,vg_size,vg_free,vg_extent_size", target=check_name("VG", vg)
+        )
         return VolumeGroup(
             row["vg_name"], int(row["vg_size"]), int(row["vg_free"]), int(row["vg_extent_size"])
         )
@@ -154,10 +164,12 @@ class Lvm:
     def volumes(self, vg: str, *, tag: str | None = None) -> list[LogicalVolume]:
         """All LVs of ``vg`` (with ``tag`` only, when given), hidden ones excluded."""
         args = ["-S", f"lv_tags={tag}"] if tag else []
-        return [_lv(r) for r in self._query("lvs", "lv", _LV_FIELDS, *args, vg)]
+        vg = check_name("volume group", vg)
+        return [_lv(r) for r in self._query("lvs", "lv", _LV_FIELDS, *args, target=vg)]
 
     def volume(self, vg: str, name: str) -> LogicalVolume | None:
-        for lv in self._query("lvs", "lv", _LV_FIELDS, "-S", f"lv_name={name}", vg):
+        vg, name = check_name("volume group", vg), check_name("logical volume", name)
+        for lv in self._query("lvs", "lv", _LV_FIELDS, "-S", f"lv_name={name}", target=vg):
             return _lv(lv)
         return None
 
@@ -165,8 +177,9 @@ class Lvm:
         """The LV's linear segments in logical order (for mapping its extents)."""
         extent = self.volume_group(vg).extent_size
         rows = self._query(
-            "lvs", "seg", "seg_start_pe,seg_pe_ranges,segtype", "--segments", f"{vg}/{name}"
-        )
+            "lvs", "seg", "seg_start_pe,seg_pe_ranges,segtype", "--segments",
+            target=_lv_path(vg, name),
+        )  # fmt: skip
         starts = {
             p["pv_name"]: int(p["pe_start"])
             for p in self._query("pvs", "pv", "pv_name,pe_start", "-S", f"vg_name={vg}")
@@ -191,31 +204,35 @@ class Lvm:
         thin_pool: str | None = None,
     ) -> None:
         """A linear LV of ``size`` bytes, or a thin one in ``thin_pool``."""
-        argv = ["lvcreate", "--yes", "--wipesignatures", "y", "-n", name]
+        vg = check_name("volume group", vg)
+        argv = ["lvcreate", "--yes", "--wipesignatures", "y", "-n", check_name("LV", name)]
         argv += _tags(tags)
         if thin_pool is not None:
-            argv += ["--type", "thin", "-V", f"{size}b", "--thinpool", thin_pool, vg]
+            pool = check_name("thin pool", thin_pool)
+            argv += ["--type", "thin", "-V", f"{size}b", "--thinpool", pool, "--", vg]
         else:
-            argv += ["--type", "linear", "-L", f"{size}b", vg]
+            argv += ["--type", "linear", "-L", f"{size}b", "--", vg]
         self._run(*argv)
 
     def snapshot(
         self, vg: str, origin: str, name: str, *, cow_size: int | None, tags: Sequence[str] = ()
     ) -> None:
         """A snapshot of ``origin``: thin (no ``cow_size``) or thick with a COW area."""
-        argv = ["lvcreate", "--yes", "-s", "-n", name, *_tags(tags)]
+        argv = ["lvcreate", "--yes", "-s", "-n", check_name("LV", name), *_tags(tags)]
         if cow_size is not None:
             argv += ["-L", f"{cow_size}b"]
         else:
             argv += ["--setactivationskip", "n"]
-        self._run(*argv, f"{vg}/{origin}")
+        self._run(*argv, "--", _lv_path(vg, origin))
 
     def extend(self, vg: str, name: str, size: int) -> None:
-        self._run("lvextend", "-L", f"{size}b", f"{vg}/{name}")
+        self._run("lvextend", "-L", f"{size}b", "--", _lv_path(vg, name))
 
     def merge(self, vg: str, snapshot: str) -> None:
         """Merge a snapshot into its origin and wait for it (the origin must not be open)."""
-        self._run("lvconvert", "--merge", "--interval", "1", f"{vg}/{snapshot}", timeout=3600.0)
+        self._run(
+            "lvconvert", "--merge", "--interval", "1", "--", _lv_path(vg, snapshot), timeout=3600.0
+        )
 
     def tag(
         self, vg: str, name: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
@@ -224,19 +241,19 @@ class Lvm:
         for tag in remove:
             argv += ["--deltag", tag]
         argv += _tags(add)
-        self._run(*argv, f"{vg}/{name}")
+        self._run(*argv, "--", _lv_path(vg, name))
 
     def activate(self, vg: str, name: str) -> None:
         # -K: thin snapshots skip activation by default.
-        self._run("lvchange", "-ay", "-K", f"{vg}/{name}")
+        self._run("lvchange", "-ay", "-K", "--", _lv_path(vg, name))
 
     def deactivate(self, vg: str, name: str) -> None:
-        self._run("lvchange", "-an", f"{vg}/{name}")
+        self._run("lvchange", "-an", "--", _lv_path(vg, name))
 
     def remove(self, vg: str, name: str) -> None:
         """Remove an LV; a missing one is fine."""
         if self.volume(vg, name) is not None:
-            self._run("lvremove", "--yes", f"{vg}/{name}")
+            self._run("lvremove", "--yes", "--", _lv_path(vg, name))
 
 
 def _tags(tags: Sequence[str]) -> list[str]:

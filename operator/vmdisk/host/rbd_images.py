@@ -6,6 +6,7 @@ Bulk data never flows through Python: imports, copies and exports are
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ import rbd
 
 from ..errors import HasDependents
 from .ceph import CephConnection, CephError, CephNotFound
+from .names import check_ceph_name as check_name
 from .run import Progress, run
 
 META_PREFIX = "vmdisk."
@@ -100,10 +102,33 @@ class Cluster(CephConnection):
         except CephNotFound:
             return None
 
+    def pool_usage(self, pool: str) -> tuple[int, int]:
+        """``(stored, max_avail)`` bytes of ``pool``, as ``ceph df`` reports them.
+
+        ``max_avail`` is what the pool can still take given its replication
+        and its fullest OSD: the figure an operator plans with.  The monitors
+        answer with the manager's statistics (a cluster without a ceph-mgr
+        reports nothing, and this raises CephError).
+        """
+
+        def work(handle: Any) -> tuple[int, int]:
+            command = json.dumps({"prefix": "df", "format": "json"})
+            ret, out, err = handle.mon_command(command, b"", timeout=self.access.op_timeout)
+            if ret != 0:
+                raise CephError(f"ceph df failed ({ret}): {err}")
+            for entry in json.loads(out).get("pools", []):
+                if entry.get("name") == pool:
+                    stats = entry["stats"]
+                    return int(stats["stored"]), int(stats["max_avail"])
+            raise CephError(f"ceph df reports nothing for pool {pool!r} (is a ceph-mgr running?)")
+
+        return self.call(f"usage of pool {pool}", work)
+
     def list_images(self, pool: str) -> list[str]:
         return sorted(self.on_pool(f"list pool {pool}", pool, lambda io: rbd.RBD().list(io)))
 
     def create_image(self, pool: str, image: str, size: int) -> None:
+        check_name("image", image)
         self.on_pool(
             f"create {pool}/{image}",
             pool,
@@ -115,6 +140,14 @@ class Cluster(CephConnection):
 
         The child starts with none of the parent's ``vmdisk.`` metadata.
         """
+        for kind, name in (
+            ("pool", parent.pool),
+            ("image", parent.image),
+            ("snapshot", parent.snapshot),
+            ("pool", pool),
+            ("image", image),
+        ):
+            check_name(kind, name)
 
         def work(handle: Any) -> None:
             with (
@@ -140,6 +173,7 @@ class Cluster(CephConnection):
 
     def remove_image(self, pool: str, image: str) -> None:
         """Remove the image and its snapshots; HasDependents while clones use them."""
+        check_name("image", image)
 
         def work(ioctx: Any) -> None:
             try:

@@ -15,7 +15,7 @@ from ..errors import TemporaryError
 
 
 class SecretMissing(TemporaryError):
-    """The Secret (or its key) named in spec.encryption does not exist yet."""
+    """The Secret (or its key) a class's encryption.keySecretRef names does not exist yet."""
 
     reason = "SecretNotFound"
 
@@ -36,6 +36,6 @@ class FileSecrets:
             return path.read_bytes()
         except FileNotFoundError:
             raise SecretMissing(
-                f"spec.encryption: key {key!r} of Secret {namespace}/{name} not found "
+                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found "
                 f"(local mode reads {path})"
             ) from None

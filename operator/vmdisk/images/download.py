@@ -201,8 +201,12 @@ class _Partial:
             self.restart(url, None)
             return
         try:
-            meta = json.loads(self.meta.read_text())
+            fd = os.open(self.meta, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as handle:
+                meta = json.loads(handle.read(64 * 1024))
         except (OSError, ValueError):
+            meta = {}
+        if not isinstance(meta, dict):
             meta = {}
         validator = meta.get("validator")
         self.validator = validator if isinstance(validator, str) else None

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from oslo_utils.imageutils import format_inspector
-
 from ..errors import (
     ImageCorrupt,
     ImageFormatMismatch,
@@ -115,6 +113,10 @@ def check_size(
 
 def _detect(path: Path, name: str) -> str:
     """The format the bytes really are, after the inspector's safety checks."""
+    # Imported here: oslo.utils costs ~45 ms, and only image checks need it
+    # (not ``vmdisk get`` and the other commands that never see an image).
+    from oslo_utils.imageutils import format_inspector
+
     try:
         inspector = format_inspector.detect_file_format(str(path))
         if inspector is None:

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Settings
-from ..errors import SourceNotAllowed
+from ..errors import DownloadFailed, SourceNotAllowed
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Sequence[str]]
 
 _METADATA = (ipaddress.ip_network("169.254.169.254/32"), ipaddress.ip_network("fd00:ec2::254/128"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Kubernetes' default service range (kubeadm); Settings may replace it.
 DEFAULT_CLUSTER_CIDRS = ("10.96.0.0/12",)
 
@@ -78,8 +79,10 @@ class HopCheck:
             else:
                 infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
                 found = [str(info[4][0]) for info in infos]
-        except (OSError, UnicodeError) as exc:
-            raise SourceNotAllowed(f"image source {hop}: cannot resolve {host!r}: {exc}") from exc
+        except UnicodeError as exc:
+            raise SourceNotAllowed(f"image source {hop}: host name {host!r}: {exc}") from exc
+        except OSError as exc:  # DNS down or the name unknown (yet): worth retrying
+            raise DownloadFailed(f"image source {hop}: cannot resolve {host!r}: {exc}") from exc
         addresses = []
         for text in dict.fromkeys(found):
             addr = _literal(text)
@@ -87,7 +90,7 @@ class HopCheck:
                 raise SourceNotAllowed(f"image source {hop}: {host!r} resolved to {text!r}")
             addresses.append(addr)
         if not addresses:
-            raise SourceNotAllowed(f"image source {hop}: {host!r} has no address")
+            raise DownloadFailed(f"image source {hop}: {host!r} has no address")
         return addresses
 
     def _problem(self, host: str, addr: Address, *, is_literal: bool) -> str | None:
@@ -110,10 +113,14 @@ class HopCheck:
         return f"{where} is not in imageSources.allowedHosts ({listed})"
 
     def _internal(self, addr: Address) -> str | None:
-        """A description when ``addr`` lies in a range refused by default."""
-        mapped = getattr(addr, "ipv4_mapped", None)
-        if mapped is not None:
-            addr = mapped
+        """A description when ``addr`` (or an IPv4 address it embeds) is refused by default."""
+        for inner in reversed(_embedded(addr)):  # the embedded IPv4 says more
+            found = self._internal_one(inner)
+            if found is not None:
+                return found if inner == addr else f"{found} ({inner}, embedded)"
+        return None
+
+    def _internal_one(self, addr: Address) -> str | None:
         if any(addr in net for net in _METADATA if net.version == addr.version):
             return "a cloud metadata address"
         checks = (
@@ -131,6 +138,18 @@ class HopCheck:
             if net.version == addr.version and addr in net:
                 return f"in the cluster range {cidr}"
         return None
+
+
+def _embedded(addr: Address) -> list[Address]:
+    """``addr`` and the IPv4 addresses it carries (mapped, 6to4, NAT64 64:ff9b::/96)."""
+    found: list[Address] = [addr]
+    if isinstance(addr, ipaddress.IPv6Address):
+        for inner in (addr.ipv4_mapped, addr.sixtofour):
+            if inner is not None:
+                found.append(inner)
+        if addr in _NAT64:
+            found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return found
 
 
 def _split(entries: Sequence[str]) -> tuple[list[Network], list[str]]:

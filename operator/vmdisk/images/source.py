@@ -46,6 +46,8 @@ def redact(url: str) -> str:
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
     try:
         port = parts.port
     except ValueError:

@@ -21,10 +21,14 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
+from ..api.vmdiskclass import VMDiskClass
+from ..backends.registry import PLUGINS_BY_NAME
 
-KINDS: dict[str, type[VMDisk] | type[DiskSnapshot]] = {
+Object = VMDisk | DiskSnapshot | VMDiskClass
+KINDS: dict[str, type[VMDisk] | type[DiskSnapshot] | type[VMDiskClass]] = {
     "VMDisk": VMDisk,
     "DiskSnapshot": DiskSnapshot,
+    "VMDiskClass": VMDiskClass,
 }
 
 
@@ -152,10 +156,14 @@ def _files(target: Path) -> list[Path]:
     return [target]
 
 
-def parse(doc: Any, where: str, *, max_size: int | None = None) -> VMDisk | DiskSnapshot:
+def parse(
+    doc: Any, where: str, *, max_size: int | None = None, namespace: str | None = None
+) -> Object:
     """Validate one decoded manifest; raises ManifestError naming each bad field.
 
     ``max_size`` is the node's largest disk (Settings.max_virtual_size).
+    ``namespace`` (``apply -n``) is given to objects without one and must match
+    the others', as ``kubectl apply -n`` does.
     """
     if not isinstance(doc, dict):
         raise ManifestError([f"{where}: not a Kubernetes object (a mapping is expected)"])
@@ -163,6 +171,14 @@ def parse(doc: Any, where: str, *, max_size: int | None = None) -> VMDisk | Disk
     model = KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ManifestError([f"{where}: kind: expected one of {', '.join(KINDS)}, got {kind!r}"])
+    namespaced = model is not VMDiskClass  # classes are cluster-scoped: -n is not theirs
+    if namespace is not None and namespaced and isinstance(doc.get("metadata"), dict):
+        given = doc["metadata"].get("namespace")
+        if given is not None and given != namespace:
+            raise ManifestError(
+                [f"{where}: metadata.namespace: {given!r} does not match -n {namespace!r}"]
+            )
+        doc = {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
     name = (
         (doc.get("metadata") or {}).get("name", "?")
         if isinstance(doc.get("metadata"), dict)
@@ -170,10 +186,14 @@ def parse(doc: Any, where: str, *, max_size: int | None = None) -> VMDisk | Disk
     )
     try:
         obj = model.model_validate(doc)
+        if isinstance(obj, VMDiskClass):
+            _check_class(obj)
     except ValidationError as exc:
         raise ManifestError(
             [f"{where}: {kind}/{name}: {line}" for line in describe_errors(exc)]
         ) from None
+    except ValueError as exc:
+        raise ManifestError([f"{where}: {kind}/{name}: {exc}"]) from None
     size = obj.spec.size_bytes if isinstance(obj, VMDisk) else None
     if max_size is not None and size is not None and size > max_size:
         raise ManifestError(
@@ -182,11 +202,28 @@ def parse(doc: Any, where: str, *, max_size: int | None = None) -> VMDisk | Disk
     return obj
 
 
-def load(target: Path, *, max_size: int | None = None) -> list[VMDisk | DiskSnapshot]:
+def _check_class(obj: VMDiskClass) -> None:
+    """A class's parameters, by its backend's own model (as the CRD schema does)."""
+    plugin = PLUGINS_BY_NAME.get(obj.spec.backend)
+    if plugin is None:
+        raise ValueError(
+            f"spec.backend: {obj.spec.backend!r} is not a backend "
+            f"(known: {', '.join(sorted(PLUGINS_BY_NAME))})"
+        )
+    try:
+        plugin.parameters.model_validate(obj.spec.parameters)
+    except ValidationError as exc:
+        lines = [f"spec.parameters.{line}" for line in describe_errors(exc)]
+        raise ValueError("; ".join(lines)) from None
+
+
+def load(
+    target: Path, *, max_size: int | None = None, namespace: str | None = None
+) -> list[Object]:
     """All objects in a file or a directory of files; every problem reported at once."""
     if not target.exists():
         raise ManifestError([f"{target}: no such file or directory"])
-    objects: list[VMDisk | DiskSnapshot] = []
+    objects: list[Object] = []
     problems: list[str] = []
     for path in _files(target):
         try:
@@ -203,7 +240,7 @@ def load(target: Path, *, max_size: int | None = None) -> list[VMDisk | DiskSnap
         for index, doc in enumerate(docs, start=1):
             where = f"{path}" + (f" (document {index})" if len(docs) > 1 else "")
             try:
-                objects.append(parse(doc, where, max_size=max_size))
+                objects.append(parse(doc, where, max_size=max_size, namespace=namespace))
             except ManifestError as exc:
                 problems.extend(exc.problems)
     if problems:

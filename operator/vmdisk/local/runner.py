@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from ..api.common import Condition
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..api.vmdiskclass import VMDiskClass
 from ..config import Settings
 from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import with_condition
 from ..errors import DiskInUse, HasDependents
-from .store import PLURALS, LocalStore, Plural, Resource
+from .store import PLURALS, LocalStore, Plural, Resource, Stored, scope
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +56,35 @@ class LocalRunner:
 
         return self.store.save_status(obj, self.engine.reconcile_disk(obj, self.store, publish))
 
-    def apply(self, objects: Sequence[Resource]) -> list[Resource]:
-        """Store and reconcile ``objects``; dependencies are retried until nothing moves."""
-        stored = [self.store.apply(obj) for obj in objects]
+    def apply(self, objects: Sequence[Stored]) -> list[Stored]:
+        """Store and reconcile ``objects``; dependencies are retried until nothing moves.
+
+        Classes are stored first (they have nothing to reconcile), so disks of
+        the same batch find them.
+        """
+        classes: list[Stored] = [self.store.apply(o) for o in objects if isinstance(o, VMDiskClass)]
+        stored = [self.store.apply(obj) for obj in objects if not isinstance(obj, VMDiskClass)]
         results: dict[int, Resource] = {}
         pending = list(range(len(stored)))
         while pending:
             waiting = []
             for index in pending:
                 current = self.store.get(*_key(stored[index])) or stored[index]
+                assert not isinstance(current, VMDiskClass)
                 results[index] = self.reconcile(current)
                 if _waiting(results[index]):
                     waiting.append(index)
             if len(waiting) == len(pending):
                 break  # no progress: the dependencies are not in this batch
             pending = waiting
-        return [results[i] for i in range(len(stored))]
+        return [*classes, *(results[i] for i in range(len(stored)))]
 
-    def delete(self, objects: Sequence[Resource]) -> list[str]:
-        """Delete objects, snapshots first; returns the problems (empty when all went)."""
+    def delete(self, objects: Sequence[Stored]) -> list[str]:
+        """Delete objects, snapshots first, classes last; returns the problems (none: all went)."""
         problems = []
-        ordered: list[Resource] = [o for o in objects if isinstance(o, DiskSnapshot)]
+        ordered: list[Stored] = [o for o in objects if isinstance(o, DiskSnapshot)]
         ordered += [o for o in reversed(objects) if isinstance(o, VMDisk)]
+        ordered += [o for o in objects if isinstance(o, VMDiskClass)]
         for obj in ordered:
             current = self.store.get(*_key(obj))
             if current is None:
@@ -86,7 +94,7 @@ class LocalRunner:
                 outcome = "snapshot removed"
                 if isinstance(current, DiskSnapshot):
                     delete_snapshot(self.engine, current, self.store)
-                else:
+                elif isinstance(current, VMDisk):
                     outcome = self.engine.delete_disk(current, self.store)
             except (HasDependents, DiskInUse) as exc:
                 problems.append(f"{obj.kind}/{obj.metadata.name}: {exc.message} ({exc.reason})")
@@ -96,5 +104,5 @@ class LocalRunner:
         return problems
 
 
-def _key(obj: Resource) -> tuple[Plural, str, str]:
-    return PLURALS[obj.kind], obj.metadata.namespace, obj.metadata.name
+def _key(obj: Stored) -> tuple[Plural, str, str]:
+    return PLURALS[obj.kind], scope(obj), obj.metadata.name

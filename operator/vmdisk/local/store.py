@@ -16,13 +16,26 @@ from pydantic import ValidationError
 from ..api.common import dump, now_rfc3339
 from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from ..api.vmdisk import VMDisk, VMDiskStatus
+from ..api.vmdiskclass import VMDiskClass
 from ..host.files import atomic_write, remove_path
 from ..host.locks import file_lock
 from ..layout import StateLayout
 
-Plural = Literal["vmdisks", "disksnapshots"]
+Plural = Literal["vmdisks", "disksnapshots", "vmdiskclasses"]
 Resource = VMDisk | DiskSnapshot
-PLURALS: dict[str, Plural] = {"VMDisk": "vmdisks", "DiskSnapshot": "disksnapshots"}
+Stored = VMDisk | DiskSnapshot | VMDiskClass
+PLURALS: dict[str, Plural] = {
+    "VMDisk": "vmdisks",
+    "DiskSnapshot": "disksnapshots",
+    "VMDiskClass": "vmdiskclasses",
+}
+# Cluster-scoped objects live under a directory no namespace can be called.
+CLUSTER_SCOPE = "_cluster"
+
+
+def scope(obj: Stored) -> str:
+    """The object's namespace directory: its namespace, or CLUSTER_SCOPE."""
+    return CLUSTER_SCOPE if isinstance(obj, VMDiskClass) else obj.metadata.namespace
 
 
 class CorruptObject(Exception):
@@ -45,15 +58,17 @@ class LocalStore:
             raise CorruptObject(f"{path}: {exc}") from exc
         return data
 
-    def _parse(self, data: dict[str, Any]) -> Resource:
+    def _parse(self, data: dict[str, Any]) -> Stored:
         try:
             if data.get("kind") == "DiskSnapshot":
                 return DiskSnapshot.model_validate(data)
+            if data.get("kind") == "VMDiskClass":
+                return VMDiskClass.model_validate(data)
             return VMDisk.model_validate(data)
         except ValidationError as exc:
             raise CorruptObject(str(exc)) from exc
 
-    def get(self, plural: Plural, namespace: str, name: str) -> Resource | None:
+    def get(self, plural: Plural, namespace: str, name: str) -> Stored | None:
         data = self._read(plural, namespace, name)
         return None if data is None else self._parse(data)
 
@@ -65,7 +80,15 @@ class LocalStore:
         obj = self.get("disksnapshots", namespace, name)
         return obj if isinstance(obj, DiskSnapshot) else None
 
-    def list_objects(self, plural: Plural, namespace: str | None = None) -> list[Resource]:
+    def get_class(self, name: str) -> VMDiskClass | None:
+        obj = self.get("vmdiskclasses", CLUSTER_SCOPE, name)
+        return obj if isinstance(obj, VMDiskClass) else None
+
+    def list_classes(self) -> list[VMDiskClass]:
+        found = self.list_objects("vmdiskclasses", CLUSTER_SCOPE)
+        return [o for o in found if isinstance(o, VMDiskClass)]
+
+    def list_objects(self, plural: Plural, namespace: str | None = None) -> list[Stored]:
         root = self.layout.objects_dir(plural)
         pattern = f"{namespace}/*.json" if namespace else "*/*.json"
         return [self._parse(json.loads(p.read_text())) for p in sorted(root.glob(pattern))]
@@ -73,17 +96,20 @@ class LocalStore:
     def list_disks(self, namespace: str) -> list[VMDisk]:
         return [o for o in self.list_objects("vmdisks", namespace) if isinstance(o, VMDisk)]
 
+    def list_disks_everywhere(self) -> list[VMDisk]:
+        return [o for o in self.list_objects("vmdisks") if isinstance(o, VMDisk)]
+
     def list_snapshots(self, namespace: str) -> list[DiskSnapshot]:
         return [
             o for o in self.list_objects("disksnapshots", namespace) if isinstance(o, DiskSnapshot)
         ]
 
-    def apply(self, obj: Resource) -> Resource:
+    def apply(self, obj: Stored) -> Stored:
         """Create or update from a manifest; generation grows only when the spec changes."""
         plural = PLURALS[obj.kind]
-        meta = obj.metadata
-        with file_lock(self.layout.lock("object", plural, meta.namespace, meta.name)):
-            old = self._read(plural, meta.namespace, meta.name)
+        namespace, name = scope(obj), obj.metadata.name
+        with file_lock(self.layout.lock("object", plural, namespace, name)):
+            old = self._read(plural, namespace, name)
             new = dump(obj)
             new.pop("status", None)
             if old is None:
@@ -111,15 +137,14 @@ class LocalStore:
                 return obj
             data["status"] = dump(status)
             updated = self._parse(data)
+            assert not isinstance(updated, VMDiskClass)
             self._write(plural, updated)
             return updated
 
-    def remove(self, obj: Resource) -> None:
-        meta = obj.metadata
-        remove_path(self.layout.object_file(PLURALS[obj.kind], meta.namespace, meta.name))
+    def remove(self, obj: Stored) -> None:
+        remove_path(self.layout.object_file(PLURALS[obj.kind], scope(obj), obj.metadata.name))
 
-    def _write(self, plural: Plural, obj: Resource) -> None:
-        meta = obj.metadata
-        path = self.layout.object_file(plural, meta.namespace, meta.name)
+    def _write(self, plural: Plural, obj: Stored) -> None:
+        path = self.layout.object_file(plural, scope(obj), obj.metadata.name)
         # Specs may carry credentials (image URLs): root only.
         atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n", mode=0o600)

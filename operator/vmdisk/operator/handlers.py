@@ -35,14 +35,20 @@ def backoff(retry: int) -> float:
     return float(min(300, 5 * 2 ** min(retry, 10)))
 
 
-def _ready(status: Status | None) -> Condition | None:
+def _ready(status: Status | None, kind: str = "Ready") -> Condition | None:
     if status is None:
         return None
-    return next((c for c in status.conditions if c.type == "Ready"), None)
+    return next((c for c in status.conditions if c.type == kind), None)
 
 
 def _report(body: Any, old: Status | None, new: Status) -> None:
-    """A Kubernetes Event for every change of phase or reason, none for repeats."""
+    """A Kubernetes Event for every change of phase or reason, none for repeats.
+
+    A refused change leaves ``Ready`` as it was, so it gets its own Warning.
+    """
+    refused, was_refused = _ready(new, "ChangeRefused"), _ready(old, "ChangeRefused")
+    if refused is not None and (was_refused is None or was_refused.message != refused.message):
+        kopf.warn(body, reason=refused.reason, message=refused.message)
     before, after = _ready(old), _ready(new)
     if after is None:
         return
@@ -161,8 +167,12 @@ def register(
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): dict(body)}
 
+    @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
+    def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
+        return {name: dict(body)}
+
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"])
+        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"])
 
     def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
         def publish(status: VMDiskStatus) -> None:

@@ -143,7 +143,7 @@ class KubeApi:
         encoded = ((secret or {}).get("data") or {}).get(key)
         if encoded is None:
             raise SecretMissing(
-                f"spec.encryption: key {key!r} of Secret {namespace}/{name} not found"
+                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found"
             )
         try:
             return base64.b64decode(encoded, validate=True)

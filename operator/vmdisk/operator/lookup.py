@@ -10,10 +10,11 @@ from pydantic import ValidationError
 
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
+from ..api.vmdiskclass import VMDiskClass
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
-M = TypeVar("M", VMDisk, DiskSnapshot)
+M = TypeVar("M", VMDisk, DiskSnapshot, VMDiskClass)
 
 
 def _parse(model: type[M], raw: Any) -> M | None:
@@ -30,13 +31,25 @@ def _first(model: type[M], store: Iterable[Any] | None) -> M | None:
 
 
 class IndexLookup:
-    """Reads VMDisks and DiskSnapshots from kopf indexes keyed by (namespace, name)."""
+    """Reads VMDisks and DiskSnapshots from kopf indexes keyed by (namespace, name),
+    and VMDiskClasses from one keyed by name."""
 
     def __init__(
-        self, disks: Mapping[Key, Iterable[Any]], snapshots: Mapping[Key, Iterable[Any]]
+        self,
+        disks: Mapping[Key, Iterable[Any]],
+        snapshots: Mapping[Key, Iterable[Any]],
+        classes: Mapping[str, Iterable[Any]] | None = None,
     ) -> None:
         self.disks = disks
         self.snapshots = snapshots
+        self.classes = classes or {}
+
+    def get_class(self, name: str) -> VMDiskClass | None:
+        return _first(VMDiskClass, self.classes.get(name))
+
+    def list_classes(self) -> list[VMDiskClass]:
+        found = (_first(VMDiskClass, s) for s in self.classes.values())
+        return [c for c in found if c is not None]
 
     def get_disk(self, namespace: str, name: str) -> VMDisk | None:
         return _first(VMDisk, self.disks.get((namespace, name)))

@@ -12,9 +12,11 @@ Two sources, nothing hand-kept beside them:
   a recorder, the same calls the agent makes, and each request is turned
   into a verb on a resource the way the API server does.
 
-The chart's ClusterRole is checked against `rules()` by the tests, and the
-requests a running agent makes against the integration harness are checked
-against it too.
+Secrets are the one namespaced grant: the agent reads the keys classes name
+from its own namespace only, through a Role there (`namespaced_rules()`);
+everything else is the ClusterRole (`cluster_rules()`).  The chart's roles
+are checked against these by the tests, and the requests a running agent
+makes against the integration harness are checked against them too.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def client_permissions(patched: Iterable[str]) -> set[Permission]:
     api.list_objects("vmdisks")  # OrphanScanner.scan
     api.node_event("node", "Warning", "OrphanDisk", "")
     with suppress(SecretMissing):  # the recorder answers nothing
-        api.secret_value("ns", "name", "key")  # ApiSecrets: spec.encryption keys
+        api.secret_value("ns", "name", "key")  # ApiSecrets: keys named by classes
     return {permission_of(method, path) for method, path in api.requests}
 
 
@@ -151,8 +153,26 @@ def permissions(*, clusterwide: bool = True) -> set[Permission]:
     return found | client_permissions(plural for _, plural in patched)
 
 
+# Granted by a Role in the agent's namespace, never cluster-wide.
+NAMESPACED = frozenset({("", "secrets")})
+
+
+def _namespaced(p: Permission) -> bool:
+    return (p.group, p.resource) in NAMESPACED
+
+
+def cluster_rules() -> list[dict[str, list[str]]]:
+    """The ClusterRole's rules: everything but what the agent reads in its own namespace."""
+    return rules(p for p in permissions() if not _namespaced(p))
+
+
+def namespaced_rules() -> list[dict[str, list[str]]]:
+    """The Role's rules in the agent's namespace: reading class keys (Secrets)."""
+    return rules(p for p in permissions() if _namespaced(p))
+
+
 def rules(found: Iterable[Permission] | None = None) -> list[dict[str, list[str]]]:
-    """ClusterRole rules: one per API group and set of verbs, sorted."""
+    """RBAC rules: one per API group and set of verbs, sorted."""
     verbs: dict[tuple[str, str], set[str]] = defaultdict(set)
     for p in permissions() if found is None else found:
         verbs[(p.group, p.resource)].add(p.verb)
@@ -166,4 +186,6 @@ def rules(found: Iterable[Permission] | None = None) -> list[dict[str, list[str]
 
 
 if __name__ == "__main__":  # python -m vmdisk.operator.rbac: print the rules
-    yaml.safe_dump(rules(), sys.stdout, sort_keys=False)
+    yaml.safe_dump(
+        {"clusterRole": cluster_rules(), "role": namespaced_rules()}, sys.stdout, sort_keys=False
+    )
