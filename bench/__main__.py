@@ -24,6 +24,7 @@ from . import (
     concurrent_download,
     download_speed,
     engine_qcow2,
+    lvm_thin,
     online_grow,
     operator_latency,
     operator_scale,
@@ -41,6 +42,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
     "g": ("online grow under a running domain vs virsh blockresize", online_grow.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
+    "lvm": ("thin LVM disk from an image vs qemu-img convert, in the test VM", lvm_thin.run),
 }
 RESULTS = Path(__file__).parent / "results" / "latest.md"
 

@@ -11,7 +11,7 @@ DEBS=(
   e2fsprogs xfsprogs util-linux curl
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
-  podman runc debootstrap
+  podman runc debootstrap  # debootstrap: the container image's base and the test VM
 )
 
 missing=()
@@ -41,3 +41,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# The test VM for what needs device-mapper (this kernel may lack it): built
+# once per change of its inputs, cached outside the work tree.
+./scripts/testvm/build.sh >/dev/null

@@ -18,7 +18,7 @@ from vmdisk.layout import StateLayout
 from vmdisk.local.runner import LocalRunner
 from vmdisk.local.store import LocalStore
 
-pytest_plugins = ["libvirtd", "kube", "agents", "lvmfixtures", "ceph"]
+pytest_plugins = ["libvirtd", "kube", "agents", "lvmfixtures", "ceph", "testvm"]
 
 MiB = 1024 * 1024
 # A recognisable pattern at known offsets, so tests can prove data survived.

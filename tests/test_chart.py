@@ -169,7 +169,19 @@ def test_configmap_is_read_by_the_settings(chart: helm.Chart) -> None:
     assert settings.image_hosts == ("images.example.com", "10.20.0.0/16")
     assert settings.cluster_cidrs == ("10.96.0.0/12", "10.244.0.0/16")
     defaults = one(render(chart), "ConfigMap")["data"]
-    assert set(defaults) == {"VMDISK_STATE_DIR", "VMDISK_DEFAULT_BACKEND", "VMDISK_CACHE_MAX_AGE"}
+    assert set(defaults) == {
+        "VMDISK_STATE_DIR",
+        "VMDISK_DEFAULT_BACKEND",
+        "VMDISK_CACHE_MAX_AGE",
+        "VMDISK_LIBVIRT_URI",
+    }
+    assert Settings.from_env(defaults).libvirt_uri == "qemu:///system"
+    # The agent reaches the node's libvirtd through its socket directory.
+    pod = one(render(chart), "DaemonSet")["spec"]["template"]["spec"]
+    assert _mounts(pod)["/run/libvirt"][1]["hostPath"]["path"] == "/run/libvirt"
+    values = {"libvirt": {"uri": ""}}
+    no_libvirt = one(render(chart, values), "DaemonSet")["spec"]["template"]["spec"]
+    assert "/run/libvirt" not in _mounts(no_libvirt)
 
 
 def _mounts(pod: Obj) -> dict[str, tuple[str, Obj]]:
@@ -222,7 +234,7 @@ def test_daemonset_with_everything_on(chart: helm.Chart) -> None:
     assert "nodeAffinity" in pod["affinity"]
     mounts = _mounts(pod)
     assert mounts["/etc/ceph"][1]["secret"]["secretName"] == "ceph-client-vmdisk"
-    for path in ("/run/lvm", "/run/udev", "/etc/lvm"):
+    for path in ("/run/lvm", "/run/lock/lvm", "/run/udev", "/etc/lvm"):
         assert mounts[path][1]["hostPath"]["path"] == path
     for path in ("/srv/images", "/var/lib/images"):
         name, volume = mounts[path]

@@ -213,3 +213,19 @@ class FormatConflict(PermanentError):
     """The data found for this disk has another format than its spec asks; it is left untouched."""
 
     reason = "FormatConflict"
+
+
+class BackendUnavailable(PermanentError):
+    """The node cannot serve the backend: not configured, or its kernel lacks what it needs.
+
+    E.g. no device-mapper driver or thin-pool target for ``lvm``.  Permanent
+    until an administrator fixes the node and the object is touched again.
+    """
+
+    reason = "BackendUnavailable"
+
+
+class ThinPoolUnsafe(PermanentError):
+    """The LVM thin pool does not zero new blocks, so a disk could read another's old data."""
+
+    reason = "ThinPoolUnsafe"

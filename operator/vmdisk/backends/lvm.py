@@ -12,10 +12,20 @@
   metadata is the one record; a ``vmdisk.partial`` tag marks a volume that
   is still being made, and any failure removes it (Nova's
   remove_volume_on_error), mapping included.
-* New thick volumes are zeroed where they are not written (their extents
-  may hold a deleted disk's data); thin pools zero new blocks themselves.
+* Nothing of a deleted disk may show through.  New thick volumes are
+  zeroed where the copy does not write (their extents may hold old data).
+  A new thin volume reads as zeroes everywhere, so a copy into it skips the
+  zeroes (``--target-is-zero``) and the volume stays sparse; the pool must
+  zero newly provisioned blocks (``lvcreate -Zy``, lvm2's default), or a
+  guest's partial write would expose the rest of an old chunk, so a pool
+  made with ``-Zn`` is refused (ThinPoolUnsafe).
 * Encrypted disks (``DiskRef.encrypted``, key in ``CreateRequest``) are LUKS2
   inside the LV and are used through ``/dev/mapper/vmdisk_<vg>-<lv>``.
+  Whatever was on the extents before decrypts to noise under the new key,
+  so they are never zeroed: a blank encrypted disk reads as noise until
+  written (like any fresh dm-crypt device) and an encrypted thin disk stays
+  sparse; an image is copied whole, its zeroes included (they are data to
+  the guest, and zeroes below dm-crypt would not read as zeroes above it).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from ..errors import (
     DiskMissing,
     InvalidSpec,
     PermanentError,
+    ThinPoolUnsafe,
     UnsupportedOperation,
 )
 from ..host import blockdev, qemu_img
@@ -237,8 +248,7 @@ class LvmBackend:
             if key is not None:
                 self.crypt.format(device, key)
                 device = self.crypt.open(device, self._mapping(ref), key)
-            # Thin pools hand out zeroed blocks; anything else may hold old data.
-            self._populate(device, request, zero=not (params.thin and key is None))
+            self._populate(device, request, thin=params.thin, encrypted=key is not None)
             self.lvm.tag(vg, lv, remove=[PARTIAL])
         state = self.state(ref)
         assert state is not None
@@ -262,18 +272,31 @@ class LvmBackend:
             )
         if ref.encrypted != (request.encryption_key is not None):
             raise InvalidSpec(f"disk {ref}: its class encrypts but no key was given")
+        if not params.thin:
+            return
         vg = self._vg(ref)
-        if params.thin and self.lvm.volume(vg, params.thin_pool) is None:
+        pool = self.lvm.volume(vg, params.thin_pool)
+        if pool is None:
             raise ThinPoolMissing(
                 f"the class's volume group {vg} has no thin pool {params.thin_pool!r}; an "
                 f"administrator creates it once (lvcreate --type thin-pool -l 50%FREE -n "
                 f"{params.thin_pool} {vg}), or uses a class with thin: false"
             )
+        if not pool.zero and not ref.encrypted:
+            raise ThinPoolUnsafe(
+                f"the class's thin pool {vg}/{params.thin_pool} does not zero new blocks "
+                "(made with -Zn), so a disk could read a deleted disk's data; an administrator "
+                f"turns zeroing on with lvchange -Zy {vg}/{params.thin_pool}"
+            )
 
-    def _populate(self, device: Path, request: CreateRequest, *, zero: bool) -> None:
+    def _populate(
+        self, device: Path, request: CreateRequest, *, thin: bool, encrypted: bool
+    ) -> None:
+        """Write the disk's content; zero what may hold old data (see the module docstring)."""
+        zero_rest = not thin and not encrypted
         content = request.content
         if isinstance(content, Blank):
-            if zero:
+            if zero_rest:
                 blockdev.zero(device)
             if content.filesystem:
                 make_filesystem(device, content.filesystem)
@@ -284,9 +307,10 @@ class LvmBackend:
             written = content.image.virtual_size
         else:
             written = qemu_img.info(source.path, source.format).virtual_size
-        if zero and written < request.size:
+        if zero_rest and written < request.size:
             blockdev.zero(device, written)  # the tail the copy will not write
-        # -n: the target exists; with -n qemu-img writes zeroes explicitly too.
+        # -n: the target exists, and qemu-img then writes the image's zeroes
+        # too, except into a fresh thin volume, which already reads as zeroes.
         qemu_img.convert(
             source.path,
             source.format,
@@ -294,6 +318,7 @@ class LvmBackend:
             "raw",
             snapshot=source.snapshot,
             target_exists=True,
+            target_is_zero=thin and not encrypted,
             progress=request.progress,
         )
 
@@ -342,9 +367,14 @@ class LvmBackend:
         if volume is None:
             raise DiskMissing(f"disk {ref} has no volume in volume group {vg}")
         header = HEADER_BYTES if ref.encrypted else 0
-        if volume.size - header < size:
-            self.lvm.extend(vg, lv, size + header)
+        old_size = volume.size - header
+        if old_size < size:
+            self.lvm.extend(vg, volume, size + header)
         device = self.activation.open(vg, lv)
+        if old_size < size and volume.segtype != "thin" and not ref.encrypted:
+            # New extents may hold a deleted disk's data (thin ones read as
+            # zeroes, encrypted ones as noise).
+            blockdev.zero(device, old_size)
         mapping = self._mapping(ref)
         if ref.encrypted and self.crypt.is_open(mapping):
             self.crypt.resize(mapping)
@@ -407,13 +437,10 @@ class LvmBackend:
         return origin.size - (HEADER_BYTES if ref.encrypted else 0)
 
     def _take_snapshot(self, ref: DiskRef, origin: LogicalVolume, name: str) -> None:
-        vg, lv = self._lv(ref)
+        vg = self._vg(ref)
         snap = snapshot_lv(vg, ref.namespace, ref.name, name)
-        # Thick: a COW area as large as the origin, so it can never overflow
-        # and be invalidated.  Thin: shares the pool, no size.
-        cow = None if origin.segtype == "thin" else origin.size
         tags = [OWNER, f"{DISK}={ref.namespace}/{ref.name}", f"{SNAPSHOT}={name}"]
-        self.lvm.snapshot(vg, lv, snap, cow_size=cow, tags=tags)
+        self.lvm.snapshot(vg, origin, snap, tags=tags)
 
     def remove_snapshot(self, ref: DiskRef, name: str, *, ignore_missing: bool = False) -> None:
         vg, _ = self._lv(ref)
@@ -422,7 +449,8 @@ class LvmBackend:
             if ignore_missing:
                 return
             raise SnapshotMissing(f"snapshot {name!r} of disk {ref} does not exist")
-        self.activation.close(vg, snap)
+        # Not deactivated first: a thick snapshot cannot go down without its
+        # origin, the disk (see Lvm.deactivate); lvremove leaves the origin be.
         self.lvm.remove(vg, snap)
 
     def rollback(self, ref: DiskRef, name: str) -> DiskState:

@@ -30,5 +30,6 @@ class DeviceMapperActivation:
         return Path("/dev") / vg / lv
 
     def close(self, vg: str, lv: str) -> None:
-        if self.lvm.volume(vg, lv) is not None:
-            self.lvm.deactivate(vg, lv)
+        volume = self.lvm.volume(vg, lv)
+        if volume is not None and volume.active:
+            self.lvm.deactivate(vg, volume)

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PermanentError
-from .lvm import Runner
+from .lvm import NO_UDEV, Runner, device_mapper_error
 from .run import CommandError, run
 
 HEADER_BYTES = 16 * 1024 * 1024  # LUKS2 data offset, fixed with --offset
 _OFFSET_SECTORS = str(HEADER_BYTES // 512)
-_PBKDF = ("--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "65536",
-          "--pbkdf-parallel", "1")  # fmt: skip
+PBKDF_MEMORY_KIB = 65536
 _WRONG_KEY = 2  # cryptsetup's exit code for "no key available with this passphrase"
 
 
@@ -50,10 +49,18 @@ class Crypt:
     runner: Runner = run
     mapper_dir: Path = Path("/dev/mapper")
     timeout: float = 120.0
+    pbkdf_memory_kib: int = PBKDF_MEMORY_KIB  # argon2id memory cost of new key slots
 
     def _run(self, *argv: str, key: bytes | None = None) -> None:
         stdin = None if key is None else passphrase(key)
-        self.runner(["cryptsetup", *argv], timeout=self.timeout, input_data=stdin)
+        try:
+            # NO_UDEV: cryptsetup makes its mappings through libdevmapper too.
+            self.runner(["cryptsetup", *argv], timeout=self.timeout, input_data=stdin, env=NO_UDEV)
+        except CommandError as exc:
+            unavailable = device_mapper_error(exc.stderr)
+            if unavailable is not None:
+                raise unavailable from exc
+            raise
 
     def path(self, mapping: str) -> Path:
         return self.mapper_dir / mapping
@@ -65,7 +72,9 @@ class Crypt:
         """Write a LUKS2 header to ``device`` (destroys what was there)."""
         self._run(
             "luksFormat", "--batch-mode", "--type", "luks2", "--offset", _OFFSET_SECTORS,
-            *_PBKDF, "--key-file=-", str(device), key=key,
+            "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4",
+            "--pbkdf-memory", str(self.pbkdf_memory_kib), "--pbkdf-parallel", "1",
+            "--key-file=-", str(device), key=key,
         )  # fmt: skip
 
     def _open(self, device: Path, key: bytes, *options: str, mapping: str | None = None) -> None:

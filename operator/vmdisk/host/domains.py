@@ -60,8 +60,9 @@ def _quiet(_ctx: object, _err: object) -> None:
 class Hypervisor:
     """The libvirtd at ``uri`` (``qemu:///system`` on a node)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, timeout: float = 30.0) -> None:
         self.uri = uri
+        self.timeout = timeout  # seconds a domain listing may take before libvirt counts as away
         self._conn: Any = None
         self._lock = threading.Lock()
 
@@ -100,8 +101,29 @@ class Hypervisor:
     def disks_using(
         self, *, paths: Iterable[str] = (), network: tuple[str, str] | None = None
     ) -> list[DomainDisk]:
-        """Running domains' devices that name one of ``paths`` or ``(protocol, name)``."""
+        """Running domains' devices that name one of ``paths`` or ``(protocol, name)``.
+
+        Bounded: a libvirtd that hangs is HypervisorUnavailable after ``timeout``.
+        """
         wanted = {os.path.realpath(p) for p in paths}
+        result: list[list[DomainDisk] | BaseException] = []
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                result.append(self._disks_using(wanted, network))
+            except BaseException as exc:  # handed to the caller
+                result.append(exc)
+            done.set()
+
+        threading.Thread(target=work, name="libvirt: list domains", daemon=True).start()
+        if not done.wait(self.timeout):
+            raise HypervisorUnavailable(f"libvirt at {self.uri} did not answer in {self.timeout}s")
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    def _disks_using(self, wanted: set[str], network: tuple[str, str] | None) -> list[DomainDisk]:
         conn = self._connection()
         try:
             domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)

@@ -111,10 +111,14 @@ def run(
     log.debug("run: %s", " ".join(full))
     if progress is not None:
         return _run_with_progress(full, timeout, environment, progress)
+    # No input: stdin is /dev/null, never the agent's own (a terminal in local
+    # mode), so a command that prompts fails at once instead of waiting for
+    # an answer nobody sees (lvm2's "Proceed? [y/n]").
+    stdin = {"input": input_data} if input_data is not None else {"stdin": subprocess.DEVNULL}
     try:
         proc = subprocess.run(
             full,
-            input=input_data,
+            **stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
