@@ -8,8 +8,8 @@
 # rebuilt only when its inputs change. DEBIAN_IMAGE=... overrides the base.
 #
 # Tags vmdisk-operator:<version> and localhost/vmdisk-operator:<version> (the same
-# name under podman; the chart's default repository). Prints the image's ID and size
-# (stdout); progress on stderr.
+# name under podman; the chart's default repository). Prints one line on stdout,
+# "<name> <image ID> <size in bytes> <engine>"; progress goes to stderr.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -116,4 +116,4 @@ fi
 id=$("${inspect[@]}" --format '{{.Id}}' "$tag")
 size=$("${inspect[@]}" --format '{{.Size}}' "$tag")
 echo "image: localhost/$tag built with $engine: ID $id, $((size / 1000000)) MB" >&2
-printf '%s %s %s\n' "localhost/$tag" "$id" "$size"
+printf '%s %s %s %s\n' "localhost/$tag" "$id" "$size" "$engine"

@@ -6,6 +6,8 @@ every rendered object validated against the Kubernetes schemas
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +19,14 @@ import pytest
 import yaml
 
 import vmdisk
+from vmdisk.api.crd import MIN_KUBERNETES
 from vmdisk.config import Settings
 from vmdisk.operator import rbac
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "vmdisk-operator"
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
-KUBE_VERSION = "1.30.0"  # the oldest Kubernetes the chart is validated against
+KUBE_VERSION = f"{MIN_KUBERNETES}.0"  # the oldest Kubernetes the chart supports
 Obj = dict[str, Any]
 
 
@@ -59,6 +62,23 @@ def test_app_version_is_the_package_version() -> None:
     meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert meta["appVersion"] == project["version"] == vmdisk.__version__
+
+
+def test_one_minimum_kubernetes_version_everywhere() -> None:
+    meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert meta["kubeVersion"] == f">={MIN_KUBERNETES}.0-0"
+    readme = (ROOT / "README.md").read_text()
+    assert set(re.findall(r"Kubernetes (1\.\d+) or newer", readme)) == {MIN_KUBERNETES}
+    from vmdisk.cli import _cmd_crds
+
+    assert f"Kubernetes {MIN_KUBERNETES} or newer" in (_cmd_crds.__doc__ or "")
+    crds_help = subprocess.run(
+        [sys.executable, "-m", "vmdisk.cli", "crds", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"Kubernetes {MIN_KUBERNETES} or newer" in crds_help
 
 
 @pytest.mark.parametrize("values", [None, FULL_VALUES], ids=["defaults", "full"])
@@ -229,6 +249,32 @@ def test_daemonset_with_everything_on(chart: helm.Chart) -> None:
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
 
 
+def test_only_dev_must_exist_on_the_node(chart: helm.Chart) -> None:
+    # A hostPath of type Directory that a node lacks keeps its pod in ContainerCreating:
+    # every optional host path is created instead (the agent reports what is missing).
+    for values in (full_values(), {"rbd": {"enabled": True}, "lvm": {"enabled": True}}):
+        pod = one(render(chart, values), "DaemonSet")["spec"]["template"]["spec"]
+        types = {
+            v["hostPath"]["path"]: v["hostPath"].get("type")
+            for v in pod["volumes"]
+            if "hostPath" in v
+        }
+        assert types.pop("/dev") == "Directory"
+        assert types and set(types.values()) == {"DirectoryOrCreate"}, types
+
+
+def test_metrics_bind_address(chart: helm.Chart) -> None:
+    from vmdisk.cli import _parser
+
+    for values, address in (
+        (None, "0.0.0.0"),
+        ({"metrics": {"bindAddress": "127.0.0.1"}}, "127.0.0.1"),
+    ):
+        agent = one(render(chart, values), "DaemonSet")["spec"]["template"]["spec"]["containers"][0]
+        assert f"--metrics-address={address}" in agent["args"]
+        assert _parser().parse_args(["run", *agent["args"]]).metrics_address == address
+
+
 def test_host_ceph_config_without_a_secret(chart: helm.Chart) -> None:
     pod = one(render(chart, {"rbd": {"enabled": True}}), "DaemonSet")["spec"]["template"]["spec"]
     assert _mounts(pod)["/etc/ceph"][1]["hostPath"]["path"] == "/etc/ceph"
@@ -257,6 +303,30 @@ def test_notes_tell_how_to_create_a_first_disk(chart: helm.Chart) -> None:
         if path.endswith("NOTES.txt")
     )
     assert "kind: VMDisk" in notes and "libvirtXML" in notes
+    # The node is one where an agent runs (not the first Node, often a tainted control
+    # plane without one): the node of a Running pod of this release's DaemonSet.
+    assert "get nodes" not in notes
+    node = next(line for line in notes.splitlines() if "NODE=$(" in line)
+    assert (
+        "get pods -l app.kubernetes.io/instance=vmdisk,app.kubernetes.io/name=vmdisk-operator"
+        in node
+    )
+    assert "--field-selector=status.phase=Running" in notes and ".spec.nodeName" in notes
+
+
+def _notes(chart: helm.Chart, values: Obj | None) -> str:
+    rendered = chart.render(values, name="vmdisk", namespace="ns")
+    return next(text for path, text in rendered.items() if path.endswith("NOTES.txt"))
+
+
+def test_notes_tell_how_to_load_the_local_image(chart: helm.Chart) -> None:
+    image = f"localhost/vmdisk-operator:{vmdisk.__version__}"
+    notes = _notes(chart, None)
+    assert f"kind load docker-image {image}" in notes
+    assert f"save {image} | sudo k3s ctr images import -" in notes
+    assert "make image" in notes
+    # An image from a registry needs no loading.
+    assert "kind load" not in _notes(chart, {"image": {"repository": "registry.example/vmdisk"}})
 
 
 # --- values.yaml documentation and README table -----------------------------

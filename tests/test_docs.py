@@ -54,3 +54,13 @@ def test_documented_permanence_matches_the_code() -> None:
                 if reason in permanent and permanent[reason] != expected:
                     wrong.append(f"{reason} under {heading!r}")
     assert wrong == [], f"move these reasons in docs/operations.md: {wrong}"
+
+
+def test_readme_crd_upgrade_takes_over_helms_fields() -> None:
+    # Helm creates the CRDs on install under its own field manager; a server-side apply
+    # of changed CRDs conflicts with it unless it forces.
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"`(kubectl apply --server-side[^`]*)`", readme)
+    assert commands == [
+        "kubectl apply --server-side --force-conflicts -f charts/vmdisk-operator/crds/"
+    ]

@@ -9,6 +9,7 @@ import json
 import runpy
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from vmdisk.local.manifests import load
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 MORE = EXAMPLES / "more"
+CLUSTER = EXAMPLES / "cluster"
 VMDISK = [sys.executable, "-m", "vmdisk.cli"]
 
 
@@ -31,11 +33,40 @@ def manifests() -> list[tuple[Path, dict[str, Any]]]:
     return found
 
 
+def local_mode(path: Path) -> bool:
+    """examples/ itself and the local stories in more/ (no node named); cluster/ is not."""
+    return path.parent != CLUSTER and not any(
+        doc["kind"] == "VMDisk" and "nodeName" in doc["spec"]
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    )
+
+
 def test_every_manifest_is_valid() -> None:
-    for _, doc in manifests():
+    for path, doc in manifests():
+        if local_mode(path) and doc["kind"] == "VMDisk":
+            doc = {**doc, "spec": {**doc["spec"], "nodeName": "this-node"}}  # as local mode does
         validate_against_crd(doc)  # raises with the field path
     for path in sorted(EXAMPLES.rglob("*.yaml")):
         assert load(path), path  # the models accept them too
+
+
+def test_cluster_examples_name_their_node_and_an_image_a_pod_can_reach() -> None:
+    cluster = [(p, d) for p, d in manifests() if not local_mode(p) and d["kind"] == "VMDisk"]
+    assert {p.parent for p, _ in cluster} >= {CLUSTER}
+    assert {next(iter(d["spec"]["source"])) for p, d in cluster if p.parent == CLUSTER} == {
+        "image",
+        "blank",
+    }
+    for path, doc in cluster:
+        assert doc["spec"]["nodeName"], path
+        url = doc["spec"]["source"].get("image", {}).get("url", "")
+        host = urllib.parse.urlsplit(url).hostname or ""
+        # Inside an agent pod, loopback is the pod itself.
+        assert host not in ("localhost", "::1") and not host.startswith("127."), (path, url)
+    # make demo's (local) examples keep their loopback demo server and name no node.
+    top = [d for p, d in manifests() if p.parent == EXAMPLES and d["kind"] == "VMDisk"]
+    assert top and all("nodeName" not in d["spec"] for d in top)
 
 
 def test_every_backend_and_source_kind_is_shown() -> None:

@@ -24,7 +24,9 @@ NS, NAME = "default", "web-root"
 
 
 def manifest() -> dict[str, Any]:
+    """The local-mode example as a cluster needs it: with its node."""
     obj: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    obj["spec"]["nodeName"] = "node-a"
     return obj
 
 
@@ -39,13 +41,15 @@ def kubectl(kubeconfig: Path, *args: str, check: bool = True) -> subprocess.Comp
 def test_kubectl_apply_get_and_refusal(
     api_server: KubeApi, kubeconfig: Path, tmp_path: Path
 ) -> None:
-    out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(EXAMPLE)).stdout
+    example = tmp_path / "web-root.yaml"
+    example.write_text(yaml.safe_dump(manifest()))
+    out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(example)).stdout
     assert "vmdisk.vmdisk.io/web-root created" in out
     table = kubectl(kubeconfig, "get", "vmdisks").stdout.splitlines()
     assert table[0].split() == ["NAME", "CLASS", "BACKEND", "SIZE", "NODE", "PHASE", "AGE"]
     assert table[1].split()[:3] == ["web-root", "qcow2", "1Gi"]  # no class resolved yet: blank
     assert "web-root" in kubectl(kubeconfig, "get", "vmd", "-o", "name").stdout
-    out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(EXAMPLE)).stdout
+    out = kubectl(kubeconfig, "apply", "--validate=false", "-f", str(example)).stdout
     assert "unchanged" in out
     stored = api_server.get("vmdisks", NS, NAME)
     assert stored is not None and stored["metadata"]["generation"] == 1

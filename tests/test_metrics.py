@@ -156,3 +156,15 @@ def test_running_agent_serves_metrics_logs_json_and_stays_within_its_rbac(
     entries = [json.loads(line) for line in lines if line.strip()]
     assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     assert any(e.get("object", {}).get("name") == "root" for e in entries)
+
+
+def test_metrics_bind_the_address_they_are_given() -> None:
+    metrics = Metrics("node-a")
+    port = metrics.serve(0, "127.0.0.1")
+    try:
+        assert metrics._server is not None
+        assert metrics._server.server_address[0] == "127.0.0.1"  # not every interface
+        reply = urllib3.request("GET", f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert reply.status == 200 and b"vmdisk_reconcile_total" in reply.data
+    finally:
+        metrics.stop()

@@ -14,6 +14,7 @@ import yaml
 
 from . import __version__
 from .api.common import dump
+from .api.crd import MIN_KUBERNETES
 from .api.quantity import format_bytes
 from .api.snapshot import DiskSnapshot
 from .api.vmdisk import VMDisk
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
     )
+    run.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        metavar="ADDR",
+        help="address the metrics endpoint binds, e.g. 127.0.0.1 or :: [0.0.0.0]",
+    )
     run.add_argument("--log-format", choices=("text", "json"), default="text", help="[text]")
 
     orphans = command("orphans", "list disk data on this host that no VMDisk owns", common)
@@ -114,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", choices=("json", "table"), default="table", help="[table]"
     )
 
-    crds = command("crds", "print the CustomResourceDefinitions")
+    crds = command(
+        "crds",
+        f"print the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)",
+    )
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
 
     cache = command("cache", "list or prune the node's image cache", common)
@@ -285,6 +295,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 
 
 def _cmd_crds(args: argparse.Namespace) -> int:
+    """Print (or --split into files) the CRDs; they need Kubernetes 1.29 or newer."""
     from .api.crd import crd_yaml, crds, write_crds
 
     if args.split:
@@ -335,6 +346,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scan_interval=args.scan_interval,
         verify_interval=args.verify_interval,
         metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
     )
     return 0
 

@@ -15,7 +15,8 @@ Cross-field rules of the models are repeated as CEL ``x-kubernetes-validations``
 (`RULES`), plus the transition rules only the apiserver can check: the source,
 backend and (except on shared RBD storage) node are immutable and the size only
 grows.  The size rules use the Kubernetes quantity library, so the CRDs need
-Kubernetes 1.29 or newer.
+Kubernetes 1.29 or newer (`MIN_KUBERNETES`; the chart's kubeVersion, the README and
+`vmdisk crds` say the same, checked by tests/test_chart.py).
 
 Backends are passed in (``backends/registry.PLUGINS``; this layer imports
 none): their names become the ``backend`` enums, and a VMDiskClass's
@@ -108,6 +109,8 @@ def _total_excludes_split(kind: str) -> str:
 # quantity() parses (string() of a string is itself).  isQuantity() guards keep a
 # malformed value down to the pattern error instead of adding an evaluation error.
 _QTY_SELF = "quantity(string(self))"
+# The oldest Kubernetes whose API server accepts these CRDs (CEL's quantity library).
+MIN_KUBERNETES = "1.29"
 _SOURCES = ("image", "blank", "disk", "snapshot")
 
 RULES: dict[str, dict[str, list[dict[str, str]]]] = {
@@ -121,6 +124,13 @@ RULES: dict[str, dict[str, list[dict[str, str]]]] = {
                 ".className",
             ),
             _rule("!has(oldSelf.size) || has(self.size)", "size cannot be removed", ".size"),
+            # No default in a cluster: a disk no agent owns would wait silently forever.
+            # (Local mode's models default it to this node.)
+            _rule(
+                "has(self.nodeName) && self.nodeName != ''",
+                "nodeName is required: the node whose vmdisk agent makes this disk",
+                ".nodeName",
+            ),
             _rule(
                 "!has(self.source.blank) || has(self.size)",
                 "size is required for a blank disk",
@@ -365,7 +375,7 @@ def _with_rules(schema: Schema, rules: list[dict[str, str]]) -> Schema:
 
 
 def crds(backends: Sequence[BackendSchema]) -> list[dict[str, Any]]:
-    """The VMDiskClass, VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1)."""
+    """The VMDiskClass, VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1), for 1.29+."""
     names = [b.name for b in backends]
     disk_spec = model_schema(VMDiskSpec)
     disk_spec["properties"]["backend"]["enum"] = names

@@ -74,7 +74,10 @@ def build_registry(
 
     @kopf.on.login(registry=registry)
     def login(*, memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
-        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        # The client's in-cluster config reaches the API server at KUBERNETES_SERVICE_HOST
+        # and _PORT, as client-go does: kopf's own service-account login assumes the name
+        # kubernetes.default.svc, which a pod without cluster DNS (hostNetwork) cannot resolve.
+        info = kopf.login_via_client(**kwargs)
         if info is not None:
             memo.api = KubeApi(_connection(info, engine.settings))
         return info
@@ -105,6 +108,7 @@ def run(
     scan_interval: float = 600.0,
     verify_interval: float = 60.0,
     metrics_port: int | None = None,
+    metrics_address: str = "0.0.0.0",
 ) -> None:
     """Run the node agent until it is stopped."""
     metrics = Metrics(settings.node_name) if metrics_port is not None else None
@@ -117,7 +121,8 @@ def run(
     if metrics is not None and metrics_port is not None:
         track_phases(registry, metrics)
         metrics.watch_engine(engine)
-        log.info("metrics on port %d", metrics.serve(metrics_port))
+        port = metrics.serve(metrics_port, metrics_address)
+        log.info("metrics on %s port %d", metrics_address, port)
     try:
         asyncio.run(
             kopf.operator(
