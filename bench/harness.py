@@ -7,11 +7,13 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +21,7 @@ from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 
 T = TypeVar("T")
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 MiB = 1024**2
 GiB = 1024**3
 SCRATCH_PARENT = Path(os.environ.get("VMDISK_BENCH_DIR", "/var/tmp"))
@@ -224,3 +227,39 @@ def require_ready(status: VMDiskStatus, what: str) -> None:
     if status.phase != "Ready":
         detail = "; ".join(f"{c.reason}: {c.message}" for c in status.conditions)
         raise RuntimeError(f"{what}: phase {status.phase} ({detail})")
+
+
+# -- the real API server -------------------------------------------------------------
+@contextmanager
+def real_api_server(workdir: Path, namespace: str = "bench") -> Iterator[Any]:
+    """The suite's etcd + kube-apiserver (tests/apiserver.py, newest version), started here.
+
+    Yields the suite's admin client (``Kube``) for ``namespace``; its ``server``
+    has the agent's kubeconfig (the chart's ServiceAccount), the audit log and
+    the server processes (``server.procs``: etcd, then kube-apiserver).
+    """
+    sys.path.insert(0, str(TESTS))
+    from apiserver import Kube, KubeApiServer, kube_versions
+
+    server = KubeApiServer(kube_versions()[-1], workdir)
+    try:
+        server.start()
+        server.kubectl("create", "namespace", namespace)
+        client = Kube(server, namespace)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        server.stop()
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def utc_now() -> str:
+    """Now, as the audit log writes its timestamps (RFC 3339, microseconds)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

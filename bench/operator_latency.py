@@ -1,7 +1,8 @@
 """(f) End-to-end latency of one disk: `kubectl apply` → Ready, on a real agent.
 
-One qcow2 disk from a cached base at a time, 20 times, against the kmock API
-server (tests/kube.py).  The time is split into the kubectl command itself,
+One qcow2 disk from a cached base at a time, 20 times, against the suite's
+real etcd + kube-apiserver (tests/apiserver.py); kubectl runs as the admin, the
+agent as the chart's ServiceAccount.  The time is split into the kubectl command itself,
 the engine (from the agent's own `vmdisk_reconcile_duration_seconds`) and the
 rest: kopf's event handling, status writes and the API server.
 """
@@ -23,9 +24,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
 
-from .harness import MemoryLookup, MiB, Row, fmt_s, image_disk, require_ready, write_image
+from .harness import (
+    TESTS,
+    MemoryLookup,
+    MiB,
+    Row,
+    fmt_s,
+    image_disk,
+    real_api_server,
+    require_ready,
+    write_image,
+)
 
-TESTS = Path(__file__).resolve().parent.parent / "tests"
 DISKS = 20
 
 
@@ -51,7 +61,6 @@ def _phase(obj: dict[str, Any] | None) -> str | None:
 def run(scratch: Path) -> list[Row]:
     sys.path.insert(0, str(TESTS))
     from agents import free_port
-    from kube import running_api_server
 
     images = scratch / "images"
     source = images / "base.raw"
@@ -61,30 +70,32 @@ def run(scratch: Path) -> list[Row]:
     warm = Engine.build(Settings(state_dir=state, image_dirs=(images,)))
     warmup = image_disk("warmup", "qcow2", url, sha, "raw", "64Mi")
     require_ready(warm.reconcile_disk(warmup, MemoryLookup(), None), "warm-up disk")
-    kubectl = str(Path(sys.executable).parent / "kubectl")
-    with running_api_server() as api:
-        kubeconfig = api.write_kubeconfig(scratch / "kubeconfig")
+    with real_api_server(scratch / "kube") as kube:
+        server = kube.server
         port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "VMDISK_IMAGE_DIRS": str(images)}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(server.agent_kubeconfig),  # the chart's ServiceAccount
+            "VMDISK_IMAGE_DIRS": str(images),
+        }
         argv = [sys.executable, "-m", "vmdisk.cli", "run", "--node", "bench-node"]
         argv += ["--state-dir", str(state), f"--metrics-port={port}"]
         with open(scratch / "agent.log", "wb") as log:
             agent = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            time.sleep(2)
+            time.sleep(3)
             totals, cli = [], []
             for i in range(DISKS):
                 manifest = scratch / f"d{i}.yaml"
                 body = image_disk(f"d{i:02d}", "qcow2", url, sha, "raw", "64Mi")
                 doc = body.model_dump(mode="json", by_alias=True, exclude_none=True)
                 doc["spec"]["nodeName"] = "bench-node"
+                doc["metadata"]["namespace"] = kube.namespace
                 manifest.write_text(yaml.safe_dump(doc))
                 start = time.monotonic()
-                apply = [kubectl, "--kubeconfig", str(kubeconfig), "apply", "--validate=false"]
-                subprocess.run([*apply, "-f", str(manifest)], check=True, capture_output=True)
+                server.kubectl("apply", "-f", str(manifest))
                 cli.append(time.monotonic() - start)
-                namespace = doc["metadata"]["namespace"]
-                while _phase(api.get("vmdisks", namespace, f"d{i:02d}")) != "Ready":
+                while _phase(kube.get("vmdisks", f"d{i:02d}")) != "Ready":
                     if time.monotonic() - start > 60:
                         log_tail = (scratch / "agent.log").read_text()[-2000:]
                         raise RuntimeError(f"d{i:02d} not Ready after 60 s; agent log:\n{log_tail}")
