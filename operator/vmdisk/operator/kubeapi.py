@@ -46,6 +46,9 @@ class ApiConnection:
     insecure: bool = False
     cert_path: str | None = None
     key_path: str | None = None
+    # One connection per thread that may call at once (handlers, progress, the scanner):
+    # the client's default of one logs "Connection pool is full" and reconnects under load.
+    pool_size: int = 4
 
     def configuration(self) -> Configuration:
         config = Configuration(
@@ -57,6 +60,7 @@ class ApiConnection:
             verify_ssl=not self.insecure,
             retries=2,
         )
+        config.connection_pool_maxsize = self.pool_size
         if self.token:
             config.api_key = {"BearerToken": self.token}
             config.api_key_prefix = {"BearerToken": "Bearer"}

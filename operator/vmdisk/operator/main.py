@@ -46,7 +46,7 @@ def _path(value: object) -> str | None:
     return None if value is None else os.fsdecode(value)  # type: ignore[arg-type]
 
 
-def _connection(info: kopf.ConnectionInfo, settings: Settings) -> ApiConnection:
+def _connection(info: kopf.ConnectionInfo, settings: Settings, pool_size: int) -> ApiConnection:
     cert_path, key_path = _path(info.certificate_path), _path(info.private_key_path)
     if info.certificate_data and info.private_key_data:
         # The client takes client certificates only as files; keep them in the state dir.
@@ -62,11 +62,12 @@ def _connection(info: kopf.ConnectionInfo, settings: Settings) -> ApiConnection:
         insecure=bool(info.insecure),
         cert_path=cert_path,
         key_path=key_path,
+        pool_size=pool_size,
     )
 
 
 def build_registry(
-    engine: Engine, *, scan_interval: float, verify_interval: float
+    engine: Engine, *, scan_interval: float, verify_interval: float, workers: int = 4
 ) -> kopf.OperatorRegistry:
     """All handlers of the agent, on a registry of its own."""
     registry = kopf.OperatorRegistry()
@@ -79,7 +80,8 @@ def build_registry(
         # kubernetes.default.svc, which a pod without cluster DNS (hostNetwork) cannot resolve.
         info = kopf.login_via_client(**kwargs)
         if info is not None:
-            memo.api = KubeApi.connect(_connection(info, engine.settings))
+            # Each worker may publish progress while the scanner and Secrets lookups call too.
+            memo.api = KubeApi.connect(_connection(info, engine.settings, workers + 2))
         return info
 
     @kopf.on.startup(registry=registry)
@@ -116,7 +118,9 @@ def run(
     engine = Engine.build(
         settings, observer=metrics, secrets=ApiSecrets(lambda: getattr(memo, "api", None))
     )
-    registry = build_registry(engine, scan_interval=scan_interval, verify_interval=verify_interval)
+    registry = build_registry(
+        engine, scan_interval=scan_interval, verify_interval=verify_interval, workers=workers
+    )
     log.info("vmdisk agent for node %s, state in %s", settings.node_name, settings.state_dir)
     if metrics is not None and metrics_port is not None:
         track_phases(registry, metrics)
