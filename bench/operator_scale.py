@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _manifest(name: str, url: str, sha: str) -> dict[str, Any]:
     }
 
 
-def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[str, float]:
+def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[str, Any]:
     state = scratch / f"state-{count}"
     warm = Engine.build(Settings(state_dir=state, image_dirs=(images,)))
     require_ready(
@@ -117,16 +118,19 @@ def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[
             agent.terminate()
             agent.wait(timeout=30)
         # The audit log has every request the server answered, by identity.
-        operator_requests = sum(
-            1
+        verbs = Counter(
+            f"{e['verb']} {e.get('objectRef', {}).get('subresource', '')}".strip()
+            + ("" if e.get("responseStatus", {}).get("code", 200) < 300 else " (refused)")
             for e in server.audit()
             if e["user"]["username"] == server.agent_user and e["requestReceivedTimestamp"] >= since
         )
+        by_verb = ", ".join(f"{verb} {n / count:.1f}" for verb, n in verbs.most_common())
         return {
             "wall": wall,
             "p50": _percentile(latencies, 0.50),
             "p99": _percentile(latencies, 0.99),
-            "requests": operator_requests / count,
+            "requests": sum(verbs.values()) / count,
+            "by_verb": by_verb,
             "rss": rss,
             "agent_cpu": agent_cpu,
             "etcd_cpu": cpu_server[0],
@@ -180,7 +184,7 @@ def run(scratch: Path) -> list[Row]:
         Row(
             "(e) API requests per disk (the agent's, from the audit log)",
             f"{s200['requests']:.1f}",
-            "",
+            f"by verb: {s200['by_verb']}",
             "",
             "report",
             True,
