@@ -27,6 +27,7 @@ REFUSED = {
     "two sources": "spec.source: Invalid value: exactly one of",
     "no source member": "spec.source: Invalid value: exactly one of",
     "no source": "spec.source: Required value",
+    "no node": "spec.nodeName: Invalid value: nodeName is required",
     "bad backend": "spec.backend in body should match",
     "bad quantity": "spec.size in body should match",
     "millis": "spec.size in body should match",

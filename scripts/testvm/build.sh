@@ -23,7 +23,7 @@ PACKAGES=(
 )
 # What the project's .venv takes from Debian's python3 (dist-packages), put
 # in by apt inside the chroot: debootstrap fails configuring them itself.
-PY_PACKAGES=(python3-certifi python3-cryptography python3-idna python3-libvirt)
+PY_PACKAGES=(python3-certifi python3-charset-normalizer python3-cryptography python3-idna python3-libvirt)
 IMAGE_BYTES=$((4 * 1024 * 1024 * 1024))  # sparse; room for the tests' PVs and the bench
 
 inputs="$(cat "$here/build.sh" "$here/init"; echo "$SUITE ${PACKAGES[*]} ${PY_PACKAGES[*]}")"
