@@ -251,7 +251,6 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "no source member": (_with(BLANK, "spec.source", {}), "exactly one of"),
     "no source": (_with(BLANK, "spec.source", None), "'source' is a required property"),
-    "no node": (_with(BLANK, "spec.nodeName", None), "nodeName is required"),
     "bad backend": (_with(BLANK, "spec.backend", "Zfs"), "spec.backend: 'Zfs' does not match"),
     "bad quantity": (_with(BLANK, "spec.size", "10GB"), "spec.size: '10GB' does not match"),
     "millis": (_with(BLANK, "spec.size", "100m"), "spec.size: '100m' does not match"),

@@ -27,7 +27,6 @@ REFUSED = {
     "two sources": "spec.source: Invalid value: exactly one of",
     "no source member": "spec.source: Invalid value: exactly one of",
     "no source": "spec.source: Required value",
-    "no node": "spec.nodeName: Invalid value: nodeName is required",
     "bad backend": "spec.backend in body should match",
     "bad quantity": "spec.size in body should match",
     "millis": "spec.size in body should match",
@@ -46,6 +45,16 @@ REFUSED = {
     "snapshot without disk": "spec.diskName: Required value",
     "bad export format": 'spec.export.format: Unsupported value: "vmdk"',
 }
+
+
+# Local mode's models default nodeName, so this refusal is the cluster's alone.
+NO_NODE_REFUSED = "spec.nodeName: Invalid value: nodeName is required"
+
+
+def test_a_vmdisk_without_a_node_is_refused(kube: Kube) -> None:
+    with pytest.raises(Kube.Error) as info:
+        dry_run_create(kube, _with(BLANK, "spec.nodeName", None))
+    assert NO_NODE_REFUSED in refusal(info.value)
 
 
 # Rules test_crd.UPDATES does not reach.
@@ -135,7 +144,11 @@ def test_every_cel_rule_is_hit_both_ways() -> None:
     messages = [
         rule["message"] for table in RULES.values() for rules in table.values() for rule in rules
     ]
-    refusals = [*REFUSED.values(), *(e for _, _, e in ALL_UPDATES.values() if e)]
+    refusals = [
+        *REFUSED.values(),
+        NO_NODE_REFUSED,
+        *(e for _, _, e in ALL_UPDATES.values() if e),
+    ]
     hit = [r.rpartition("Invalid value: ")[2] for r in refusals]
     missing = [m for m in messages if not any(h and h in m for h in hit)]
     assert missing == []
