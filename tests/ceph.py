@@ -198,8 +198,11 @@ def ceph_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephTestC
     """A running single-node Ceph cluster (mon + memstore OSD, auth none)."""
     for tool in ("ceph-mon", "ceph-osd", "monmaptool", "ceph", "rbd"):
         if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian ceph-mon ceph-osd ceph-common)")
-    pytest.importorskip("rbd", reason="python3-rbd is not installed")
+            pytest.fail(
+                f"{tool} is not installed: scripts/setup.sh installs ceph-mon ceph-osd ceph-common"
+            )
+    import rbd  # noqa: F401  (python3-rbd, installed by scripts/setup.sh; missing is a failure)
+
     # A short path: the admin sockets must fit in sun_path (108 bytes).
     root = Path(tmp_path_factory.mktemp("ceph", numbered=True))
     cluster = start_cluster(root)

@@ -102,7 +102,7 @@ def libvirt_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             pytest.skip("starting libvirtd for qemu:///system needs root")
         for binary in ("libvirtd", "virtlogd"):
             if shutil.which(binary) is None:
-                pytest.skip(f"{binary} is not installed (Debian libvirt-daemon)")
+                pytest.fail(f"{binary} is not installed: scripts/setup.sh installs libvirt-daemon")
     logs = tmp_path_factory.mktemp("libvirtd")
     started: list[subprocess.Popen[bytes]] = []
     try:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 from pydantic import ValidationError
 
@@ -25,8 +26,6 @@ from vmdisk.backends.base import DiskLocation
 from vmdisk.errors import InvalidSpec
 from vmdisk.libvirt import _disk_xml, check_device
 from vmdisk.local.runner import LocalRunner
-
-libvirt = pytest.importorskip("libvirt")
 
 DEVICES = ("disk", "cdrom", "lun")
 BUSES = ("virtio", "scsi", "sata", "ide", "usb")

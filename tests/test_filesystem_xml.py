@@ -11,6 +11,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import libvirt  # noqa: F401  (python3-libvirt from scripts/setup.sh)
 import pytest
 
 from conftest import Manifest
@@ -18,8 +19,6 @@ from test_backends import apply, status_of
 from vmdisk.backends.base import DiskLocation, NetworkHost
 from vmdisk.libvirt import container_filesystem, validate_disk_xml
 from vmdisk.local.runner import LocalRunner
-
-pytest.importorskip("libvirt")
 
 DRIVERS = {"raw": ("loop", "raw"), "qcow2": ("nbd", "qcow2"), "ploop": ("ploop", "ploop")}
 

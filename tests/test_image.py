@@ -42,9 +42,6 @@ ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 Obj = dict[str, Any]
 
 pytestmark = [pytest.mark.slow, pytest.mark.libvirtd]
-# The suite's real API server (kube_api) comes with tests/apiserver.py (issue 16); until
-# it has landed this module cannot run, and says so rather than fail on a missing fixture.
-pytest.importorskip("apiserver", reason="tests/apiserver.py (the kube_api fixture) is missing")
 
 
 @dataclass(frozen=True)
