@@ -36,20 +36,6 @@ def test_mixed_kinds_get_one_table_each(tmp_path: Path):
     assert snapshots.splitlines()[1].split() == ["s", "d", "true", "Ready"]
 
 
-def test_a_failure_is_printed_once(tmp_path: Path, image_dir: Path):
-    image = image_dir / "base.qcow2"
-    wrong = "sha256:" + "0" * 64
-    manifest = write_manifests(
-        tmp_path / "m.yaml",
-        vmdisk_doc(
-            "bad", size="64Mi", source={"image": {"url": f"file://{image}", "checksum": wrong}}
-        ),
-    )
-    result = vmdisk("apply", "-f", str(manifest), state=tmp_path / "state", image_dir=image_dir)
-    assert result.returncode == 1
-    assert result.stderr.count("ChecksumMismatch") == 1, result.stderr
-
-
 def test_get_checks_the_host(tmp_path: Path):
     state = tmp_path / "state"
     manifest = write_manifests(
