@@ -15,6 +15,7 @@ minutes on a 2-core machine).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +131,8 @@ def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[
             agent.terminate()
             agent.wait(timeout=30)
         text = (scratch / f"agent-{count}.log").read_text(errors="replace")
+        if keep := os.environ.get("VMDISK_BENCH_LOGS"):  # for a look at what the agent did
+            shutil.copy(scratch / f"agent-{count}.log", Path(keep) / f"agent-{count}.log")
         # The audit log has every request the server answered, by identity.
         mine = [
             e

@@ -14,7 +14,7 @@ import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes.client import (
@@ -142,10 +142,10 @@ class KubeApi:
         field, or an older server, is answered 400 Bad Request.
         """
         try:
-            resp: urllib3.BaseHTTPResponse = self.custom.list_cluster_custom_object(
+            resp = cast(urllib3.BaseHTTPResponse, self.custom.list_cluster_custom_object(
                 GROUP, VERSION, plural, field_selector=field_selector, limit=1,
                 _request_timeout=self.timeout, _preload_content=False,
-            )  # fmt: skip
+            ))  # fmt: skip
             resp.drain_conn()
             resp.release_conn()
         except ApiException as exc:

@@ -108,7 +108,7 @@ def build_registry(
         # The client's in-cluster config reaches the API server at KUBERNETES_SERVICE_HOST
         # and _PORT, as client-go does: kopf's own service-account login assumes the name
         # kubernetes.default.svc, which a pod without cluster DNS (hostNetwork) cannot resolve.
-        info = kopf.login_via_client(**kwargs)
+        info = kopf.login_via_client(settings=settings, **kwargs)
         if info is not None:
             # Each worker may publish progress while the scanner and Secrets lookups call too.
             memo.api = KubeApi.connect(_connection(info, engine.settings, workers + 2))
