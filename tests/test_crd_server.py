@@ -46,6 +46,13 @@ def test_a_vmdisk_without_a_node_is_refused(kube: Kube, node: str | None) -> Non
     with pytest.raises(Kube.Error) as info:
         kube.dry_run_create(_with(BLANK, "spec.nodeName", node))
     assert NO_NODE_REFUSED in refusal(info.value)
+    # Nor can an existing disk drop its node.
+    created = kube.create(BLANK)
+    body = {**_with(BLANK, "spec.nodeName", node), "metadata": created["metadata"]}
+    query = [("dryRun", "All"), ("fieldValidation", "Strict")]
+    with pytest.raises(Kube.Error) as info:
+        kube.request("PUT", kube.path("vmdisks", created["metadata"]["name"]), body, query=query)
+    assert "Invalid value: nodeName is required: the node whose" in refusal(info.value)
 
 
 def plural(obj: Obj) -> str:
@@ -161,8 +168,9 @@ def test_status_written_by_the_models_is_accepted(kube: Kube) -> None:
 @pytest.mark.parametrize(
     ("status", "expected"),
     [
-        ({"phase": "Sleeping"}, 'status.phase: Unsupported value: "Sleeping"'),
-        ({"conditions": [{"type": "Ready"}]}, "status.conditions[0].reason: Required value"),
+        # The status subresource names fields from status down.
+        ({"phase": "Sleeping"}, 'phase: Unsupported value: "Sleeping"'),
+        ({"conditions": [{"type": "Ready"}]}, "conditions[0].reason: Required value"),
     ],
     ids=["phase", "condition-reason"],
 )
