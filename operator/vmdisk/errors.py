@@ -50,6 +50,10 @@ class ChangeRefused(InvalidSpec):
     """
 
 
+class UnstartableDevice(ChangeRefused):
+    """libvirt settings QEMU will not start: a new disk fails, a Ready one keeps its XML."""
+
+
 class ShrinkNotSupported(ChangeRefused):
     reason = "ShrinkNotSupported"
 
@@ -128,6 +132,18 @@ class ImageTooLarge(ImageError):
 
 class ImageCorrupt(ImageError):
     reason = "ImageCorrupt"
+
+
+class DecompressedTooLarge(ImageError):
+    """A compressed image expands past what its disk may hold (a decompression bomb)."""
+
+    reason = "DecompressedTooLarge"
+
+
+class DecompressionFailed(ImageError):
+    """A compressed image's stream is corrupt, truncated or followed by other data."""
+
+    reason = "DecompressionFailed"
 
 
 class SourceNotAllowed(ImageError):

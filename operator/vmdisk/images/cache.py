@@ -82,6 +82,7 @@ class CacheEntry:
     last_used: float
     source_url: str | None
     in_use: bool
+    source_kind: str | None = None  # https, file, https+xz, ...; None for old entries
 
 
 class ImageCache:
@@ -203,6 +204,7 @@ class ImageCache:
                     last_used=stat.st_mtime,
                     source_url=meta.source_url,
                     in_use=image_id in in_use,
+                    source_kind=meta.source_kind,
                 )
             )
         return found
@@ -250,9 +252,14 @@ class ImageCache:
                 mapping.unlink(missing_ok=True)
 
     def _fetch(self, fetch: _Fetch, key: str, expected: str | None) -> _Part:
-        """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file."""
+        """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file.
+
+        A compressed image is decompressed into tmp/<key>.image on the way
+        (the fetched bytes stay in the partial only until it is complete).
+        """
         ensure_dir(self.tmp_dir)
         path = self.tmp_dir / f"{key}.part"
+        output = self.tmp_dir / f"{key}.image"
         started = time.monotonic()
         src, options = fetch.source, fetch.options
         try:
@@ -267,21 +274,34 @@ class ImageCache:
                         max_bytes=options.max_bytes,
                         limits=options.limits,
                         progress=fetch.progress,
+                        output=output,
                     )
                 finally:
                     os.close(fd)
             else:
                 digest = fetch_http(
-                    src.url, path, expected=expected, options=options, progress=fetch.progress
+                    src.url,
+                    path,
+                    expected=expected,
+                    options=options,
+                    progress=fetch.progress,
+                    output=output,
                 )
         except DownloadFailed:
+            _remove_partial(output)  # remade from the kept partial on resume
             raise  # the partial stays for a later resume, or for prune
         except Exception:
             _remove_partial(path)
+            _remove_partial(output)
             raise
         scheme = src.url.partition(":")[0].lower()
         self.observer.image_fetched(scheme, digest.size, time.monotonic() - started)
-        return _Part(path, digest)
+        kind = scheme if digest.compression is None else f"{scheme}+{digest.compression}"
+        if digest.compression is None:
+            _remove_partial(output)
+            return _Part(path, digest, kind)
+        _remove_partial(path)  # the compressed bytes: verified, decompressed, done with
+        return _Part(output, digest, kind)
 
     def _verify_and_place(
         self, part: _Part, image_id: str, source: ImageSource, disk_size: int | None
@@ -307,6 +327,7 @@ class ImageCache:
             "format": verified.format,
             "virtual_size": verified.virtual_size,
             "source_url": redact(source.url),
+            "source_kind": part.kind,
             "verified": time.time(),
         }
         atomic_write(self.root / f"{image_id}.json", json.dumps(meta, indent=1) + "\n")
@@ -341,7 +362,11 @@ class ImageCache:
         fmt, size, url = meta.get("format"), meta.get("virtual_size"), meta.get("source_url")
         if fmt not in ("raw", "qcow2") or not isinstance(size, int):
             return None
-        return _Meta(str(fmt), size, url if isinstance(url, str) else None)
+        url = url if isinstance(url, str) else None
+        kind = meta.get("source_kind")
+        if not isinstance(kind, str):  # entries made before the kind was recorded
+            kind = url.partition(":")[0].lower() if url and ":" in url else None
+        return _Meta(str(fmt), size, url, kind)
 
     def _read_url_key(self, key: str) -> str | None:
         try:
@@ -359,6 +384,7 @@ class _Meta:
     format: str
     virtual_size: int
     source_url: str | None
+    source_kind: str | None
 
 
 @dataclass(frozen=True)
@@ -374,8 +400,9 @@ class _Fetch:
 class _Part:
     """A fetched, hashed, not yet verified file in tmp/."""
 
-    path: Path
-    digest: Digest
+    path: Path  # the image: the fetched bytes, or what they decompressed to
+    digest: Digest  # of the fetched bytes
+    kind: str  # the source kind: its scheme, plus "+<compression>"
 
 
 def _seal(path: Path) -> None:
