@@ -185,15 +185,13 @@ class RegistryClient:
 
     def _manifest(self, reference: str) -> tuple[bytes, str]:
         reply = self._get(f"{self.base}/manifests/{reference}", _ACCEPT, _MAX_MANIFEST)
+        sep = "@" if DIGEST.match(reference) else ":"
+        shown = f"{self.ref.repository}{sep}{reference}"
         if reply.status == 404:
-            raise DownloadFailed(
-                f"registry {self.ref.registry} has no manifest {self.ref.repository}:{reference}"
-                " (HTTP 404)"
-            )
+            raise DownloadFailed(f"registry {self.ref.registry} has no image {shown} (HTTP 404)")
         if reply.status != 200:
             raise DownloadFailed(
-                f"registry {self.ref.registry}: manifest {self.ref.repository}:{reference} "
-                f"returned HTTP {reply.status}"
+                f"registry {self.ref.registry}: manifest of {shown} returned HTTP {reply.status}"
             )
         if DIGEST.match(reference):
             found = "sha256:" + hashlib.sha256(reply.body).hexdigest()
