@@ -8,6 +8,8 @@ built here; disks are made by the real engine and compared with qemu-img.
 
 from __future__ import annotations
 
+import base64
+import json
 import platform
 import subprocess
 import sys
@@ -20,9 +22,11 @@ from typing import Any
 import pytest
 
 from conftest import Manifest
+from httpserver import ImageServer
 from registry import OciLayout, Registry, TokenServer, layer_tar
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.api.vmdiskclass import VMDiskClass
+from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
 from vmdisk.local.runner import LocalRunner
 from vmdisk.local.store import LocalStore
@@ -124,3 +128,233 @@ def test_disk_by_tag_by_digest_and_docker_scheme(
     )
     row = listing.stdout.splitlines()[1].split()
     assert row[0] == by_tag.base_image and "oci" in row and row[-1] == registry.url("vms/base:v1")
+
+
+def raw_image(tmp_path: Path, name: str, marker: bytes) -> Path:
+    path = tmp_path / f"{name}.raw"
+    with open(path, "wb") as handle:
+        handle.truncate(4 * MiB)
+        handle.write(marker)
+    return path
+
+
+def test_multi_arch_index_picks_this_nodes_platform(
+    runner: LocalRunner, disk: Manifest, registry: Registry, tmp_path: Path
+) -> None:
+    ours, theirs = raw_image(tmp_path, "ours", b"ours"), raw_image(tmp_path, "theirs", b"theirs")
+    layout = OciLayout(tmp_path / "multi")
+    images = [
+        layout.image(layer_tar({"disk/disk.raw": theirs.read_bytes()}), arch=OTHER_ARCH),
+        layout.image(layer_tar({"disk/disk.raw": ours.read_bytes()}), arch=ARCH),
+    ]
+    layout.tag("multi", layout.index(images))
+    layout.tag("foreign", layout.index(images[:1]))
+    registry.push(layout, "multi", "vms/multi:v1", all_images=True)
+    registry.push(layout, "foreign", "vms/multi:foreign", all_images=True)
+    klass = oci_class(runner.store, registry)
+    status = make(runner, disk, "multi", registry.url("vms/multi:v1"), klass)
+    assert status.phase == "Ready", status.conditions
+    assert status.path is not None and same_content(Path(status.path), ours)
+    assert status.image_digest == registry.digest("vms/multi:v1")  # the index's own digest
+    status = make(runner, disk, "foreign", registry.url("vms/multi:foreign"), klass)
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "ContainerDiskInvalid")
+    assert f"linux/{ARCH}" in status.conditions[-1].message
+    assert f"linux/{OTHER_ARCH}" in status.conditions[-1].message
+
+
+def test_bearer_token_auth_with_the_class_credentials(
+    runner: LocalRunner, disk: Manifest, qcow2: Path, tmp_path: Path, settings: Settings
+) -> None:
+    tokens = TokenServer(tmp_path, {"puller": "secret"})
+    try:
+        with Registry(tmp_path / "registry", token=tokens) as registry:
+            layout = OciLayout(tmp_path / "layout")
+            layout.tag(
+                "t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH)
+            )
+            registry.push(layout, "t", "private/disk:v1", creds="puller:secret")
+            url = registry.url("private/disk:v1")
+            anonymous = make(runner, disk, "anon", url, oci_class(runner.store, registry, "anon"))
+            assert (anonymous.phase, anonymous.conditions[-1].reason) == (
+                "Pending",  # retried: an administrator may fix the Secret
+                "RegistryAuthFailed",
+            )
+            assert "registryCredentialsRef" in anonymous.conditions[-1].message
+            assert "" in tokens.issued  # the challenge was followed, anonymously
+            secret = settings.state_dir / "secrets" / settings.namespace / "regcreds"
+            secret.mkdir(parents=True)
+            config = secret / ".dockerconfigjson"
+            pair = base64.b64encode(b"puller:wrong").decode()
+            config.write_text(json.dumps({"auths": {f"http://{registry.host}": {"auth": pair}}}))
+            creds = oci_class(
+                runner.store, registry, "creds", registryCredentialsRef={"name": "regcreds"}
+            )
+            wrong = make(runner, disk, "wrong", url, creds)
+            assert (wrong.phase, wrong.conditions[-1].reason) == ("Pending", "RegistryAuthFailed")
+            assert "regcreds" in wrong.conditions[-1].message
+            config.write_text(
+                json.dumps({"auths": {registry.host: {"username": "puller", "password": "secret"}}})
+            )
+            good = make(runner, disk, "good", url, creds)
+            assert good.phase == "Ready", good.conditions
+            assert good.path is not None and same_content(Path(good.path), qcow2)
+            assert tokens.issued.count("puller") >= 1
+    finally:
+        tokens.close()
+
+
+def hostile(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, linkname
+    return info
+
+
+@pytest.mark.parametrize(
+    ("files", "members", "reason"),
+    [
+        ({"disk/a.raw": b"x" * 4096}, [hostile("../escape")], "ImageUnsafe"),
+        ({"disk/a.raw": b"x" * 4096}, [hostile("disk/../../escape")], "ImageUnsafe"),
+        ({"disk/a.raw": b"x" * 4096}, [hostile("/etc/escape")], "ImageUnsafe"),
+        ({}, [hostile("disk/a.raw", tarfile.SYMTYPE, "/etc/passwd")], "ImageUnsafe"),
+        (
+            {"disk/a.raw": b"x" * 4096},
+            [hostile("disk/b", tarfile.LNKTYPE, "disk/a.raw")],
+            "ImageUnsafe",
+        ),
+        ({"disk/a.raw": b"x" * 4096}, [hostile("dev/sda", tarfile.BLKTYPE)], "ImageUnsafe"),
+        ({"disk/a.raw": b"x" * 4096, "disk/b.raw": b"y" * 4096}, [], "ContainerDiskInvalid"),
+        ({"other/a.raw": b"x" * 4096}, [], "ContainerDiskInvalid"),
+    ],
+    ids=[
+        "dotdot",
+        "inner-dotdot",
+        "absolute",
+        "symlink",
+        "hardlink",
+        "device",
+        "two-disks",
+        "no-disk",
+    ],
+)
+def test_hostile_or_wrong_layers_are_refused_and_leave_nothing(
+    runner: LocalRunner,
+    disk: Manifest,
+    registry: Registry,
+    tmp_path: Path,
+    files: dict[str, bytes],
+    members: list[tarfile.TarInfo],
+    reason: str,
+) -> None:
+    push_disk(registry, tmp_path, "vms/bad:v1", files, members=members)
+    status = make(
+        runner,
+        disk,
+        "bad",
+        registry.url("vms/bad:v1"),
+        oci_class(runner.store, registry),
+    )
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", reason), status.conditions
+    state = runner.settings.state_dir
+    assert not any(p.name == "escape" for p in tmp_path.rglob("*"))
+    cache = runner.engine.cache
+    assert not list(cache.root.glob("sha256-*")) and not list(cache.tmp_dir.iterdir())
+    assert not list((state / "disks").rglob("disk"))
+
+
+def test_a_gzip_layer_and_a_gzip_bomb(
+    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+) -> None:
+    klass = oci_class(runner.store, registry)
+    push_disk(registry, tmp_path, "vms/gz:v1", {"disk/a.qcow2": qcow2.read_bytes()}, compress=True)
+    status = make(runner, disk, "gz", registry.url("vms/gz:v1"), klass)
+    assert status.phase == "Ready", status.conditions
+    assert status.path is not None and same_content(Path(status.path), qcow2)
+    # 256 MiB of zeros beside the disk file: a few hundred KiB compressed.
+    bomb = {"disk/a.qcow2": qcow2.read_bytes(), "junk": bytes(256 * MiB)}
+    push_disk(registry, tmp_path, "vms/bomb:v1", bomb, compress=True)
+    obj = disk(
+        "bomb",
+        "qcow2",
+        source={"image": {"url": registry.url("vms/bomb:v1")}},
+        className=klass,
+        size="16Mi",
+    )
+    done = runner.reconcile(runner.store.apply(obj))
+    assert isinstance(done, VMDisk) and done.status is not None
+    assert (done.status.phase, done.status.conditions[-1].reason) == ("Failed", "ImageTooLarge")
+    assert "decompression bomb" in done.status.conditions[-1].message
+    assert not list(runner.engine.cache.tmp_dir.glob("layer-*"))
+
+
+def test_ten_disks_of_one_digest_pull_once(
+    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+) -> None:
+    digest = push_disk(registry, tmp_path, "vms/ten:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+    layout = OciLayout(tmp_path / "again")  # the same image under a second tag
+    layout.tag("t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH))
+    registry.push(layout, "t", "vms/ten:v2")
+    klass = oci_class(runner.store, registry)
+    urls = [registry.url(u) for u in ("vms/ten:v1", "vms/ten:v2", f"vms/ten@{digest}")]
+    results: dict[int, VMDiskStatus] = {}
+
+    def one(i: int) -> None:
+        results[i] = make(runner, disk, f"d{i}", urls[i % 3], klass)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [s.phase for s in results.values()] == ["Ready"] * 10, results
+    assert len({s.base_image for s in results.values()}) == 1
+    (layer,) = runner.engine.cache.root.glob("layers/layer-*")
+    assert registry.blob_gets("sha256:" + layer.name.removeprefix("layer-")) == 1
+
+
+def test_class_policy_applies_to_the_registry_and_every_redirect_hop(
+    runner: LocalRunner, disk: Manifest, qcow2: Path, tmp_path: Path
+) -> None:
+    """A front on 127.0.0.1 serves the manifest and redirects blob GETs to the registry."""
+    with Registry(tmp_path / "registry", address="127.0.0.2") as registry, ImageServer() as front:
+        digest = push_disk(registry, tmp_path, "vms/r:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+        raw = subprocess.run(
+            [
+                "skopeo",
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                f"docker://{registry.host}/vms/r:v1",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
+        layer = json.loads(raw)["layers"][0]["digest"]
+        front.add("/v2/vms/r/manifests/v1", raw)
+        blob = f"/v2/vms/r/blobs/{layer}"
+        front.redirects[blob] = f"http://{registry.host}{blob}"
+        front_host = f"127.0.0.1:{front.port}"
+        url = f"oci://{front_host}/vms/r:v1"
+        loopback = {"plainHttpRegistries": [front_host, registry.host]}
+        elsewhere = oci_class(
+            runner.store, registry, "elsewhere", allowedHosts=["10.0.0.0/8"], **loopback
+        )
+        status = make(runner, disk, "elsewhere", url, elsewhere)
+        assert (status.phase, status.conditions[-1].reason) == ("Failed", "SourceNotAllowed")
+        assert "127.0.0.1" in status.conditions[-1].message
+        one_hop = oci_class(
+            runner.store, registry, "one-hop", allowedHosts=["127.0.0.1/32"], **loopback
+        )
+        status = make(runner, disk, "one-hop", url, one_hop)
+        assert (status.phase, status.conditions[-1].reason) == ("Failed", "SourceNotAllowed")
+        assert "127.0.0.2" in status.conditions[-1].message
+        both = ["127.0.0.1/32", "127.0.0.2/32"]
+        status = make(
+            runner,
+            disk,
+            "both",
+            url,
+            oci_class(runner.store, registry, "both", allowedHosts=both, **loopback),
+        )
+        assert status.phase == "Ready", status.conditions
+        assert status.image_digest == digest
+        assert registry.blob_gets(layer) == 1
