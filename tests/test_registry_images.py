@@ -15,12 +15,14 @@ import subprocess
 import sys
 import tarfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agents import Agent, phase, vmdisk
+from apiserver import AGENT_NAMESPACE, Kube
 from conftest import Manifest
 from httpserver import ImageServer
 from registry import OciLayout, Registry, TokenServer, layer_tar
@@ -358,3 +360,63 @@ def test_class_policy_applies_to_the_registry_and_every_redirect_hop(
         assert status.phase == "Ready", status.conditions
         assert status.image_digest == digest
         assert registry.blob_gets(layer) == 1
+
+
+def test_the_agent_pulls_with_the_class_pull_secret(
+    kube: Kube, agents: Callable[..., Agent], qcow2: Path, tmp_path: Path
+) -> None:
+    """Cluster mode: the Secret comes through the API (ApiSecrets) with the chart's RBAC."""
+    tokens = TokenServer(tmp_path, {"puller": "secret"})
+    try:
+        with Registry(tmp_path / "registry", token=tokens) as registry:
+            layout = OciLayout(tmp_path / "layout")
+            layout.tag(
+                "t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH)
+            )
+            registry.push(layout, "t", "private/disk:v1", creds="puller:secret")
+            config = {
+                "auths": {registry.host: {"auth": base64.b64encode(b"puller:secret").decode()}}
+            }
+            secret = f"pull-{kube.namespace}"
+            kube.request(
+                "POST",
+                kube.path("secrets", namespace=AGENT_NAMESPACE),
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": secret, "namespace": AGENT_NAMESPACE},
+                    "type": "kubernetes.io/dockerconfigjson",
+                    "data": {
+                        ".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()
+                    },
+                },
+            )
+            try:
+                sources = {
+                    "allowedHosts": ["127.0.0.1/32"],
+                    "plainHttpRegistries": [registry.host],
+                    "registryCredentialsRef": {"name": secret},
+                }
+                kube.create(
+                    {
+                        "apiVersion": "vmdisk.io/v1alpha1",
+                        "kind": "VMDiskClass",
+                        "metadata": {"name": secret},
+                        "spec": {"backend": "qcow2", "imageSources": sources},
+                    }
+                )
+                agents("node-a")
+                url = registry.url("private/disk:v1")
+                kube.create(
+                    vmdisk("pulled", className=secret, size="32Mi", source={"image": {"url": url}})
+                )
+                ready = kube.wait_for("vmdisks", "pulled", phase("Ready"), timeout=90)
+                assert ready is not None
+                status = ready["status"]
+                assert status["imageDigest"] == registry.digest("private/disk:v1", "puller:secret")
+                assert status["baseImage"].startswith("sha256-")
+                assert "puller" in tokens.issued
+            finally:
+                kube.request("DELETE", kube.path("secrets", secret, namespace=AGENT_NAMESPACE))
+    finally:
+        tokens.close()
