@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import platform
+import random
 import subprocess
 import sys
 import tarfile
@@ -420,3 +421,81 @@ def test_the_agent_pulls_with_the_class_pull_secret(
                 kube.request("DELETE", kube.path("secrets", secret, namespace=AGENT_NAMESPACE))
     finally:
         tokens.close()
+
+
+@pytest.fixture
+def noisy(tmp_path: Path) -> Path:
+    """A 4 MiB raw image with 1 MiB of random bytes: its layer stays ~1 MiB gzip'd."""
+    path = raw_image(tmp_path, "noisy", b"")
+    with open(path, "r+b") as handle:
+        handle.seek(MiB)
+        handle.write(random.Random(17).randbytes(MiB))
+    return path
+
+
+@pytest.fixture
+def front_of(tmp_path: Path, noisy: Path) -> Iterator[tuple[ImageServer, str, str]]:
+    """An image pushed to the real registry, served again: the manifest by a front that
+    redirects blob GETs to a second server with switches (as registries redirect to stores).
+
+    Yields the blob server, the oci:// URL through the front, and the blob's path.
+    """
+    with (
+        Registry(tmp_path / "registry") as registry,
+        ImageServer() as front,
+        ImageServer() as blobs,
+    ):
+        push_disk(registry, tmp_path, "vms/f:v1", {"disk/a.raw": noisy.read_bytes()})
+        raw = subprocess.run(
+            [
+                "skopeo",
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                f"docker://{registry.host}/vms/f:v1",
+            ],
+            capture_output=True,
+            check=True,
+        ).stdout
+        layer = json.loads(raw)["layers"][0]["digest"]
+        hex_ = layer.removeprefix("sha256:")
+        stored = registry.root / "data/docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+        front.add("/v2/vms/f/manifests/v1", raw)
+        blob = f"/v2/vms/f/blobs/{layer}"
+        front.redirects[blob] = blobs.add(blob, stored.read_bytes())
+        yield blobs, f"oci://127.0.0.1:{front.port}/vms/f:v1", blob
+
+
+def front_class(runner: LocalRunner, url: str) -> str:
+    spec = {
+        "backend": "qcow2",
+        "imageSources": {
+            "allowedHosts": ["127.0.0.1/32"],
+            "plainHttpRegistries": [url.split("/")[2]],
+        },
+    }
+    runner.store.apply(VMDiskClass.model_validate({"metadata": {"name": "front"}, "spec": spec}))
+    return "front"
+
+
+def test_a_dropped_layer_download_continues_where_it_stopped(
+    runner: LocalRunner, disk: Manifest, front_of: tuple[ImageServer, str, str], noisy: Path
+) -> None:
+    blobs, url, blob = front_of
+    blobs.switches.drop_once_after = 300_000  # layer bytes (whole 64 KiB chunks), then a close
+    status = make(runner, disk, "resumed", url, front_class(runner, url))
+    assert status.phase == "Ready", status.conditions
+    assert status.path is not None and same_content(Path(status.path), noisy)
+    # The second GET continues at the compressed offset; the unpacking never restarted.
+    assert [s.range for s in blobs.gets(blob)] == [None, "bytes=327680-"]
+
+
+def test_a_layer_that_is_not_its_digest_is_refused_and_leaves_nothing(
+    runner: LocalRunner, disk: Manifest, front_of: tuple[ImageServer, str, str]
+) -> None:
+    blobs, url, _ = front_of
+    blobs.switches.wrong_bytes = True  # the last byte flipped: the gzip trailer, past the tar
+    status = make(runner, disk, "tampered", url, front_class(runner, url))
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "ChecksumMismatch")
+    cache = runner.engine.cache
+    assert not list(cache.root.glob("sha256-*")) and not list(cache.tmp_dir.iterdir())

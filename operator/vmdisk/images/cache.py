@@ -215,29 +215,30 @@ class ImageCache:
         source: ImageSource,
         disk_size: int | None,
     ) -> BaseImage:
-        """Fetch the layer (resumable), take its disk file out, verify and place that."""
+        """Stream the layer, unpacking its disk file on the way; verify and place that.
+
+        One write of the bytes: the blob itself never reaches the disk.
+        """
         ensure_dir(self.tmp_dir)
-        blob, disk = self.tmp_dir / f"{key}.part", self.tmp_dir / f"{key}.disk"
+        disk = self.tmp_dir / f"{key}.disk"
         name = redact(source.url)
         started = time.monotonic()
-        try:
-            client.fetch_layer(layer, blob, fetch.progress)
-        except DownloadFailed:
-            raise  # the partial layer stays for a resume
-        except Exception:
-            _remove_partial(blob)
-            raise
-        self.observer.image_fetched("oci", layer.size, time.monotonic() - started)
+        stream = client.open_layer(layer, fetch.progress)
         try:
             digest = extract_disk(
-                blob,
+                stream,
                 disk,
                 name=name,
                 limit=fetch.options.max_bytes,
                 deadline=started + self.limits.deadline,
             )
+            stream.finish()  # the layer digest, before the disk file is used
+        except BaseException:
+            _remove_partial(disk)
+            raise
         finally:
-            _remove_partial(blob)
+            stream.close()
+        self.observer.image_fetched("oci", layer.size, time.monotonic() - started)
         expected = source.checksum.removeprefix("sha256:") if source.checksum else None
         if expected is not None and digest.sha256 != expected:
             _remove_partial(disk)

@@ -62,12 +62,20 @@ class _Bounded(io.RawIOBase):
         return self.position
 
     def read(self, size: int = -1) -> bytes:
+        """Exactly ``size`` bytes unless the stream ends (the inner one may read short)."""
         if size < 0 or size > _MAX_READ:
             raise ImageUnsafe(
                 f"image {self.name}: a tar header asks for {size} bytes at once; refusing the layer"
             )
         self._check(self.position + size)
         data = self.inner.read(size)
+        if len(data) < size and data:
+            parts = [data]
+            got = len(data)
+            while got < size and (more := self.inner.read(size - got)):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
         self.position += len(data)
         return data
 
@@ -93,8 +101,22 @@ class _Bounded(io.RawIOBase):
             )
 
 
+class _Prefixed:
+    """``source`` with its first bytes (read to sniff the compression) put back."""
+
+    def __init__(self, head: bytes, source: _Reader) -> None:
+        self.head, self.source = head, source
+
+    def read(self, size: int = -1, /) -> bytes:
+        if not self.head:
+            return self.source.read(size)
+        cut = len(self.head) if size < 0 else size
+        data, self.head = self.head[:cut], self.head[cut:]
+        return data
+
+
 def extract_disk(
-    blob: Path,
+    layer: _Reader,
     out: Path,
     *,
     name: str,
@@ -102,24 +124,23 @@ def extract_disk(
     deadline: float,
     progress: Progress | None = None,
 ) -> Digest:
-    """Write the layer's one ``disk/<file>`` to ``out``; return its sha256 and size.
+    """Write the one ``disk/<file>`` of the layer read from ``layer`` to ``out``.
 
-    ``out`` is created here (never followed if planted) and removed again on
-    any failure.  Raises ImageUnsafe, ContainerDiskInvalid, ImageTooLarge or ImageCorrupt.
+    Returns the disk file's sha256 and size.  ``out`` is created here (never
+    followed if planted) and removed again on any failure.  Raises
+    ImageUnsafe, ContainerDiskInvalid, ImageTooLarge or ImageCorrupt.
     """
     with suppress(FileNotFoundError):
         out.unlink()
     try:
-        with open(blob, "rb", buffering=0) as raw:
-            head = raw.read(4)
-            raw.seek(0)
-            if head.startswith(_ZSTD):
-                raise ContainerDiskInvalid(
-                    f"image {name}: zstd-compressed layers are not supported"
-                )
-            inner: _Reader = gzip.GzipFile(fileobj=raw) if head.startswith(_GZIP) else raw
-            stream = _Bounded(inner, name, limit, deadline)
-            return _walk(stream, out, name, limit, progress)
+        head = b""
+        while len(head) < 4 and (more := layer.read(4 - len(head))):
+            head += more
+        if head.startswith(_ZSTD):
+            raise ContainerDiskInvalid(f"image {name}: zstd-compressed layers are not supported")
+        raw = _Prefixed(head, layer)
+        inner: _Reader = gzip.GzipFile(fileobj=raw) if head.startswith(_GZIP) else raw  # type: ignore[call-overload]
+        return _walk(_Bounded(inner, name, limit, deadline), out, name, limit, progress)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         _remove(out)
         raise ImageCorrupt(f"image {name}: the layer is not a readable tar: {exc}") from None

@@ -2,10 +2,11 @@
 
 The manifest is resolved first (OCI or Docker v2; an index or manifest list
 is narrowed to this node's platform), every manifest asked for by digest is
-checked against it, and the one layer is then fetched like any download:
-through ``fetch_http``, so the image-source policy is checked at every hop
-(registries redirect blob GETs to object stores), bytes and time are bounded,
-an interrupted pull resumes, and the layer digest is verified in the same pass.
+checked against it, and the one layer is then streamed (``blobstream``) with
+the download module's own GET, so the image-source policy is checked at every
+hop (registries redirect blob GETs to object stores), bytes and time are
+bounded, a dropped connection resumes, and the layer digest is verified in
+the same pass that unpacks it.
 
 Registry auth: anonymous, HTTP Basic, or the bearer-token flow a registry's
 ``WWW-Authenticate`` challenge starts, with credentials from the class's
@@ -21,7 +22,6 @@ import json
 import platform
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -35,7 +35,8 @@ from ..errors import (
     RegistryAuthFailed,
     SourceNotAllowed,
 )
-from .download import Digest, HttpOptions, Progress, Reply, fetch_http, get_small
+from .blobstream import BlobStream
+from .download import HttpOptions, Progress, Reply, get_small
 from .reference import DIGEST, Reference
 from .source import HTTP_SCHEMES, redact
 
@@ -168,20 +169,17 @@ class RegistryClient:
             raise ContainerDiskInvalid(f"image {self.ref}: the manifest lists no layers")
         return Resolved(top, _layer(manifest.layers, self.ref, self.options.max_bytes))
 
-    def fetch_layer(self, layer: Layer, part: Path, progress: Progress | None) -> Digest:
-        """Download the layer blob into ``part``, its digest verified on the way."""
+    def open_layer(self, layer: Layer, progress: Progress | None) -> BlobStream:
+        """The layer blob as a stream; its digest is checked by ``BlobStream.finish``."""
         options = replace(
             self.options,
             max_bytes=min(self.options.max_bytes, layer.size),
             origin_headers=self.header,
         )
         url = f"{self.base}/blobs/{layer.digest}"
-        try:
-            return fetch_http(url, part, expected=layer.hex, options=options, progress=progress)
-        except ChecksumMismatch as exc:
-            raise ChecksumMismatch(
-                f"image {self.ref}: layer {layer.digest} arrived with other content ({exc.message})"
-            ) from None
+        return BlobStream(
+            url, digest=layer.digest, size=layer.size, options=options, progress=progress
+        )
 
     def _manifest(self, reference: str) -> tuple[bytes, str]:
         reply = self._get(f"{self.base}/manifests/{reference}", _ACCEPT, _MAX_MANIFEST)
