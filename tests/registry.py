@@ -274,12 +274,15 @@ class Registry:
         *,
         all_images: bool = False,
         creds: str | None = None,
+        docker_v2: bool = False,
     ) -> None:
         """``skopeo copy oci:LAYOUT:tag docker://HOST/repo`` (``--all`` keeps an index)."""
         # --insecure-policy: no signature policy file of the host's is involved.
         argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]
         if all_images:
             argv.append("--all")
+        if docker_v2:  # Docker schema 2 manifests (and manifest lists) instead of OCI
+            argv.append("--format=v2s2")
         if creds is not None:
             argv += ["--dest-creds", creds]
         argv += [f"oci:{layout.root}:{tag}", f"docker://{self.host}/{repo}"]

@@ -26,7 +26,7 @@ from agents import Agent, phase, vmdisk
 from apiserver import AGENT_NAMESPACE, Kube
 from conftest import Manifest
 from httpserver import ImageServer
-from registry import OciLayout, Registry, TokenServer, layer_tar
+from registry import OCI_MANIFEST, OciLayout, Registry, TokenServer, layer_tar
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.config import Settings
@@ -133,6 +133,50 @@ def test_disk_by_tag_by_digest_and_docker_scheme(
     assert row[0] == by_tag.base_image and "oci" in row and row[-1] == registry.url("vms/base:v1")
 
 
+def manifest_of(registry: Registry, ref: str) -> dict[str, Any]:
+    argv = ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{registry.host}/{ref}"]
+    return dict(json.loads(subprocess.run(argv, capture_output=True, check=True).stdout))
+
+
+def test_a_docker_schema_2_image(
+    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+) -> None:
+    layout = OciLayout(tmp_path / "layout")
+    layout.tag("t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH))
+    registry.push(layout, "t", "vms/docker:v1", docker_v2=True)
+    served = manifest_of(registry, "vms/docker:v1")
+    assert served["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert served["layers"][0]["mediaType"] == "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    status = make(
+        runner, disk, "docker", registry.url("vms/docker:v1"), oci_class(runner.store, registry)
+    )
+    assert status.phase == "Ready", status.conditions
+    assert status.path is not None and same_content(Path(status.path), qcow2)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "oci://registry.example",  # no repository
+        "oci://registry.example/Upper/Case",
+        "oci://registry.example/a/../b",
+        "oci://user:pw@registry.example/a",
+        "oci://registry.example/a:bad/tag",
+        "oci://registry.example/a@sha256:abc",
+        "oci://registry.example/a@md5:" + "0" * 32,
+        "oci://registry.example/a?x=1",
+        "oci://registry.example:99999x/a",
+    ],
+)
+def test_malformed_references_are_refused_before_any_request(
+    runner: LocalRunner, disk: Manifest, registry: Registry, url: str
+) -> None:
+    status = make(runner, disk, "bad-ref", url, oci_class(runner.store, registry))
+    assert (status.phase, status.conditions[-1].reason) == ("Failed", "SourceNotAllowed")
+    assert "spec.source.image.url" in status.conditions[-1].message
+    assert "GET " not in registry.log.read_text()  # the registry never heard of it
+
+
 def raw_image(tmp_path: Path, name: str, marker: bytes) -> Path:
     path = tmp_path / f"{name}.raw"
     with open(path, "wb") as handle:
@@ -141,8 +185,9 @@ def raw_image(tmp_path: Path, name: str, marker: bytes) -> Path:
     return path
 
 
+@pytest.mark.parametrize("docker_v2", [False, True], ids=["oci-index", "docker-manifest-list"])
 def test_multi_arch_index_picks_this_nodes_platform(
-    runner: LocalRunner, disk: Manifest, registry: Registry, tmp_path: Path
+    runner: LocalRunner, disk: Manifest, registry: Registry, tmp_path: Path, docker_v2: bool
 ) -> None:
     ours, theirs = raw_image(tmp_path, "ours", b"ours"), raw_image(tmp_path, "theirs", b"theirs")
     layout = OciLayout(tmp_path / "multi")
@@ -152,8 +197,11 @@ def test_multi_arch_index_picks_this_nodes_platform(
     ]
     layout.tag("multi", layout.index(images))
     layout.tag("foreign", layout.index(images[:1]))
-    registry.push(layout, "multi", "vms/multi:v1", all_images=True)
-    registry.push(layout, "foreign", "vms/multi:foreign", all_images=True)
+    registry.push(layout, "multi", "vms/multi:v1", all_images=True, docker_v2=docker_v2)
+    registry.push(layout, "foreign", "vms/multi:foreign", all_images=True, docker_v2=docker_v2)
+    top = manifest_of(registry, "vms/multi:v1")
+    wanted = "manifest.list.v2" if docker_v2 else "image.index.v1"
+    assert wanted in top["mediaType"]  # what the registry really serves
     klass = oci_class(runner.store, registry)
     status = make(runner, disk, "multi", registry.url("vms/multi:v1"), klass)
     assert status.phase == "Ready", status.conditions
@@ -499,3 +547,14 @@ def test_a_layer_that_is_not_its_digest_is_refused_and_leaves_nothing(
     assert (status.phase, status.conditions[-1].reason) == ("Failed", "ChecksumMismatch")
     cache = runner.engine.cache
     assert not list(cache.root.glob("sha256-*")) and not list(cache.tmp_dir.iterdir())
+
+
+def test_a_manifest_that_is_not_its_digest_is_refused(runner: LocalRunner, disk: Manifest) -> None:
+    with ImageServer() as front:
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}
+        claimed = "sha256:" + "ab" * 32
+        front.add(f"/v2/vms/x/manifests/{claimed}", json.dumps(manifest).encode())
+        url = f"oci://127.0.0.1:{front.port}/vms/x@{claimed}"
+        status = make(runner, disk, "lying", url, front_class(runner, url))
+        assert (status.phase, status.conditions[-1].reason) == ("Failed", "ChecksumMismatch")
+        assert claimed in status.conditions[-1].message
