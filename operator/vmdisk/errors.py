@@ -50,6 +50,10 @@ class ChangeRefused(InvalidSpec):
     """
 
 
+class UnstartableDevice(ChangeRefused):
+    """libvirt settings QEMU will not start: a new disk fails, a Ready one keeps its XML."""
+
+
 class ShrinkNotSupported(ChangeRefused):
     reason = "ShrinkNotSupported"
 
