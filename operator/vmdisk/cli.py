@@ -319,8 +319,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                 "virtual_size",
                 "size",
                 "last_used",
-                "source_kind",
                 "source_url",
+                "source_kind",
                 "in_use",
             )
             items = [{k: getattr(e, k) for k in fields} for e in entries]
@@ -331,15 +331,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             return 0
         print(
             f"{'ID':<73} {'FORMAT':<7} {'VIRTUAL':>10} {'ALLOCATED':>10} {'IN USE':<6} "
-            f"{'KIND':<5} SOURCE"
+            f"{'KIND':<11} SOURCE"
         )
         for e in entries:
             used = "yes" if e.in_use else "no"
             virtual, allocated = format_bytes(e.virtual_size), format_bytes(e.size)
-            source = e.source_url or ""
+            source, kind = e.source_url or "", e.source_kind or "-"
             print(
                 f"{e.id:<73} {e.format:<7} {virtual:>10} {allocated:>10} {used:<6} "
-                f"{e.source_kind:<5} {source}"
+                f"{kind:<11} {source}"
             )
         return 0
     max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age

@@ -134,6 +134,18 @@ class ImageCorrupt(ImageError):
     reason = "ImageCorrupt"
 
 
+class DecompressedTooLarge(ImageError):
+    """A compressed image expands past what its disk may hold (a decompression bomb)."""
+
+    reason = "DecompressedTooLarge"
+
+
+class DecompressionFailed(ImageError):
+    """A compressed image's stream is corrupt, truncated or followed by other data."""
+
+    reason = "DecompressionFailed"
+
+
 class SourceNotAllowed(ImageError):
     reason = "SourceNotAllowed"
 

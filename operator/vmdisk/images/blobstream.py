@@ -26,7 +26,7 @@ from ..errors import ChecksumMismatch, DownloadFailed, ImageTooLarge
 from .download import (  # the one set of fetch bounds and hop checks
     _BACKOFF_BASE,
     _BACKOFF_MAX,
-    _CHUNK,
+    _READ,
     _RETRY_STATUS,
     HttpOptions,
     Progress,
@@ -65,7 +65,7 @@ class BlobStream:
                 if self.resp is None:
                     self._connect()
                     continue  # connected, or a retry status slept on
-                data = self.resp.read1(min(want, _CHUNK), decode_content=False)
+                data = self.resp.read1(min(want, _READ), decode_content=False)
             except (HTTPError, ConnectionError, TimeoutError) as exc:
                 self._dropped(str(exc))
                 continue
@@ -81,7 +81,7 @@ class BlobStream:
 
     def finish(self) -> None:
         """Read what the unpacker left (tar padding), then verify size and digest."""
-        while self.read(_CHUNK):
+        while self.read(_READ):
             pass
         if self.resp is not None and self.resp.read1(1, decode_content=False):
             raise ImageTooLarge(f"blob {self.name} is longer than its manifest's {self.size} bytes")
@@ -122,7 +122,7 @@ class BlobStream:
     def _skip(self, count: int) -> None:
         assert self.resp is not None
         while count > 0:
-            data = self.resp.read1(min(count, _CHUNK), decode_content=False)
+            data = self.resp.read1(min(count, _READ), decode_content=False)
             if not data:
                 raise DownloadFailed(f"GET {self.name}: the body ended before byte {self.done}")
             count -= len(data)

@@ -86,7 +86,7 @@ class CacheEntry:
     last_used: float
     source_url: str | None
     in_use: bool
-    source_kind: str  # http, file or oci: how the entry was first fetched
+    source_kind: str | None = None  # https, file, https+xz, ...; None for old entries
 
 
 class ImageCache:
@@ -252,8 +252,9 @@ class ImageCache:
             if image is not None:
                 _remove_partial(disk)
                 return image
-            meta = {"source_kind": "oci", "layer_digest": layer.digest}
-            return self._verify_and_place(_Part(disk, digest), image_id, source, disk_size, meta)
+            meta = {"layer_digest": layer.digest}
+            part = _Part(disk, digest, "oci")
+            return self._verify_and_place(part, image_id, source, disk_size, meta)
 
     def lookup(self, image_id: str) -> BaseImage | None:
         """The verified entry ``image_id``, or None when it is not (fully) cached."""
@@ -338,9 +339,14 @@ class ImageCache:
                     mapping.unlink(missing_ok=True)
 
     def _fetch(self, fetch: _Fetch, key: str, expected: str | None) -> _Part:
-        """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file."""
+        """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file.
+
+        A compressed image is decompressed into tmp/<key>.image on the way
+        (the fetched bytes stay in the partial only until it is complete).
+        """
         ensure_dir(self.tmp_dir)
         path = self.tmp_dir / f"{key}.part"
+        output = self.tmp_dir / f"{key}.image"
         started = time.monotonic()
         src, options = fetch.source, fetch.options
         try:
@@ -355,21 +361,34 @@ class ImageCache:
                         max_bytes=options.max_bytes,
                         limits=options.limits,
                         progress=fetch.progress,
+                        output=output,
                     )
                 finally:
                     os.close(fd)
             else:
                 digest = fetch_http(
-                    src.url, path, expected=expected, options=options, progress=fetch.progress
+                    src.url,
+                    path,
+                    expected=expected,
+                    options=options,
+                    progress=fetch.progress,
+                    output=output,
                 )
         except DownloadFailed:
+            _remove_partial(output)  # remade from the kept partial on resume
             raise  # the partial stays for a later resume, or for prune
         except Exception:
             _remove_partial(path)
+            _remove_partial(output)
             raise
         scheme = src.url.partition(":")[0].lower()
         self.observer.image_fetched(scheme, digest.size, time.monotonic() - started)
-        return _Part(path, digest)
+        kind = scheme if digest.compression is None else f"{scheme}+{digest.compression}"
+        if digest.compression is None:
+            _remove_partial(output)
+            return _Part(path, digest, kind)
+        _remove_partial(path)  # the compressed bytes: verified, decompressed, done with
+        return _Part(output, digest, kind)
 
     def _verify_and_place(
         self,
@@ -400,7 +419,7 @@ class ImageCache:
             "format": verified.format,
             "virtual_size": verified.virtual_size,
             "source_url": redact(source.url),
-            "source_kind": _kind(source.url),
+            "source_kind": part.kind,
             "verified": time.time(),
             **(extra or {}),
         }
@@ -438,7 +457,9 @@ class ImageCache:
             return None
         url = url if isinstance(url, str) else None
         kind = meta.get("source_kind")
-        return _Meta(str(fmt), size, url, kind if isinstance(kind, str) else _kind(url or ""))
+        if not isinstance(kind, str):  # entries made before the kind was recorded
+            kind = url.partition(":")[0].lower() if url and ":" in url else None
+        return _Meta(str(fmt), size, url, kind)
 
     def _read_url_key(self, key: str) -> str | None:
         return self._read_map("urls", key)
@@ -459,7 +480,7 @@ class _Meta:
     format: str
     virtual_size: int
     source_url: str | None
-    source_kind: str
+    source_kind: str | None
 
 
 @dataclass(frozen=True)
@@ -475,14 +496,9 @@ class _Fetch:
 class _Part:
     """A fetched, hashed, not yet verified file in tmp/."""
 
-    path: Path
-    digest: Digest
-
-
-def _kind(url: str) -> str:
-    """The source kind shown by ``vmdisk cache list``: http, file or oci."""
-    scheme = url.partition("://")[0].lower()
-    return {"https": "http", "docker": "oci"}.get(scheme, scheme or "unknown")
+    path: Path  # the image: the fetched bytes, or what they decompressed to
+    digest: Digest  # of the fetched bytes
+    kind: str  # the source kind: its scheme, plus "+<compression>"
 
 
 def _seal(path: Path) -> None:
