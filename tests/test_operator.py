@@ -22,6 +22,7 @@ import urllib3
 from agents import Agent, assert_clean, phase, ready_reason, vmdisk
 from apiserver import Kube
 from conftest import MiB, sha256_of
+from vmdisk.operator.handlers import backoff
 
 Obj = dict[str, Any]
 
@@ -258,3 +259,8 @@ def test_progress_is_published_while_provisioning(
     progress = [s.get("progress") for s in statuses]
     assert "0%" in progress and progress[-1] == "100%"
     assert_clean(kube)
+
+
+def test_backoff_doubles_to_five_minutes_but_a_disk_in_use_is_looked_at_every_30_s() -> None:
+    assert [backoff(r) for r in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert [backoff(r, "DiskInUse") for r in range(5)] == [5, 10, 20, 30, 30]

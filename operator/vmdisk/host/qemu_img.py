@@ -114,11 +114,16 @@ def convert(
     was just created and reads as zeros, ``target_is_zero`` lets qemu skip
     the source's zeros so the target stays sparse (without it qemu writes
     every zero block of an existing target).
+
+    The target is flushed to stable storage before this returns (``-t
+    writeback``: qemu-img's default cache mode for convert, ``unsafe``, never
+    syncs), so a disk renamed into place afterwards holds its data after a crash.
     """
     if target_is_zero and not target_exists:
         raise ValueError("target_is_zero describes an existing target")
     quiet = "-p" if progress is not None else "-q"
-    argv: list[str] = [_QEMU_IMG, "convert", quiet, "-f", source_format, "-O", target_format]
+    argv: list[str] = [_QEMU_IMG, "convert", quiet, "-t", "writeback"]
+    argv += ["-f", source_format, "-O", target_format]
     if snapshot is not None:
         argv += ["-l", f"snapshot.name={snapshot}"]
     if target_backing is not None:

@@ -31,9 +31,14 @@ M = TypeVar("M", bound=VMDisk | DiskSnapshot)
 T = TypeVar("T", bound=VMDiskStatus | DiskSnapshotStatus)
 
 
-def backoff(retry: int) -> float:
-    """Exponential retry delay: 5 s, 10 s, 20 s ... capped at 5 minutes."""
-    return float(min(300, 5 * 2 ** min(retry, 10)))
+def backoff(retry: int, reason: str | None = None) -> float:
+    """Exponential retry delay: 5 s, 10 s, 20 s ... capped at 5 minutes.
+
+    A disk in use waits for a VM to stop, which people do while watching:
+    it is looked at again at least every 30 s.
+    """
+    cap = 30 if reason == DiskInUse.reason else 300
+    return float(min(cap, 5 * 2 ** min(retry, 10)))
 
 
 def _ready(status: Status | None, kind: str = "Ready") -> Condition | None:
@@ -62,8 +67,8 @@ def _report(body: Any, old: Status | None, new: Status) -> None:
         kopf.warn(body, reason=after.reason, message=after.message)
 
 
-def _retry_later(message: str, retry: int) -> kopf.TemporaryError:
-    return kopf.TemporaryError(message, delay=backoff(retry))
+def _retry_later(message: str, retry: int, reason: str | None = None) -> kopf.TemporaryError:
+    return kopf.TemporaryError(message, delay=backoff(retry, reason))
 
 
 def parse_status(raw: Any, status_model: type[T]) -> T | None:
@@ -160,7 +165,7 @@ def _reconciled(
     _report(body, parsed_old, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
-        raise _retry_later(f"{ready.reason}: {ready.message}", retry)
+        raise _retry_later(f"{ready.reason}: {ready.message}", retry, ready.reason)
 
 
 def register(
@@ -245,7 +250,7 @@ def register(
             new = with_condition(old, refused).model_copy(update={"phase": "Deleting"})
             patch.status.update(dump(new))
             _report(body, old, new)
-            raise _retry_later(exc.message, retry) from exc
+            raise _retry_later(exc.message, retry, exc.reason) from exc
         kopf.info(body, reason="Deleted", message=outcome)
 
     @kopf.timer(
@@ -296,4 +301,4 @@ def register(
             delete_snapshot(engine, snap, lookup(kw))
         except (HasDependents, DiskInUse) as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
-            raise _retry_later(exc.message, retry) from exc
+            raise _retry_later(exc.message, retry, exc.reason) from exc

@@ -1,0 +1,85 @@
+"""A converted disk's data reaches stable storage before the disk is renamed into place.
+
+Observed with strace on a real ``vmdisk apply`` (qemu-img included, ``-f``
+follows it): the sync has to be on the data file, and before the rename of
+the partial directory, or a crash right after the rename leaves a Ready disk
+whose blocks were never written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import sha256_of
+from test_cli import VMDISK, vmdisk_doc, write_manifests
+
+# 1234 fdatasync(8</state/disks/default/.root.partial/disk>) = 0, or split in two lines:
+# 1234 fdatasync(8</…/disk> <unfinished ...>  then  1234 <... fdatasync resumed>) = 0
+_SYNC = re.compile(r"^(?P<pid>\d+)\s+(?:fsync|fdatasync)\(\d+<(?P<path>[^>]*)>(?P<rest>.*)$")
+_RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. (?:fsync|fdatasync) resumed>\)\s+=\s+0")
+# 1234 rename("/…/.root.partial", "/…/root") = 0
+_RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)".*=\s+0')
+
+
+def _apply_traced(tmp_path: Path, image_dir: Path, backend: str, image: str) -> list[str]:
+    source = image_dir / image
+    manifest = write_manifests(
+        tmp_path / "disk.yaml",
+        vmdisk_doc(
+            "root",
+            backend=backend,
+            size="32Mi",
+            source={"image": {"url": f"file://{source}", "checksum": sha256_of(source)}},
+        ),
+    )
+    trace = tmp_path / "trace"
+    argv = ["strace", "-f", "-y", "-qq", "-o", str(trace)]
+    argv += ["-e", "trace=fsync,fdatasync,rename,renameat,renameat2"]
+    env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_DIRS": str(image_dir)}
+    result = subprocess.run(
+        [*argv, *VMDISK, "apply", "-f", str(manifest), "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return trace.read_text().splitlines()
+
+
+def _synced_before_rename(lines: list[str], state: Path) -> tuple[bool, bool]:
+    """(data file synced before the rename, the rename seen at all)."""
+    disks = state / "disks" / "default"
+    partial, final = str(disks / ".root.partial"), str(disks / "root")
+    synced = False
+    pending: set[str] = set()
+    for line in lines:
+        if (m := _SYNC.match(line)) and m["path"] == f"{partial}/disk":
+            if re.match(r"\)\s+=\s+0", m["rest"]):
+                synced = True
+            elif "unfinished" in m["rest"]:
+                pending.add(m["pid"])
+        if (m := _RESUMED.match(line)) and m["pid"] in pending:
+            synced = True
+        if (m := _RENAME.match(line)) and m["src"] == partial and m["dst"] == final:
+            return synced, True
+    return synced, False
+
+
+def test_raw_disk_from_qcow2_is_synced_before_it_is_renamed(tmp_path: Path, image_dir: Path):
+    lines = _apply_traced(tmp_path, image_dir, "raw", "base.qcow2")
+    synced, renamed = _synced_before_rename(lines, tmp_path / "state")
+    assert renamed, "\n".join(lines)
+    assert synced, "the converted data file was never fsynced before the rename:\n" + "\n".join(
+        lines
+    )
+
+
+def test_raw_disk_from_raw_is_synced_before_it_is_renamed(tmp_path: Path, image_dir: Path):
+    """The other raw path: a sparse copy of a raw cache entry."""
+    lines = _apply_traced(tmp_path, image_dir, "raw", "base.raw")
+    synced, renamed = _synced_before_rename(lines, tmp_path / "state")
+    assert renamed and synced, "\n".join(lines)
