@@ -36,6 +36,11 @@ def operator_settings(node: str, workers: int) -> kopf.OperatorSettings:
     )
     # Bound concurrent provisioning per node: each sync handler takes one worker.
     s.execution.max_workers = workers
+    # After its own patch kopf waits for that version to come back before judging the
+    # object again; under load (hundreds of disks at once) the event takes longer than
+    # the default 5 s, kopf then takes an older body for the truth and runs the create
+    # handler a second time.  A newer event still wakes it at once.
+    s.persistence.consistency_timeout = 60.0
     # Reconnect watches regularly so a silently dropped connection is noticed.
     s.watching.server_timeout = 300
     s.watching.client_timeout = 330
