@@ -300,7 +300,10 @@ class Registry:
     def url(self, ref: str) -> str:
         return f"oci://{self.host}/{ref}"
 
-    def blob_gets(self, digest: str) -> int:
-        """Successful GETs of blob ``digest`` (sha256:<hex>) in the registry's access log."""
-        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" (200|206)')
+    def blob_gets(self, digest: str, status: str = "200") -> int:
+        """GETs of blob ``digest`` (sha256:<hex>) answered ``status`` in the access log.
+
+        200: whole blobs (pulls); 206: ranged reads (the agent's one-byte checks).
+        """
+        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" {status} ')
         return len(pattern.findall(self.log.read_text(errors="replace")))

@@ -359,7 +359,9 @@ def test_ten_disks_of_one_digest_pull_once(
     assert [s.phase for s in results.values()] == ["Ready"] * 10, results
     assert len({s.base_image for s in results.values()}) == 1
     (layer,) = runner.engine.cache.root.glob("layers/layer-*")
-    assert registry.blob_gets("sha256:" + layer.name.removeprefix("layer-")) == 1
+    digest = "sha256:" + layer.name.removeprefix("layer-")
+    assert registry.blob_gets(digest) == 1  # one pull
+    assert registry.blob_gets(digest, "206") == 9  # each cache hit asked for one byte
 
 
 def test_class_policy_applies_to_the_registry_and_every_redirect_hop(
@@ -558,3 +560,34 @@ def test_a_manifest_that_is_not_its_digest_is_refused(runner: LocalRunner, disk:
         status = make(runner, disk, "lying", url, front_class(runner, url))
         assert (status.phase, status.conditions[-1].reason) == ("Failed", "ChecksumMismatch")
         assert claimed in status.conditions[-1].message
+
+
+def test_a_cached_layer_serves_only_a_repository_that_holds_it(
+    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+) -> None:
+    """The cache is shared by content; a manifest that merely names a cached layer gets nothing."""
+    push_disk(registry, tmp_path, "vms/private:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+    first = make(
+        runner, disk, "first", registry.url("vms/private:v1"), oci_class(runner.store, registry)
+    )
+    assert first.phase == "Ready", first.conditions
+    raw = subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{registry.host}/vms/private:v1",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with ImageServer() as front:  # serves the manifest, not the layer (404)
+        front.add("/v2/vms/copycat/manifests/v1", raw)
+        url = f"oci://127.0.0.1:{front.port}/vms/copycat:v1"
+        status = make(runner, disk, "copycat", url, front_class(runner, url))
+        assert status.phase != "Ready"
+        assert status.conditions[-1].reason == "DownloadFailed"
+        assert "does not serve layer" in status.conditions[-1].message
+        layer = json.loads(raw)["layers"][0]["digest"]
+        assert [s.status for s in front.gets(f"/v2/vms/copycat/blobs/{layer}")] == [404]
