@@ -49,6 +49,7 @@ LAYER_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.v1.tar",
         "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
         "application/vnd.docker.image.rootfs.diff.tar.gzip",
     }
 )
