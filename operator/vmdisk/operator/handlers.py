@@ -6,6 +6,7 @@ node's filter, so an agent only ever handles its own node's objects.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -21,7 +22,7 @@ from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
 from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
-from .lookup import IndexLookup
+from .lookup import Indexed, IndexLookup, LoopReads
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
@@ -166,18 +167,25 @@ def register(
 
     @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="node_disks", registry=registry)
     def node_disks(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "disksnapshots", id="snapshots", registry=registry)
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
     def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {name: dict(body)}
+        return {name: Indexed(body)}
+
+    reads = LoopReads()
+
+    @kopf.on.startup(id="index_reads", registry=registry)
+    async def bind_index_reads(**_: Any) -> None:
+        # The loop kopf changes the indexes on; workers read them only through it.
+        reads.bind(asyncio.get_running_loop())
 
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"])
+        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads)
 
     def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
         def publish(status: VMDiskStatus) -> None:
