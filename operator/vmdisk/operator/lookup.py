@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
 from ..api.vmdiskclass import VMDiskClass
+from ..engine.ports import SourceKind
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -66,3 +67,32 @@ class IndexLookup:
             _first(DiskSnapshot, s) for (ns, _), s in self.snapshots.items() if ns == namespace
         )
         return [s for s in found if s is not None]
+
+    def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
+        # A copy of the items first: kopf's event loop changes the index meanwhile.
+        found = (
+            _first(DiskSnapshot, s)
+            for (ns, _), s in list(self.snapshots.items())
+            if ns == namespace and any(_spec(raw).get("diskName") == disk for raw in s)
+        )
+        return [s for s in found if s is not None]
+
+    def disks_from(self, namespace: str, kind: SourceKind, name: str) -> list[VMDisk]:
+        # Only the bodies that name the source are parsed (parsing is the cost).
+        found = (
+            _first(VMDisk, s)
+            for (ns, _), s in list(self.disks.items())
+            if ns == namespace and any(_source_name(raw, kind) == name for raw in s)
+        )
+        return [d for d in found if d is not None]
+
+
+def _spec(raw: Any) -> Mapping[str, Any]:
+    spec = raw.get("spec") if isinstance(raw, Mapping) else None
+    return spec if isinstance(spec, Mapping) else {}
+
+
+def _source_name(raw: Any, kind: str) -> object:
+    source = _spec(raw).get("source")
+    ref = source.get(kind) if isinstance(source, Mapping) else None
+    return ref.get("name") if isinstance(ref, Mapping) else None
