@@ -31,6 +31,7 @@ from . import (
     operator_scale,
     raw_copy,
     rbd_clone,
+    registry_pull,
 )
 from .harness import Row, fs_type, scratch_dir, sh, table
 
@@ -44,6 +45,7 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "g": ("online grow under a running domain vs virsh blockresize", online_grow.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
     "lvm": ("thin LVM disk from an image vs qemu-img convert, in the test VM", lvm_thin.run),
+    "oci": ("registry pull of a 256 MiB containerDisk vs skopeo copy", registry_pull.run),
 }
 RESULTS_DIR = Path(__file__).parent / "results"
 

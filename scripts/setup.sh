@@ -8,10 +8,12 @@ DEBS=(
   qemu-utils qemu-system-x86 qemu-block-extra
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients python3-libvirt
   libxml2-utils python3-venv python3-dev
-  e2fsprogs xfsprogs util-linux curl strace  # strace: tests observe fsyncs
+  e2fsprogs xfsprogs util-linux curl wget strace  # strace: tests observe fsyncs
+  gzip xz-utils zstd bzip2  # compressed test images, made by the real compressors
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
   podman runc debootstrap  # debootstrap: the container image's base and the test VM
+  docker-registry skopeo  # a real OCI registry and its client, for oci:// image sources
 )
 
 missing=()

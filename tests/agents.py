@@ -92,6 +92,12 @@ def agents(kube: Kube, tmp_path: Path, image_dir: Path) -> Iterator[Callable[...
     for agent in started:
         agent.stop()
     for agent in started:
+        # Captured, so shown only when the test fails: what the agent was doing.
+        print(
+            f"--- the last of agent {agent.node}'s log ---",
+            *agent.logs().splitlines()[-60:],
+            sep="\n",
+        )
         assert "Traceback" not in agent.logs(), agent.logs()
 
 

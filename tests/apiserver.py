@@ -17,6 +17,7 @@ permissions.  Tests parametrised by version get one server per version.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import ipaddress
 import itertools
@@ -469,7 +470,7 @@ class Kube:
         config.api_key_prefix = {"BearerToken": "Bearer"}
         self.client = kubernetes.client.ApiClient(config)
         self._seen: dict[tuple[str, str], list[Obj]] = {}
-        self._watches: list[tuple[kubernetes.watch.Watch, threading.Thread]] = []
+        self._watches: list[tuple[threading.Event, threading.Thread]] = []
         self._cluster_objects: list[tuple[str, str]] = []
 
     def path(self, plural: str, name: str | None = None, namespace: str | None = None) -> str:
@@ -524,6 +525,15 @@ class Kube:
         query = [("fieldValidation", "Strict" if strict else "Ignore")]
         return dict(self.request("POST", self.path(plural), obj, query=query))
 
+    def dry_run_create(self, obj: Obj) -> Obj:
+        """What the server would store for ``obj`` (``dryRun=All``, strict fields)."""
+        plural = obj["kind"].lower() + ("es" if obj["kind"].endswith("s") else "s")
+        body = copy.deepcopy(obj)
+        if plural not in CLUSTER:
+            body["metadata"]["namespace"] = self.namespace
+        query = [("dryRun", "All"), ("fieldValidation", "Strict")]
+        return dict(self.request("POST", self.path(plural), body, query=query))
+
     def get(self, plural: str, name: str, namespace: str | None = None) -> Obj | None:
         try:
             return dict(self.request("GET", self.path(plural, name, namespace)))
@@ -569,51 +579,64 @@ class Kube:
 
     def record(self, plural: str) -> None:
         """Start keeping every version of ``plural`` objects in this namespace."""
-        rv = self.request("GET", self.path(plural))["metadata"]["resourceVersion"]
-        watch = kubernetes.watch.Watch()
+        path = self.path(plural)
+        stop = threading.Event()
+
+        def current() -> str:
+            return str(self.request("GET", path)["metadata"]["resourceVersion"])
 
         def run() -> None:
-            path, version = self.path(plural), rv
-            while not watch._stop:
+            version = current()
+            while not stop.is_set():
+                query = [
+                    ("watch", "true"), ("resourceVersion", version),
+                    ("allowWatchBookmarks", "true"), ("timeoutSeconds", "5"),
+                ]  # fmt: skip
                 try:
-                    for event in watch.stream(
-                        self._watch_call, path, resource_version=version, timeout_seconds=5
-                    ):
-                        obj = event["raw_object"]
-                        if obj.get("kind") == "Status":  # an error; resume where we were
-                            break
-                        version = obj["metadata"]["resourceVersion"]
-                        self._seen.setdefault((plural, obj["metadata"]["name"]), []).append(obj)
-                except (urllib3.exceptions.HTTPError, ApiException):
-                    if not watch._stop:
-                        time.sleep(0.2)  # a dropped watch: resume from the last version
+                    response = self._send("GET", path, query=query).response
+                    try:
+                        version = self._follow(plural, response, stop, version, current)
+                    finally:
+                        response.release_conn()
+                except (urllib3.exceptions.HTTPError, ApiException, ValueError):
+                    # A dropped watch or a cut-off line: resume from the last version.
+                    stop.wait(0.2)
 
         thread = threading.Thread(target=run, daemon=True, name=f"watch-{plural}")
         thread.start()
-        self._watches.append((watch, thread))
+        self._watches.append((stop, thread))
 
-    def _watch_call(self, path: str, **params: Any) -> Any:
-        query = [("watch", "true")]
-        query += [(k, str(v)) for k, v in params.items() if k not in ("watch", "_preload_content")]
-        query = [
-            (
-                "resourceVersion"
-                if k == "resource_version"
-                else "timeoutSeconds"
-                if k == "timeout_seconds"
-                else k,
-                v,
-            )
-            for k, v in query
-        ]
-        return self._send("GET", path, query=query).response
+    def _follow(
+        self,
+        plural: str,
+        response: Any,
+        stop: threading.Event,
+        version: str,
+        current: Callable[[], str],
+    ) -> str:
+        """Record one watch response's events; the version to resume from."""
+        for line in kubernetes.watch.watch.iter_resp_lines(response):
+            if stop.is_set():
+                break
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                # 410: our version was compacted away, start from now;
+                # anything else: resume where we were.
+                return current() if obj.get("code") == 410 else version
+            version = obj["metadata"]["resourceVersion"]
+            if event["type"] != "BOOKMARK":
+                self._seen.setdefault((plural, obj["metadata"]["name"]), []).append(obj)
+        return version
 
     def history(self, plural: str, name: str) -> list[Obj]:
         return list(self._seen.get((plural, name), []))
 
     def close(self) -> None:
-        for watch, _ in self._watches:
-            watch.stop()  # each thread ends at its next event or watch timeout
+        for stop, _ in self._watches:
+            stop.set()  # each thread ends at its next event or watch timeout
         self.client.close()
 
 

@@ -37,6 +37,7 @@ from vmdisk.engine.reconcile import Engine
 from vmdisk.errors import (
     BackendUnavailable,
     ClassNotAllowed,
+    DiskInUse,
     InsufficientCapacity,
     ThinPoolUnsafe,
 )
@@ -281,6 +282,23 @@ def test_thick_disk_with_a_snapshot_grows(
     assert same_content(image_dir / "base.qcow2", snapshot)
     backend.rollback(ref, "s1")
     assert read_at(backend.readable(ref).path, 5 * MiB, 19) == PATTERN[5 * MiB]
+
+
+@in_vm
+def test_thick_disk_with_a_snapshot_waits_to_grow_while_a_vm_holds_it(
+    backend: LvmBackend, volume_group: VolumeGroup, image_dir: Path
+) -> None:
+    """The online path refuses before touching the LV: lvm2 would have to deactivate it."""
+    ref = DiskRef("vms", "held", volume_group.name)
+    backend.create(ref, CreateRequest(16 * MiB, FromImage(image(image_dir))))
+    backend.create_snapshot(ref, "s1")
+    with pytest.raises(DiskInUse, match="thick snapshots"):
+        backend.prepare_online_grow(ref, 32 * MiB)
+    origin = volume_group.lvm.volume(volume_group.name, disk_lv(volume_group.name, "vms", "held"))
+    assert origin is not None and origin.active and origin.size == 16 * MiB
+    backend.remove_snapshot(ref, "s1")
+    backend.prepare_online_grow(ref, 32 * MiB)  # no snapshot: lvextend on the active LV
+    assert int(sh("blockdev", "--getsize64", str(backend.readable(ref).path))) == 32 * MiB
 
 
 # -- thin volumes --------------------------------------------------------------------------

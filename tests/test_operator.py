@@ -22,6 +22,7 @@ import urllib3
 from agents import Agent, assert_clean, phase, ready_reason, vmdisk
 from apiserver import Kube
 from conftest import MiB, sha256_of
+from vmdisk.operator.handlers import backoff
 
 Obj = dict[str, Any]
 
@@ -47,8 +48,11 @@ def test_disk_is_provisioned_with_status_xml_events_and_node_keys(
         key.startswith("node-a.node.vmdisk.io/") or not key.endswith("last-handled-configuration")
         for key in obj["metadata"].get("annotations", {})
     )
-    reasons = [e["reason"] for e in kube.list("events")]
-    assert "Provisioned" in reasons
+    # kopf posts events from a queue of its own, so the Event may follow the status.
+    deadline = time.monotonic() + 10
+    while "Provisioned" not in (reasons := [e["reason"] for e in kube.list("events")]):
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.1)
     # The liveness endpoint answers for the chart's probe.
     http = urllib3.PoolManager()
     assert http.request("GET", f"http://127.0.0.1:{agent.port}/healthz").status == 200
@@ -255,3 +259,8 @@ def test_progress_is_published_while_provisioning(
     progress = [s.get("progress") for s in statuses]
     assert "0%" in progress and progress[-1] == "100%"
     assert_clean(kube)
+
+
+def test_backoff_doubles_to_five_minutes_but_a_disk_in_use_is_looked_at_every_30_s() -> None:
+    assert [backoff(r) for r in range(8)] == [5, 10, 20, 40, 80, 160, 300, 300]
+    assert [backoff(r, "DiskInUse") for r in range(5)] == [5, 10, 20, 30, 30]

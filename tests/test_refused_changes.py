@@ -42,3 +42,20 @@ def test_apply_reports_a_refused_shrink_and_exits_non_zero(tmp_path: Path):
     assert "ShrinkNotSupported" in result.stderr
     status = json.loads(result.stdout)["status"]
     assert status["phase"] == "Ready" and status["virtualSize"] == 8 * MiB
+
+
+def test_an_unstartable_device_edit_is_refused_and_the_disk_keeps_its_xml(
+    runner: LocalRunner, disk: Manifest
+):
+    (made,) = apply(runner, disk("cd", "raw", source={"blank": {}}, size="4Mi"))
+    bad = {"device": "cdrom", "bus": "virtio"}  # QEMU will not start it
+    (edited,) = apply(runner, disk("cd", "raw", source={"blank": {}}, size="4Mi", libvirt=bad))
+    st = status_of(edited)
+    assert (st.phase, ready_reason(edited)) == ("Ready", "Provisioned")
+    assert st.libvirt_xml == status_of(made).libvirt_xml
+    (refused,) = [c for c in st.conditions if c.type == "ChangeRefused"]
+    assert refused.message.startswith("spec.libvirt.bus: a cdrom cannot be on the virtio bus")
+    # A new disk asking for the same is Failed before any data is made.
+    (new,) = apply(runner, disk("cd2", "raw", source={"blank": {}}, size="4Mi", libvirt=bad))
+    assert (status_of(new).phase, ready_reason(new)) == ("Failed", "InvalidSpec")
+    assert status_of(new).path is None

@@ -313,19 +313,34 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "list":
         entries = engine.cache.entries(in_use)
         if args.output == "json":
-            fields = ("id", "format", "virtual_size", "size", "last_used", "source_url", "in_use")
+            fields = (
+                "id",
+                "format",
+                "virtual_size",
+                "size",
+                "last_used",
+                "source_url",
+                "source_kind",
+                "in_use",
+            )
             items = [{k: getattr(e, k) for k in fields} for e in entries]
             for item in items:
                 item["allocated_bytes"] = item.pop("size")
                 item["path"] = str(engine.cache.root / str(item["id"]))
             print(json.dumps({"items": items}, indent=2))
             return 0
-        print(f"{'ID':<73} {'FORMAT':<7} {'VIRTUAL':>10} {'ALLOCATED':>10} {'IN USE':<6} SOURCE")
+        print(
+            f"{'ID':<73} {'FORMAT':<7} {'VIRTUAL':>10} {'ALLOCATED':>10} {'IN USE':<6} "
+            f"{'KIND':<11} SOURCE"
+        )
         for e in entries:
             used = "yes" if e.in_use else "no"
             virtual, allocated = format_bytes(e.virtual_size), format_bytes(e.size)
-            source = e.source_url or ""
-            print(f"{e.id:<73} {e.format:<7} {virtual:>10} {allocated:>10} {used:<6} {source}")
+            source, kind = e.source_url or "", e.source_kind or "-"
+            print(
+                f"{e.id:<73} {e.format:<7} {virtual:>10} {allocated:>10} {used:<6} "
+                f"{kind:<11} {source}"
+            )
         return 0
     max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age
     for e in engine.cache.prune(max_age, in_use):

@@ -50,6 +50,10 @@ class ChangeRefused(InvalidSpec):
     """
 
 
+class UnstartableDevice(ChangeRefused):
+    """libvirt settings QEMU will not start: a new disk fails, a Ready one keeps its XML."""
+
+
 class ShrinkNotSupported(ChangeRefused):
     reason = "ShrinkNotSupported"
 
@@ -130,12 +134,42 @@ class ImageCorrupt(ImageError):
     reason = "ImageCorrupt"
 
 
+class DecompressedTooLarge(ImageError):
+    """A compressed image expands past what its disk may hold (a decompression bomb)."""
+
+    reason = "DecompressedTooLarge"
+
+
+class DecompressionFailed(ImageError):
+    """A compressed image's stream is corrupt, truncated or followed by other data."""
+
+    reason = "DecompressionFailed"
+
+
 class SourceNotAllowed(ImageError):
     reason = "SourceNotAllowed"
 
 
 class DownloadFailed(TemporaryError):
     reason = "DownloadFailed"
+
+
+class ContainerDiskInvalid(ImageError):
+    """A registry image that is not a containerDisk: one layer holding one ``disk/<file>``."""
+
+    reason = "ContainerDiskInvalid"
+
+
+class RegistryAuthFailed(TemporaryError):
+    """The registry refused the pull: no credentials, wrong ones, or no access.
+
+    Retried (slowly): an administrator may fix the class's credentials Secret.
+    """
+
+    reason = "RegistryAuthFailed"
+
+    def __init__(self, message: str, *, reason: str | None = None, delay: float = 60.0) -> None:
+        super().__init__(message, reason=reason, delay=delay)
 
 
 class HostIOError(TemporaryError):

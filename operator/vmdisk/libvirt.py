@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 from .api.vmdisk import IoTune, LibvirtSpec
 from .backends.base import DiskLocation, NetworkHost
-from .errors import InvalidSpec
+from .errors import InvalidSpec, UnstartableDevice
 
 # QEMU's driver for the ploop layout is "parallels"; libvirt's schema calls the
 # same format "ploop" and translates it back when it starts QEMU.
@@ -54,12 +54,12 @@ def check_device(location: DiskLocation, spec: LibvirtSpec) -> None:
       by QEMU the same way.
     """
     if spec.device == "cdrom" and spec.bus == "virtio":
-        raise InvalidSpec(
+        raise UnstartableDevice(
             "spec.libvirt.bus: a cdrom cannot be on the virtio bus (virtio-blk has no "
             "ejectable media); use bus: scsi, sata, ide or usb"
         )
     if spec.device == "lun":
-        raise InvalidSpec(
+        raise UnstartableDevice(
             f"spec.libvirt.device: lun passes SCSI commands through to a SCSI device, but "
             f"this disk is a {location.type} ({location.path}) that answers none; "
             "use device: disk (bus: scsi gives the guest a SCSI disk)"

@@ -41,6 +41,7 @@ from pydantic import Field
 from ..config import Settings
 from ..errors import (
     ClassNotAllowed,
+    DiskInUse,
     DiskMissing,
     InvalidSpec,
     PermanentError,
@@ -351,7 +352,17 @@ class LvmBackend:
         return state
 
     def prepare_online_grow(self, ref: DiskRef, size: int) -> None:
-        """Extend the LV (and its LUKS2 mapping); the guest grows its own filesystem."""
+        """Extend the LV (and its LUKS2 mapping); the guest grows its own filesystem.
+
+        A thick LV with snapshots waits: lvm2 resizes a snapshot origin only
+        while it is inactive, which a running VM's disk cannot be.
+        """
+        volume = self._volume(ref)
+        if volume is not None and volume.thick_origin:
+            raise DiskInUse(
+                f"disk {ref} has thick snapshots, and lvm2 grows such a volume only while it "
+                "is inactive; the grow waits until the VM releases it (or the snapshots go)"
+            )
         self._extend(ref, size)
 
     def holders(self, ref: DiskRef) -> list[str]:

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
@@ -30,17 +29,17 @@ from urllib3.exceptions import HTTPError
 
 from ..config import Settings
 from ..errors import ChecksumMismatch, DownloadFailed, ImageTooLarge, SourceNotAllowed
-from ..host.files import atomic_write, raise_if_no_space, sparse_copy_fd, start_writeback
+from ..host.files import atomic_write, raise_if_no_space, sparse_copy_fd
+from .decompress import MAGIC_BYTES, Decompressing, detect
 from .policy import HopCheck
 from .source import check_redirect, redact
+from .stream import BLOCK, Block, Hashing, SparseFile, Stage, Tee
 
 log = logging.getLogger("vmdisk.images")
 
 Progress = Callable[[int, int | None], None]
 
-_CHUNK = 1024 * 1024
-_SPARSE_BLOCK = 64 * 1024
-_ZEROES = bytes(_SPARSE_BLOCK)
+_READ = 1024 * 1024  # the most one read1 returns: what the socket holds, often less
 _MAX_REDIRECTS = 5
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 8.0
@@ -51,8 +50,12 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 @dataclass(frozen=True)
 class Digest:
+    """What was fetched: its sha256 and size, and what it decompressed to, if it did."""
+
     sha256: str
     size: int
+    compression: str | None = None  # gzip, xz, zstd, bzip2
+    decoded_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,9 @@ class HttpOptions:
     limits: FetchLimits
     max_bytes: int  # stop an endless or oversized body early
     hops: HopCheck  # the source policy, checked at every hop
+    # Sent to the first URL's origin only, never to a redirect target on another
+    # host (a registry's bearer token must not reach the object store it redirects to).
+    origin_headers: tuple[tuple[str, str], ...] = ()
 
 
 def max_fetch_bytes(disk_size: int | None, max_virtual_size: int) -> int:
@@ -141,9 +147,12 @@ class _Retry(Exception):
 class _Reporter:
     """Throttles progress: callback every ~1%, log line every 10% or 5 s."""
 
-    def __init__(self, name: str, callback: Progress | None) -> None:
+    def __init__(
+        self, name: str, callback: Progress | None, decoded: Callable[[], str] | None = None
+    ) -> None:
         self.name = name
         self.callback = callback
+        self.decoded = decoded  # what decompression has produced so far, for the log
         self.last_call: tuple[int, int, float] = (-1, -1, 0.0)  # (bytes, percent, time)
         self.last_log: tuple[int, int, float] = (-1, -1, time.monotonic())
 
@@ -158,26 +167,44 @@ class _Reporter:
         logged, logged_pct, logged_at = self.last_log
         if done != logged and (final or pct // 10 != logged_pct // 10 or now - logged_at >= 5.0):
             shown = f"{pct}%" if total else "?%"
-            log.info("image %s: %d/%s bytes (%s)", self.name, done, total or "?", shown)
+            extra = self.decoded() if self.decoded is not None else ""
+            log.info("image %s: %d/%s bytes (%s)%s", self.name, done, total or "?", shown, extra)
             self.last_log = (done, pct, now)
 
 
 class _Partial:
-    """The partial file, the running hash of its bytes, and the server's validator."""
+    """The partial file of fetched bytes, the stages fed with them, the server's validator.
 
-    def __init__(self, path: Path) -> None:
+    Every byte fetched goes, in order, to the sha256, to the partial file
+    (kept for a resume) and, when the first bytes are a compressed
+    stream and ``output`` is given, to a decompressor writing ``output``.
+    A resumed partial is fed through the hash and the decompressor again
+    (it is already in the file): decompressor state cannot be saved, so a
+    new process decompresses from the start of the kept compressed bytes
+    (local reads, no network), while retries within one fetch continue
+    the live decompressor at the compressed offset.
+    """
+
+    def __init__(self, path: Path, *, output: Path | None, limit: int, name: str) -> None:
         self.path = path
         self.meta = path.with_name(path.name + ".json")
-        self.hasher = hashlib.sha256()
-        self.size = 0
+        self.output = output
+        self.limit = limit  # decompressed bytes allowed
+        self.name = name
+        self.size = 0  # bytes fed to the stages
         self.validator: str | None = None
         self.resumed = False  # some bytes came from an earlier response
+        self._hashing = Hashing()
+        self._tee: Tee | None = None
+        self._fds: list[int] = []
+        self.decoding: Decompressing | None = None
 
     def restart(self, url: str, validator: str | None) -> None:
+        self._stop()
         with suppress(FileNotFoundError):
             self.path.unlink()  # a planted symlink goes, its target stays untouched
         os.close(os.open(self.path, _CREATE, 0o600))
-        self.hasher = hashlib.sha256()
+        self._hashing = Hashing()
         self.size = 0
         self.validator = validator
         self.resumed = False
@@ -185,7 +212,7 @@ class _Partial:
         atomic_write(self.meta, json.dumps(meta), mode=0o600)
 
     def adopt(self, url: str, *, trust_content: bool, limit: int) -> None:
-        """Take over a partial left by an earlier attempt, hashing its bytes once.
+        """Take over a partial left by an earlier attempt, feeding its bytes to the stages once.
 
         Without a checksum a partial is reused only when it came from the same
         URL with a validator, so ``If-Range`` guards against a changed file.
@@ -214,49 +241,135 @@ class _Partial:
             self.restart(url, None)
             return
         fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                self.hasher.update(chunk)
-                self.size += len(chunk)
+        with os.fdopen(fd, "rb", buffering=0) as handle:
+            if info.st_size:
+                self._begin(os.pread(fd, MAGIC_BYTES, 0), present=info.st_size)
+            while chunk := handle.read(BLOCK):
+                self.feed((chunk,))
         if self.size:
             self.resumed = True
             log.info("image %s: resuming after %d bytes", redact(url), self.size)
 
-    def append(self, chunk: bytes) -> None:
-        self.hasher.update(chunk)
-        self.size += len(chunk)
+    def feed(self, block: Block, waiting: Callable[[], object] | None = None) -> None:
+        """Hand ``block`` (the bytes after the first ``size``) to the stages."""
+        if self._tee is None:
+            head = b""
+            for chunk in block if self.size == 0 else ():
+                head += chunk[: MAGIC_BYTES - len(head)]
+            self._begin(head, present=0)
+        assert self._tee is not None
+        self._tee.put(block, waiting)
+        self.size += sum(len(chunk) for chunk in block)
+
+    def _begin(self, head: bytes, *, present: int) -> None:
+        """Start the stages: hash, partial file and, for a compressed head, decompression."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._fds.append(fd)
+        stages: list[Stage] = [self._hashing, SparseFile(fd, self.size, present=present)]
+        kind = detect(head) if self.output is not None else None
+        if kind is not None and self.output is not None:
+            with suppress(FileNotFoundError):
+                self.output.unlink()
+            out = os.open(self.output, _CREATE, 0o600)
+            self._fds.append(out)
+            self.decoding = Decompressing(kind, SparseFile(out), limit=self.limit, name=self.name)
+            stages.append(self.decoding)
+            log.info("image %s is %s-compressed; decompressing while fetching", self.name, kind)
+        self._tee = Tee(stages)
+
+    def finish(self) -> Digest:
+        """Wait for the stages, raising the first stage error; the digest of all bytes fed."""
+        tee, self._tee = self._tee, None
+        try:
+            if tee is not None:
+                tee.close()
+        finally:
+            self._truncate_and_close()
+        decoding, self.decoding = self.decoding, None
+        if decoding is None:
+            return Digest(self._hashing.hexdigest(), self.size)
+        return Digest(self._hashing.hexdigest(), self.size, decoding.kind, decoding.decoded)
+
+    def decoded(self) -> str:
+        """Decompression progress for the log (empty for plain bytes)."""
+        decoding = self.decoding
+        return f", {decoding.decoded} bytes after {decoding.kind}" if decoding else ""
+
+    def _stop(self) -> None:
+        """Stop the stages after what they were given, ignoring their errors (being undone)."""
+        with suppress(Exception):
+            self.finish()
+
+    def _truncate_and_close(self) -> None:
+        fds, self._fds = self._fds, []
+        ends = [self.size, self.decoding.out.end if self.decoding else 0]
+        for fd, end in zip(fds, ends, strict=False):
+            try:
+                os.ftruncate(fd, end)  # materialise a trailing hole
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Leave the partial file consistent (for a resume) after a failure."""
+        self._stop()
 
     def remove(self) -> None:
-        for path in (self.path, self.meta):
+        self._stop()
+        for path in (self.path, self.meta, self.output):
             with suppress(FileNotFoundError):
-                path.unlink()
+                if path is not None:
+                    path.unlink()
 
 
 def fetch_http(
-    url: str, part: Path, *, expected: str | None, options: HttpOptions, progress: Progress | None
+    url: str,
+    part: Path,
+    *,
+    expected: str | None,
+    options: HttpOptions,
+    progress: Progress | None,
+    output: Path | None = None,
 ) -> Digest:
     """Download ``url`` into ``part`` and return its sha256; resume what is there.
 
+    With ``output``, a gzip/xz/zstd/bzip2 stream (told by its first bytes)
+    is decompressed into ``output`` while it arrives (``Digest.compression``
+    says which); the sha256 is always that of the fetched bytes.
     Raises ChecksumMismatch (partial removed), ImageTooLarge past
-    ``options.max_bytes``, DownloadFailed after bounded retries, the deadline
-    or too slow a transfer (partial kept for a later resume), SourceNotAllowed
-    when the policy refuses the URL or a redirect hop.
+    ``options.max_bytes``, DecompressedTooLarge or DecompressionFailed,
+    DownloadFailed after bounded retries, the deadline or too slow a
+    transfer (partial kept for a later resume), SourceNotAllowed when the
+    policy refuses the URL or a redirect hop.
     """
-    partial = _Partial(part)
-    partial.adopt(url, trust_content=expected is not None, limit=options.max_bytes)
-    clock = _Clock(redact(url), options.limits)
-    for _ in range(2):
-        digest = _download(url, partial, options, clock, _Reporter(redact(url), progress))
-        if expected is None or digest.sha256 == expected or not partial.resumed:
-            break
-        # The resumed bytes may belong to another version of the file:
-        # one clean download decides before calling it a mismatch.
-        log.warning("image %s: checksum mismatch after resume, downloading again", redact(url))
-        partial.restart(url, None)
+    name = redact(url)
+    partial = _Partial(part, output=output, limit=options.max_bytes, name=name)
+    try:
+        partial.adopt(url, trust_content=expected is not None, limit=options.max_bytes)
+        clock = _Clock(name, options.limits)
+        for _ in range(2):
+            digest = _download(
+                url, partial, options, clock, _Reporter(name, progress, partial.decoded)
+            )
+            if expected is None or digest.sha256 == expected or not partial.resumed:
+                break
+            # The resumed bytes may belong to another version of the file:
+            # one clean download decides before calling it a mismatch.
+            log.warning("image %s: checksum mismatch after resume, downloading again", name)
+            partial.restart(url, None)
+    finally:
+        partial.close()
     if expected is not None and digest.sha256 != expected:
         partial.remove()
         raise ChecksumMismatch(
-            f"image {redact(url)} has sha256:{digest.sha256}, expected sha256:{expected}"
+            f"image {name} has sha256:{digest.sha256}, expected sha256:{expected}"
+        )
+    if digest.compression is not None:
+        log.info(
+            "image %s: %d bytes decompressed (%s) from %d fetched",
+            name,
+            digest.decoded_size,
+            digest.compression,
+            digest.size,
         )
     return digest
 
@@ -268,7 +381,7 @@ def _download(
     while True:
         try:
             _attempt(url, partial, options, clock, report)
-            return Digest(partial.hasher.hexdigest(), partial.size)
+            return partial.finish()
         except (_Retry, HTTPError, ConnectionError, TimeoutError) as exc:
             failures += 1
             if failures > options.limits.retries:
@@ -322,50 +435,28 @@ def _receive(
     report: _Reporter,
     total: int | None,
 ) -> None:
-    """Append the body to the partial file; every read is checked against the bounds."""
-    fd = os.open(partial.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "r+b") as out:
-        out.seek(partial.size)
-        pending = bytearray()
-
-        def flush(upto: int) -> None:
-            if upto > 0:
-                chunk = bytes(pending[:upto])
-                del pending[:upto]
-                _write_sparse(out, chunk)
-                start_writeback(out.fileno(), partial.size, len(chunk))
-                partial.append(chunk)
-
-        try:
-            # read1: whatever arrived, so a dripping server meets the rate check.
-            while chunk := resp.read1(_CHUNK, decode_content=False):
-                if partial.size + len(pending) + len(chunk) > max_bytes:
-                    raise ImageTooLarge(
-                        f"image {report.name} sent more than the {max_bytes} bytes this disk "
-                        "may fetch (its size plus a margin for image metadata)"
-                    )
-                pending += chunk
-                # Write whole blocks at block-aligned offsets, so zero blocks become holes.
-                flush(len(pending) - (partial.size + len(pending)) % _SPARSE_BLOCK)
-                report(partial.size, total)
-                clock.tick(partial.size + len(pending))
-            flush(len(pending))
-        except BaseException:
-            flush(len(pending))  # what arrived is kept for a resume
-            raise
-        finally:
-            out.truncate(partial.size)  # materialise a trailing hole
-
-
-def _write_sparse(out: BinaryIO, chunk: bytes) -> None:
-    """Write ``chunk``, leaving holes for all-zero blocks so cached images stay sparse."""
-    view = memoryview(chunk)
-    for start in range(0, len(view), _SPARSE_BLOCK):
-        block = view[start : start + _SPARSE_BLOCK]
-        if block == _ZEROES[: len(block)]:
-            out.seek(len(block), os.SEEK_CUR)
-        else:
-            out.write(block)
+    """Hand the body to the stages in large blocks; every read is checked against the bounds."""
+    pending: list[bytes] = []
+    held = 0
+    try:
+        # read1: whatever arrived, so a dripping server meets the rate check.
+        while chunk := resp.read1(_READ, decode_content=False):
+            if partial.size + held + len(chunk) > max_bytes:
+                raise ImageTooLarge(
+                    f"image {report.name} sent more than the {max_bytes} bytes this disk "
+                    "may fetch (its size plus a margin for image metadata)"
+                )
+            pending.append(chunk)
+            held += len(chunk)
+            if held >= BLOCK:
+                partial.feed(tuple(pending), clock.remaining)
+                pending.clear()
+                held = 0
+            report(partial.size + held, total)
+            clock.tick(partial.size + held)
+    finally:
+        if pending:
+            partial.feed(tuple(pending), clock.remaining)  # what arrived is kept for a resume
 
 
 def _start(resp: urllib3.BaseHTTPResponse, url: str, partial: _Partial) -> tuple[int | None, bool]:
@@ -403,7 +494,8 @@ def _open(
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
         # Credentials in the URL go to its own origin only, never to a redirect target.
-        auth = _basic_auth(url) if _origin(current) == origin else {}
+        own = _origin(current) == origin
+        auth = {**_basic_auth(url), **dict(options.origin_headers)} if own else {}
         resp, pool = _get(current, {**headers, **auth}, options, clock)
         if resp.status not in _REDIRECT_STATUS:
             return resp, pool
@@ -483,6 +575,7 @@ def copy_file(
     max_bytes: int,
     limits: FetchLimits,
     progress: Progress | None,
+    output: Path | None = None,
 ) -> Digest:
     """Copy an opened local image (descriptor ``source``) into ``part`` and hash the copy.
 
@@ -490,6 +583,9 @@ def copy_file(
     here (a regular file, at most ``max_bytes``) before any byte is read.
     The copy, not the source, is hashed: the bytes that get verified are
     the bytes that enter the cache, even if the source changes meanwhile.
+    With ``output``, a compressed file is instead read once, hashed and
+    decompressed into ``output`` from the same buffers (nothing of it is
+    copied to ``part``).
     """
     info = os.fstat(source)
     if not stat.S_ISREG(info.st_mode):
@@ -499,32 +595,134 @@ def copy_file(
             f"image file {name} is {info.st_size} bytes, over the {max_bytes} bytes this "
             "disk may read (its size plus a margin for image metadata)"
         )
+    clock = _Clock(name, limits)
+    kind = detect(os.pread(source, MAGIC_BYTES, 0)) if output is not None else None
+    if kind is not None and output is not None:
+        digest = _decompress_file(source, kind, name, output, max_bytes, clock, progress)
+    else:
+        digest = _copy_and_hash(source, info.st_size, name, part, clock, progress)
+    if expected is not None and digest.sha256 != expected:
+        for path in (part, output):
+            with suppress(FileNotFoundError):
+                if path is not None:
+                    path.unlink()
+        raise ChecksumMismatch(
+            f"image {name} has sha256:{digest.sha256}, expected sha256:{expected}"
+        )
+    return digest
+
+
+def _copy_and_hash(
+    source: int, size: int, name: str, part: Path, clock: _Clock, progress: Progress | None
+) -> Digest:
     with suppress(FileNotFoundError):
         part.unlink()
-    clock = _Clock(name, limits)
     fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "r+b") as out:
-        method = sparse_copy_fd(source, out.fileno(), info.st_size)
+    with os.fdopen(fd, "r+b", buffering=0) as out:
+        method = sparse_copy_fd(source, out.fileno(), size)
         size = os.fstat(out.fileno()).st_size
         report = _Reporter(name, progress)
         report(0, size)
-        hasher = hashlib.sha256()
+        hashing = Hashing()
+        tee = Tee([hashing])  # reading the next block overlaps hashing this one
         done = 0
-        out.seek(0)
-        while chunk := out.read(_CHUNK):
-            hasher.update(chunk)
-            done += len(chunk)
-            report(done, size)
-            clock.remaining()
+        try:
+            while chunk := out.read(BLOCK):
+                tee.put((chunk,), clock.remaining)
+                done += len(chunk)
+                report(done, size)
+                clock.remaining()
+        finally:
+            tee.close()
     report(done, size, final=True)
     log.debug("image %s copied (%s), %d bytes", name, method, size)
-    if expected is not None and hasher.hexdigest() != expected:
-        part.unlink()
-        raise ChecksumMismatch(
-            f"image {name} has sha256:{hasher.hexdigest()}, expected sha256:{expected}"
-        )
-    return Digest(hasher.hexdigest(), size)
+    return Digest(hashing.hexdigest(), size)
+
+
+def _decompress_file(
+    source: int,
+    kind: str,
+    name: str,
+    output: Path,
+    max_bytes: int,
+    clock: _Clock,
+    progress: Progress | None,
+) -> Digest:
+    size = os.fstat(source).st_size
+    with suppress(FileNotFoundError):
+        output.unlink()
+    out = os.open(output, _CREATE, 0o600)
+    try:
+        hashing = Hashing()
+        decoding = Decompressing(kind, SparseFile(out), limit=max_bytes, name=name)
+        report = _Reporter(name, progress, lambda: f", {decoding.decoded} bytes after {kind}")
+        log.info("image %s is %s-compressed; decompressing while copying", name, kind)
+        tee = Tee([hashing, decoding])
+        done = 0
+        try:
+            while done < size and (chunk := os.pread(source, min(BLOCK, size - done), done)):
+                tee.put((chunk,), clock.remaining)
+                done += len(chunk)
+                report(done, size)
+                clock.remaining()
+        finally:
+            tee.close()
+        os.ftruncate(out, decoding.out.end)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            output.unlink()
+        raise
+    finally:
+        os.close(out)
+    report(done, size, final=True)
+    log.info(
+        "image %s: %d bytes decompressed (%s) from %d read", name, decoding.decoded, kind, done
+    )
+    return Digest(hashing.hexdigest(), done, kind, decoding.decoded)
 
 
 def _url_digest(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A small response read whole (a registry's manifest or token)."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+def get_small(url: str, headers: dict[str, str], options: HttpOptions, *, limit: int) -> Reply:
+    """GET ``url`` like a download (every hop checked, bounded time) and read up to ``limit`` bytes.
+
+    Connection errors and 408/429/5xx are retried like a download's attempts;
+    any other status is returned to the caller.  A longer body raises ImageTooLarge.
+    """
+    name = redact(url)
+    clock = _Clock(name, options.limits)
+    failures = 0
+    while True:
+        try:
+            resp, pool = _open(url, {**headers, "Accept-Encoding": "identity"}, options, clock)
+            try:
+                if resp.status in _RETRY_STATUS:
+                    raise _Retry(f"HTTP {resp.status}")
+                body = bytearray()
+                while chunk := resp.read1(_READ, decode_content=False):
+                    body += chunk
+                    if len(body) > limit:
+                        raise ImageTooLarge(f"{name} sent more than the {limit} bytes allowed")
+                    clock.tick(len(body))
+                found = {k.lower(): v for k, v in resp.headers.items()}
+                return Reply(resp.status, found, bytes(body))
+            finally:
+                resp.release_conn()
+                resp.close()
+                pool.close()
+        except (_Retry, HTTPError, ConnectionError, TimeoutError) as exc:
+            failures += 1
+            if failures > options.limits.retries:
+                raise DownloadFailed(f"GET {name} failed after {failures} attempts: {exc}") from exc
+            time.sleep(min(_BACKOFF_BASE * 2 ** (failures - 1), _BACKOFF_MAX, clock.remaining()))

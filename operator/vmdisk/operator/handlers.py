@@ -6,6 +6,7 @@ node's filter, so an agent only ever handles its own node's objects.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -21,7 +22,7 @@ from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
 from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
-from .lookup import IndexLookup
+from .lookup import Indexed, IndexLookup, LoopReads
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
@@ -30,9 +31,14 @@ M = TypeVar("M", bound=VMDisk | DiskSnapshot)
 T = TypeVar("T", bound=VMDiskStatus | DiskSnapshotStatus)
 
 
-def backoff(retry: int) -> float:
-    """Exponential retry delay: 5 s, 10 s, 20 s ... capped at 5 minutes."""
-    return float(min(300, 5 * 2 ** min(retry, 10)))
+def backoff(retry: int, reason: str | None = None) -> float:
+    """Exponential retry delay: 5 s, 10 s, 20 s ... capped at 5 minutes.
+
+    A disk in use waits for a VM to stop, which people do while watching:
+    it is looked at again at least every 30 s.
+    """
+    cap = 30 if reason == DiskInUse.reason else 300
+    return float(min(cap, 5 * 2 ** min(retry, 10)))
 
 
 def _ready(status: Status | None, kind: str = "Ready") -> Condition | None:
@@ -61,8 +67,8 @@ def _report(body: Any, old: Status | None, new: Status) -> None:
         kopf.warn(body, reason=after.reason, message=after.message)
 
 
-def _retry_later(message: str, retry: int) -> kopf.TemporaryError:
-    return kopf.TemporaryError(message, delay=backoff(retry))
+def _retry_later(message: str, retry: int, reason: str | None = None) -> kopf.TemporaryError:
+    return kopf.TemporaryError(message, delay=backoff(retry, reason))
 
 
 def parse_status(raw: Any, status_model: type[T]) -> T | None:
@@ -129,7 +135,7 @@ def _reconciled(
     _report(body, parsed_old, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
-        raise _retry_later(f"{ready.reason}: {ready.message}", retry)
+        raise _retry_later(f"{ready.reason}: {ready.message}", retry, ready.reason)
 
 
 def register(
@@ -161,18 +167,25 @@ def register(
 
     @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="node_disks", registry=registry)
     def node_disks(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "disksnapshots", id="snapshots", registry=registry)
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
     def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {name: dict(body)}
+        return {name: Indexed(body)}
+
+    reads = LoopReads()
+
+    @kopf.on.startup(id="index_reads", registry=registry)
+    async def bind_index_reads(**_: Any) -> None:
+        # The loop kopf changes the indexes on; workers read them only through it.
+        reads.bind(asyncio.get_running_loop())
 
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"])
+        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads)
 
     def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
         def publish(status: VMDiskStatus) -> None:
@@ -218,7 +231,7 @@ def register(
             new = with_condition(old, refused).model_copy(update={"phase": "Deleting"})
             patch.status.update(dump(new))
             _report(body, old, new)
-            raise _retry_later(exc.message, retry) from exc
+            raise _retry_later(exc.message, retry, exc.reason) from exc
         kopf.info(body, reason="Deleted", message=outcome)
 
     @kopf.timer(
@@ -269,4 +282,4 @@ def register(
             delete_snapshot(engine, snap, lookup(kw))
         except (HasDependents, DiskInUse) as exc:
             kopf.warn(body, reason=exc.reason, message=exc.message)
-            raise _retry_later(exc.message, retry) from exc
+            raise _retry_later(exc.message, retry, exc.reason) from exc

@@ -163,9 +163,7 @@ class KubeApi:
         )
         encoded = (getattr(secret, "data", None) or {}).get(key)
         if encoded is None:
-            raise SecretMissing(
-                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found"
-            )
+            raise SecretMissing(f"key {key!r} of Secret {namespace}/{name} not found")
         try:
             return base64.b64decode(encoded, validate=True)
         except binascii.Error as exc:
