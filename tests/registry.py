@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
+import zstandard
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -39,6 +40,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def free_port() -> int:
@@ -48,7 +50,7 @@ def free_port() -> int:
 
 
 def layer_tar(
-    files: dict[str, bytes], *, members: Iterable[tarfile.TarInfo] = (), compress: bool = False
+    files: dict[str, bytes], *, members: Iterable[tarfile.TarInfo] = (), compress: str | None = None
 ) -> bytes:
     """A layer: ``disk/`` plus ``files`` (path -> bytes), then raw ``members`` (hostile ones)."""
     out = io.BytesIO()
@@ -63,7 +65,9 @@ def layer_tar(
         for info in members:
             tar.addfile(info)
     data = out.getvalue()
-    return gzip_module.compress(data, compresslevel=1, mtime=0) if compress else data
+    if compress == "zstd":
+        return bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    return gzip_module.compress(data, compresslevel=1, mtime=0) if compress == "gzip" else data
 
 
 @dataclass
@@ -82,11 +86,14 @@ class OciLayout:
         (self.root / "blobs" / "sha256" / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data), **extra}
 
-    def image(
-        self, layer: bytes, *, arch: str = "amd64", compressed: bool = False
-    ) -> dict[str, object]:
+    def image(self, layer: bytes, *, arch: str = "amd64") -> dict[str, object]:
         """An image manifest of one layer; returns its descriptor."""
-        plain = gzip_module.decompress(layer) if compressed else layer
+        if layer.startswith(b"\x1f\x8b"):
+            plain, media_type = gzip_module.decompress(layer), LAYER_GZIP
+        elif layer.startswith(b"\x28\xb5\x2f\xfd"):
+            plain, media_type = zstandard.ZstdDecompressor().decompress(layer), LAYER_ZSTD
+        else:
+            plain, media_type = layer, LAYER_TAR
         config = {
             "architecture": arch,
             "os": "linux",
@@ -101,7 +108,7 @@ class OciLayout:
             "config": self.blob(
                 json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"
             ),
-            "layers": [self.blob(layer, LAYER_GZIP if compressed else LAYER_TAR)],
+            "layers": [self.blob(layer, media_type)],
         }
         return self.blob(
             json.dumps(manifest).encode(),
@@ -300,7 +307,10 @@ class Registry:
     def url(self, ref: str) -> str:
         return f"oci://{self.host}/{ref}"
 
-    def blob_gets(self, digest: str) -> int:
-        """Successful GETs of blob ``digest`` (sha256:<hex>) in the registry's access log."""
-        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" (200|206)')
+    def blob_gets(self, digest: str, status: str = "200") -> int:
+        """GETs of blob ``digest`` (sha256:<hex>) answered ``status`` in the access log.
+
+        200: whole blobs (pulls); 206: ranged reads (the agent's one-byte checks).
+        """
+        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" {status} ')
         return len(pattern.findall(self.log.read_text(errors="replace")))

@@ -1,4 +1,4 @@
-"""Taking the disk file out of a containerDisk layer (a tar, maybe gzip'd).
+"""Taking the disk file out of a containerDisk layer (a tar: plain, gzip'd or zstd'd).
 
 KubeVirt's convention: the layer holds exactly one regular file in
 ``disk/``, a raw or qcow2 image.  Only that file's bytes are written, to a
@@ -25,6 +25,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import IO, Protocol
 
+import zstandard
+
 from ..errors import ContainerDiskInvalid, DownloadFailed, ImageCorrupt, ImageTooLarge, ImageUnsafe
 from .download import Digest, Progress
 
@@ -35,6 +37,7 @@ _MAX_READ = 8 * 1024 * 1024  # larger than any header a real layer has, and than
 _MAX_MEMBERS = 10_000  # tarfile keeps each TarInfo; a real containerDisk has ~3
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
+_ZSTD_MAX_WINDOW = 1 << 27  # 128 MiB, zstd's own default decoder limit: bounded memory
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -136,12 +139,15 @@ def extract_disk(
         head = b""
         while len(head) < 4 and (more := layer.read(4 - len(head))):
             head += more
-        if head.startswith(_ZSTD):
-            raise ContainerDiskInvalid(f"image {name}: zstd-compressed layers are not supported")
         raw = _Prefixed(head, layer)
-        inner: _Reader = gzip.GzipFile(fileobj=raw) if head.startswith(_GZIP) else raw  # type: ignore[call-overload]
+        inner: _Reader = raw
+        if head.startswith(_GZIP):
+            inner = gzip.GzipFile(fileobj=raw)  # type: ignore[call-overload]
+        elif head.startswith(_ZSTD):
+            zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+            inner = zstd.stream_reader(raw, read_size=_CHUNK)  # type: ignore[arg-type]
         return _walk(_Bounded(inner, name, limit, deadline), out, name, limit, progress)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
         _remove(out)
         raise ImageCorrupt(f"image {name}: the layer is not a readable tar: {exc}") from None
     except BaseException:
