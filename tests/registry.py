@@ -14,6 +14,7 @@ import datetime
 import gzip as gzip_module
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, urlsplit
 
+import zstandard
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -39,6 +41,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
 
 
 def free_port() -> int:
@@ -48,7 +51,7 @@ def free_port() -> int:
 
 
 def layer_tar(
-    files: dict[str, bytes], *, members: Iterable[tarfile.TarInfo] = (), compress: bool = False
+    files: dict[str, bytes], *, members: Iterable[tarfile.TarInfo] = (), compress: str | None = None
 ) -> bytes:
     """A layer: ``disk/`` plus ``files`` (path -> bytes), then raw ``members`` (hostile ones)."""
     out = io.BytesIO()
@@ -63,7 +66,9 @@ def layer_tar(
         for info in members:
             tar.addfile(info)
     data = out.getvalue()
-    return gzip_module.compress(data, compresslevel=1, mtime=0) if compress else data
+    if compress == "zstd":
+        return bytes(zstandard.ZstdCompressor(level=3).compress(data))
+    return gzip_module.compress(data, compresslevel=1, mtime=0) if compress == "gzip" else data
 
 
 @dataclass
@@ -82,11 +87,14 @@ class OciLayout:
         (self.root / "blobs" / "sha256" / digest).write_bytes(data)
         return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data), **extra}
 
-    def image(
-        self, layer: bytes, *, arch: str = "amd64", compressed: bool = False
-    ) -> dict[str, object]:
+    def image(self, layer: bytes, *, arch: str = "amd64") -> dict[str, object]:
         """An image manifest of one layer; returns its descriptor."""
-        plain = gzip_module.decompress(layer) if compressed else layer
+        if layer.startswith(b"\x1f\x8b"):
+            plain, media_type = gzip_module.decompress(layer), LAYER_GZIP
+        elif layer.startswith(b"\x28\xb5\x2f\xfd"):
+            plain, media_type = zstandard.ZstdDecompressor().decompress(layer), LAYER_ZSTD
+        else:
+            plain, media_type = layer, LAYER_TAR
         config = {
             "architecture": arch,
             "os": "linux",
@@ -101,7 +109,7 @@ class OciLayout:
             "config": self.blob(
                 json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"
             ),
-            "layers": [self.blob(layer, LAYER_GZIP if compressed else LAYER_TAR)],
+            "layers": [self.blob(layer, media_type)],
         }
         return self.blob(
             json.dumps(manifest).encode(),
@@ -211,6 +219,38 @@ class _TokenHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def tls_certificate(root: Path, address: str) -> tuple[Path, Path]:
+    """A self-signed certificate (and key) for ``address``: the registry's and its trust anchor."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmdisk test registry")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = root / "registry-cert.pem", root / "registry-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 @dataclass
 class Registry:
     """``with Registry(tmp) as reg: reg.push(layout, "repo:tag")``; anonymous unless ``token``."""
@@ -219,6 +259,7 @@ class Registry:
     token: TokenServer | None = None
     address: str = "127.0.0.1"  # any 127/8 address: a second "host" for policy tests
     port: int = field(default_factory=free_port)
+    tls: tuple[Path, Path] | None = None  # certificate and key: https instead of http
 
     @property
     def host(self) -> str:
@@ -232,6 +273,11 @@ class Registry:
             "storage": {"filesystem": {"rootdirectory": str(self.root / "data")}},
             "http": {"addr": self.host},
         }
+        if self.tls is not None:
+            config["http"] = {
+                "addr": self.host,
+                "tls": {"certificate": str(self.tls[0]), "key": str(self.tls[1])},
+            }
         if self.token is not None:
             config["auth"] = {
                 "token": {
@@ -300,7 +346,10 @@ class Registry:
     def url(self, ref: str) -> str:
         return f"oci://{self.host}/{ref}"
 
-    def blob_gets(self, digest: str) -> int:
-        """Successful GETs of blob ``digest`` (sha256:<hex>) in the registry's access log."""
-        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" (200|206)')
+    def blob_gets(self, digest: str, status: str = "200") -> int:
+        """GETs of blob ``digest`` (sha256:<hex>) answered ``status`` in the access log.
+
+        200: whole blobs (pulls); 206: ranged reads (the agent's one-byte checks).
+        """
+        pattern = re.compile(rf'"GET /v2/[^ ]+/blobs/{re.escape(digest)} HTTP/1\.1" {status} ')
         return len(pattern.findall(self.log.read_text(errors="replace")))

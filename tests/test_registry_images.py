@@ -26,7 +26,7 @@ from agents import Agent, phase, vmdisk
 from apiserver import AGENT_NAMESPACE, Kube
 from conftest import Manifest
 from httpserver import ImageServer
-from registry import OCI_MANIFEST, OciLayout, Registry, TokenServer, layer_tar
+from registry import OCI_MANIFEST, OciLayout, Registry, TokenServer, layer_tar, tls_certificate
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.config import Settings
@@ -83,10 +83,8 @@ def same_content(a: Path, b: Path) -> bool:
 def push_disk(reg: Registry, tmp_path: Path, ref: str, files: dict[str, bytes], **kw: Any) -> str:
     """Push a one-layer image holding ``files``; return the registry's digest of it."""
     layout = OciLayout(tmp_path / f"layout-{ref.replace('/', '_').replace(':', '_')}")
-    compress = kw.pop("compress", False)
-    layout.tag(
-        "t", layout.image(layer_tar(files, compress=compress, **kw), arch=ARCH, compressed=compress)
-    )
+    compress = kw.pop("compress", None)
+    layout.tag("t", layout.image(layer_tar(files, compress=compress, **kw), arch=ARCH))
     reg.push(layout, "t", ref)
     return reg.digest(ref)
 
@@ -312,17 +310,26 @@ def test_hostile_or_wrong_layers_are_refused_and_leave_nothing(
     assert not list((state / "disks").rglob("disk"))
 
 
-def test_a_gzip_layer_and_a_gzip_bomb(
-    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_a_compressed_layer_and_a_decompression_bomb(
+    runner: LocalRunner,
+    disk: Manifest,
+    registry: Registry,
+    qcow2: Path,
+    tmp_path: Path,
+    compression: str,
 ) -> None:
     klass = oci_class(runner.store, registry)
-    push_disk(registry, tmp_path, "vms/gz:v1", {"disk/a.qcow2": qcow2.read_bytes()}, compress=True)
+    files = {"disk/a.qcow2": qcow2.read_bytes()}
+    push_disk(registry, tmp_path, "vms/gz:v1", files, compress=compression)
+    served = manifest_of(registry, "vms/gz:v1")["layers"][0]["mediaType"]
+    assert served.endswith(f"+{compression}")  # skopeo kept it as built
     status = make(runner, disk, "gz", registry.url("vms/gz:v1"), klass)
     assert status.phase == "Ready", status.conditions
     assert status.path is not None and same_content(Path(status.path), qcow2)
     # 256 MiB of zeros beside the disk file: a few hundred KiB compressed.
     bomb = {"disk/a.qcow2": qcow2.read_bytes(), "junk": bytes(256 * MiB)}
-    push_disk(registry, tmp_path, "vms/bomb:v1", bomb, compress=True)
+    push_disk(registry, tmp_path, "vms/bomb:v1", bomb, compress=compression)
     obj = disk(
         "bomb",
         "qcow2",
@@ -359,7 +366,9 @@ def test_ten_disks_of_one_digest_pull_once(
     assert [s.phase for s in results.values()] == ["Ready"] * 10, results
     assert len({s.base_image for s in results.values()}) == 1
     (layer,) = runner.engine.cache.root.glob("layers/layer-*")
-    assert registry.blob_gets("sha256:" + layer.name.removeprefix("layer-")) == 1
+    digest = "sha256:" + layer.name.removeprefix("layer-")
+    assert registry.blob_gets(digest) == 1  # one pull
+    assert registry.blob_gets(digest, "206") == 9  # each cache hit asked for one byte
 
 
 def test_class_policy_applies_to_the_registry_and_every_redirect_hop(
@@ -558,3 +567,58 @@ def test_a_manifest_that_is_not_its_digest_is_refused(runner: LocalRunner, disk:
         status = make(runner, disk, "lying", url, front_class(runner, url))
         assert (status.phase, status.conditions[-1].reason) == ("Failed", "ChecksumMismatch")
         assert claimed in status.conditions[-1].message
+
+
+def test_a_cached_layer_serves_only_a_repository_that_holds_it(
+    runner: LocalRunner, disk: Manifest, registry: Registry, qcow2: Path, tmp_path: Path
+) -> None:
+    """The cache is shared by content; a manifest that merely names a cached layer gets nothing."""
+    push_disk(registry, tmp_path, "vms/private:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+    first = make(
+        runner, disk, "first", registry.url("vms/private:v1"), oci_class(runner.store, registry)
+    )
+    assert first.phase == "Ready", first.conditions
+    raw = subprocess.run(
+        [
+            "skopeo",
+            "inspect",
+            "--raw",
+            "--tls-verify=false",
+            f"docker://{registry.host}/vms/private:v1",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    with ImageServer() as front:  # serves the manifest, not the layer (404)
+        front.add("/v2/vms/copycat/manifests/v1", raw)
+        url = f"oci://127.0.0.1:{front.port}/vms/copycat:v1"
+        status = make(runner, disk, "copycat", url, front_class(runner, url))
+        assert status.phase != "Ready"
+        assert status.conditions[-1].reason == "DownloadFailed"
+        assert "does not serve layer" in status.conditions[-1].message
+        layer = json.loads(raw)["layers"][0]["digest"]
+        assert [s.status for s in front.gets(f"/v2/vms/copycat/blobs/{layer}")] == [404]
+
+
+def test_registries_are_reached_over_verified_tls_unless_the_class_says_plain_http(
+    runner: LocalRunner,
+    disk: Manifest,
+    qcow2: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry serves https with a generated certificate; trusted through SSL_CERT_FILE."""
+    cert = tls_certificate(tmp_path, "127.0.0.1")
+    with Registry(tmp_path / "registry", tls=cert) as registry:
+        push_disk(registry, tmp_path, "vms/tls:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+        url = registry.url("vms/tls:v1")
+        tls = oci_class(runner.store, registry, "tls", plainHttpRegistries=[])
+        untrusted = make(runner, disk, "untrusted", url, tls)
+        assert untrusted.conditions[-1].reason == "DownloadFailed", untrusted.conditions
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.conditions[-1].message
+        plain = make(runner, disk, "plain", url, oci_class(runner.store, registry, "plain"))
+        assert plain.phase != "Ready"  # http:// to an https registry: no image
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+        trusted = make(runner, disk, "trusted", url, tls)
+        assert trusted.phase == "Ready", trusted.conditions
+        assert trusted.path is not None and same_content(Path(trusted.path), qcow2)

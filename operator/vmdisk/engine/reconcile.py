@@ -401,16 +401,12 @@ class Engine:
         """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
-            f"DiskSnapshot/{s.metadata.name}"
-            for s in lookup.list_snapshots(namespace)
-            if s.spec.disk_name == name
+            f"DiskSnapshot/{s.metadata.name}" for s in lookup.snapshots_of(namespace, name)
         ]
         dependents += [
             f"VMDisk/{d.metadata.name}"
-            for d in lookup.list_disks(namespace)
-            if d.spec.source.disk is not None
-            and d.spec.source.disk.name == name
-            and still_creating(d.status)
+            for d in lookup.disks_from(namespace, "disk", name)
+            if still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(

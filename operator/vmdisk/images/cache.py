@@ -200,7 +200,9 @@ class ImageCache:
             known = self._read_map("layers", key)
             image = self.lookup(known) if known else None
             self.observer.cache_lookup(hit=image is not None)
-            if image is None:
+            if image is not None:
+                client.check_layer(resolved.layer)  # this repository, this login, serves it
+            else:
                 image = self._pull(client, fetch, key, resolved.layer, source, disk_size)
                 atomic_write(self.root / "layers" / key, image.id)
             found = self._use(image, source, disk_size)

@@ -1,4 +1,4 @@
-"""Taking the disk file out of a containerDisk layer (a tar, maybe gzip'd).
+"""Taking the disk file out of a containerDisk layer (a tar: plain, gzip'd or zstd'd).
 
 KubeVirt's convention: the layer holds exactly one regular file in
 ``disk/``, a raw or qcow2 image.  Only that file's bytes are written, to a
@@ -25,6 +25,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import IO, Protocol
 
+import zstandard
+
 from ..errors import ContainerDiskInvalid, DownloadFailed, ImageCorrupt, ImageTooLarge, ImageUnsafe
 from .download import Digest, Progress
 
@@ -35,6 +37,7 @@ _MAX_READ = 8 * 1024 * 1024  # larger than any header a real layer has, and than
 _MAX_MEMBERS = 10_000  # tarfile keeps each TarInfo; a real containerDisk has ~3
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
+_ZSTD_MAX_WINDOW = 1 << 27  # 128 MiB, zstd's own default decoder limit: bounded memory
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -101,6 +104,35 @@ class _Bounded(io.RawIOBase):
             )
 
 
+class _Inflate:
+    """gzip, decompressed in large steps (GzipFile reads its source 8 KiB at a time).
+
+    zlib checks each member's CRC; concatenated members are read as one stream.
+    """
+
+    def __init__(self, source: _Reader) -> None:
+        self.source = source
+        self.zlib = zlib.decompressobj(wbits=31)
+        self.pending = b""  # compressed bytes not yet fed
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = _CHUNK if size < 0 else size
+        while True:
+            if self.zlib.eof:
+                rest = self.zlib.unused_data + self.pending
+                self.pending = rest or self.source.read(_CHUNK)
+                if not self.pending:
+                    return b""
+                self.zlib = zlib.decompressobj(wbits=31)
+            data = self.zlib.unconsumed_tail or self.pending or self.source.read(_CHUNK)
+            self.pending = b""
+            if not data:
+                raise EOFError("the gzip stream ends inside a member")
+            out = self.zlib.decompress(data, size)
+            if out:
+                return out
+
+
 class _Prefixed:
     """``source`` with its first bytes (read to sniff the compression) put back."""
 
@@ -136,12 +168,15 @@ def extract_disk(
         head = b""
         while len(head) < 4 and (more := layer.read(4 - len(head))):
             head += more
-        if head.startswith(_ZSTD):
-            raise ContainerDiskInvalid(f"image {name}: zstd-compressed layers are not supported")
         raw = _Prefixed(head, layer)
-        inner: _Reader = gzip.GzipFile(fileobj=raw) if head.startswith(_GZIP) else raw  # type: ignore[call-overload]
+        inner: _Reader = raw
+        if head.startswith(_GZIP):
+            inner = _Inflate(raw)
+        elif head.startswith(_ZSTD):
+            zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
+            inner = zstd.stream_reader(raw, read_size=_CHUNK)  # type: ignore[arg-type]
         return _walk(_Bounded(inner, name, limit, deadline), out, name, limit, progress)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
         _remove(out)
         raise ImageCorrupt(f"image {name}: the layer is not a readable tar: {exc}") from None
     except BaseException:
@@ -222,10 +257,16 @@ def _copy(source: IO[bytes], out: Path, size: int, progress: Progress | None) ->
         while chunk := source.read(_CHUNK):
             hasher.update(chunk)
             view = memoryview(chunk)
+            run = 0  # start of the pending run of data blocks
             for start in range(0, len(view), _BLOCK):
                 block = view[start : start + _BLOCK]
-                if block != _ZEROES[: len(block)]:
-                    os.pwrite(fd, block, done + start)
+                zero = block == _ZEROES if len(block) == _BLOCK else not any(block)
+                if zero:  # a hole: write the run before it
+                    if run < start:
+                        os.pwrite(fd, view[run:start], done + run)
+                    run = start + _BLOCK
+            if run < len(view):
+                os.pwrite(fd, view[run:], done + run)
             done += len(chunk)
             if progress is not None:
                 progress(done, size)

@@ -49,6 +49,7 @@ LAYER_TYPES = frozenset(
     {
         "application/vnd.oci.image.layer.v1.tar",
         "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.oci.image.layer.v1.tar+zstd",
         "application/vnd.docker.image.rootfs.diff.tar.gzip",
     }
 )
@@ -181,6 +182,25 @@ class RegistryClient:
             url, digest=layer.digest, size=layer.size, options=options, progress=progress
         )
 
+    def check_layer(self, layer: Layer) -> None:
+        """Ask for the layer's first byte before a cached copy of it is used.
+
+        The cache is shared by content, so without this a manifest that only
+        names a layer (a registry the class allows, but one that does not hold
+        it, or a login that may not read it) would get another class's pull.
+        """
+        url = f"{self.base}/blobs/{layer.digest}"
+        try:
+            reply = self._get(url, "*/*", 1, {"Range": "bytes=0-0"})
+        except ImageTooLarge:
+            return  # it ignored the range and sent the blob: it does hold it
+        if reply.status not in (200, 206):
+            raise DownloadFailed(
+                f"registry {self.ref.registry} does not serve layer {layer.digest} of "
+                f"{self.ref} (HTTP {reply.status}); a cached copy is used only for a "
+                "repository that serves it"
+            )
+
     def _manifest(self, reference: str) -> tuple[bytes, str]:
         reply = self._get(f"{self.base}/manifests/{reference}", _ACCEPT, _MAX_MANIFEST)
         sep = "@" if DIGEST.match(reference) else ":"
@@ -199,19 +219,20 @@ class RegistryClient:
                 )
         return reply.body, reply.headers.get("content-type", "").split(";")[0].strip()
 
-    def _get(self, url: str, accept: str, limit: int) -> Reply:
+    def _get(self, url: str, accept: str, limit: int, extra: dict[str, str] | None = None) -> Reply:
         """GET on the registry, answering one auth challenge with the class's credentials."""
-        reply = self._send(url, accept, limit)
+        headers = {"Accept": accept, **(extra or {})}
+        reply = self._send(url, headers, limit)
         if reply.status != 401:
             return self._allowed(reply)
         if self.header:
             raise self._refused("refused the token it issued")
         self._authenticate(reply.headers.get("www-authenticate", ""))
-        return self._allowed(self._send(url, accept, limit))
+        return self._allowed(self._send(url, headers, limit))
 
-    def _send(self, url: str, accept: str, limit: int) -> Reply:
+    def _send(self, url: str, headers: dict[str, str], limit: int) -> Reply:
         options = replace(self.options, origin_headers=self.header)
-        return get_small(url, {"Accept": accept}, options, limit=limit)
+        return get_small(url, headers, options, limit=limit)
 
     def _allowed(self, reply: Reply) -> Reply:
         if reply.status in (401, 403):

@@ -66,17 +66,20 @@ class LocalRunner:
         stored = [self.store.apply(obj) for obj in objects if not isinstance(obj, VMDiskClass)]
         results: dict[int, Resource] = {}
         pending = list(range(len(stored)))
+        first = True
         while pending:
             waiting = []
             for index in pending:
-                current = self.store.get(*_key(stored[index])) or stored[index]
+                # Just stored, so fresh on the first pass; retries read what others wrote.
+                current = stored[index] if first else self.store.get(*_key(stored[index]))
+                current = current or stored[index]
                 assert not isinstance(current, VMDiskClass)
                 results[index] = self.reconcile(current)
                 if _waiting(results[index]):
                     waiting.append(index)
             if len(waiting) == len(pending):
                 break  # no progress: the dependencies are not in this batch
-            pending = waiting
+            pending, first = waiting, False
         return [*classes, *(results[i] for i in range(len(stored)))]
 
     def delete(self, objects: Sequence[Stored]) -> list[str]:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
 from ..api.vmdiskclass import VMDiskClass
+from ..engine.ports import SourceKind
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]
@@ -147,3 +148,15 @@ class IndexLookup:
 
     def list_snapshots(self, namespace: str) -> list[DiskSnapshot]:
         return self._namespace(DiskSnapshot, self.snapshots, namespace)
+
+    def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
+        # Indexed bodies are parsed once, so filtering the namespace's models is cheap.
+        return [s for s in self.list_snapshots(namespace) if s.spec.disk_name == disk]
+
+    def disks_from(self, namespace: str, kind: SourceKind, name: str) -> list[VMDisk]:
+        return [d for d in self.list_disks(namespace) if _source_name(d, kind) == name]
+
+
+def _source_name(disk: VMDisk, kind: SourceKind) -> str | None:
+    ref = disk.spec.source.disk if kind == "disk" else disk.spec.source.snapshot
+    return None if ref is None else ref.name
