@@ -14,6 +14,7 @@ import datetime
 import gzip as gzip_module
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import re
@@ -218,6 +219,38 @@ class _TokenHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def tls_certificate(root: Path, address: str) -> tuple[Path, Path]:
+    """A self-signed certificate (and key) for ``address``: the registry's and its trust anchor."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmdisk test registry")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = root / "registry-cert.pem", root / "registry-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
 @dataclass
 class Registry:
     """``with Registry(tmp) as reg: reg.push(layout, "repo:tag")``; anonymous unless ``token``."""
@@ -226,6 +259,7 @@ class Registry:
     token: TokenServer | None = None
     address: str = "127.0.0.1"  # any 127/8 address: a second "host" for policy tests
     port: int = field(default_factory=free_port)
+    tls: tuple[Path, Path] | None = None  # certificate and key: https instead of http
 
     @property
     def host(self) -> str:
@@ -239,6 +273,11 @@ class Registry:
             "storage": {"filesystem": {"rootdirectory": str(self.root / "data")}},
             "http": {"addr": self.host},
         }
+        if self.tls is not None:
+            config["http"] = {
+                "addr": self.host,
+                "tls": {"certificate": str(self.tls[0]), "key": str(self.tls[1])},
+            }
         if self.token is not None:
             config["auth"] = {
                 "token": {

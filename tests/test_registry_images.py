@@ -26,7 +26,7 @@ from agents import Agent, phase, vmdisk
 from apiserver import AGENT_NAMESPACE, Kube
 from conftest import Manifest
 from httpserver import ImageServer
-from registry import OCI_MANIFEST, OciLayout, Registry, TokenServer, layer_tar
+from registry import OCI_MANIFEST, OciLayout, Registry, TokenServer, layer_tar, tls_certificate
 from vmdisk.api.vmdisk import VMDisk, VMDiskStatus
 from vmdisk.api.vmdiskclass import VMDiskClass
 from vmdisk.config import Settings
@@ -598,3 +598,27 @@ def test_a_cached_layer_serves_only_a_repository_that_holds_it(
         assert "does not serve layer" in status.conditions[-1].message
         layer = json.loads(raw)["layers"][0]["digest"]
         assert [s.status for s in front.gets(f"/v2/vms/copycat/blobs/{layer}")] == [404]
+
+
+def test_registries_are_reached_over_verified_tls_unless_the_class_says_plain_http(
+    runner: LocalRunner,
+    disk: Manifest,
+    qcow2: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry serves https with a generated certificate; trusted through SSL_CERT_FILE."""
+    cert = tls_certificate(tmp_path, "127.0.0.1")
+    with Registry(tmp_path / "registry", tls=cert) as registry:
+        push_disk(registry, tmp_path, "vms/tls:v1", {"disk/a.qcow2": qcow2.read_bytes()})
+        url = registry.url("vms/tls:v1")
+        tls = oci_class(runner.store, registry, "tls", plainHttpRegistries=[])
+        untrusted = make(runner, disk, "untrusted", url, tls)
+        assert untrusted.conditions[-1].reason == "DownloadFailed", untrusted.conditions
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.conditions[-1].message
+        plain = make(runner, disk, "plain", url, oci_class(runner.store, registry, "plain"))
+        assert plain.phase != "Ready"  # http:// to an https registry: no image
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))
+        trusted = make(runner, disk, "trusted", url, tls)
+        assert trusted.phase == "Ready", trusted.conditions
+        assert trusted.path is not None and same_content(Path(trusted.path), qcow2)

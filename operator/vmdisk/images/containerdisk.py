@@ -104,6 +104,35 @@ class _Bounded(io.RawIOBase):
             )
 
 
+class _Inflate:
+    """gzip, decompressed in large steps (GzipFile reads its source 8 KiB at a time).
+
+    zlib checks each member's CRC; concatenated members are read as one stream.
+    """
+
+    def __init__(self, source: _Reader) -> None:
+        self.source = source
+        self.zlib = zlib.decompressobj(wbits=31)
+        self.pending = b""  # compressed bytes not yet fed
+
+    def read(self, size: int = -1, /) -> bytes:
+        size = _CHUNK if size < 0 else size
+        while True:
+            if self.zlib.eof:
+                rest = self.zlib.unused_data + self.pending
+                self.pending = rest or self.source.read(_CHUNK)
+                if not self.pending:
+                    return b""
+                self.zlib = zlib.decompressobj(wbits=31)
+            data = self.zlib.unconsumed_tail or self.pending or self.source.read(_CHUNK)
+            self.pending = b""
+            if not data:
+                raise EOFError("the gzip stream ends inside a member")
+            out = self.zlib.decompress(data, size)
+            if out:
+                return out
+
+
 class _Prefixed:
     """``source`` with its first bytes (read to sniff the compression) put back."""
 
@@ -142,7 +171,7 @@ def extract_disk(
         raw = _Prefixed(head, layer)
         inner: _Reader = raw
         if head.startswith(_GZIP):
-            inner = gzip.GzipFile(fileobj=raw)  # type: ignore[call-overload]
+            inner = _Inflate(raw)
         elif head.startswith(_ZSTD):
             zstd = zstandard.ZstdDecompressor(max_window_size=_ZSTD_MAX_WINDOW)
             inner = zstd.stream_reader(raw, read_size=_CHUNK)  # type: ignore[arg-type]
@@ -228,10 +257,16 @@ def _copy(source: IO[bytes], out: Path, size: int, progress: Progress | None) ->
         while chunk := source.read(_CHUNK):
             hasher.update(chunk)
             view = memoryview(chunk)
+            run = 0  # start of the pending run of data blocks
             for start in range(0, len(view), _BLOCK):
                 block = view[start : start + _BLOCK]
-                if block != _ZEROES[: len(block)]:
-                    os.pwrite(fd, block, done + start)
+                zero = block == _ZEROES if len(block) == _BLOCK else not any(block)
+                if zero:  # a hole: write the run before it
+                    if run < start:
+                        os.pwrite(fd, view[run:start], done + run)
+                    run = start + _BLOCK
+            if run < len(view):
+                os.pwrite(fd, view[run:], done + run)
             done += len(chunk)
             if progress is not None:
                 progress(done, size)
