@@ -136,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
         f"print the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)",
     )
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
+    crds.add_argument(
+        "--selectable-fields",
+        action="store_true",
+        help="declare spec.nodeName selectable (Kubernetes 1.31+): each agent is sent only "
+        "its own node's VMDisks",
+    )
 
     cache = command("cache", "list or prune the node's image cache", common)
     cache.add_argument(
@@ -343,11 +349,13 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     from .api.crd import crd_yaml, crds, write_crds
     from .backends.registry import PLUGINS
 
+    selectable = args.selectable_fields
     if args.split:
-        for path in write_crds(args.split, PLUGINS):
+        for path in write_crds(args.split, PLUGINS, selectable_fields=selectable):
             print(path)
     else:
-        print("---\n".join(crd_yaml(c) for c in crds(PLUGINS)), end="")
+        found = crds(PLUGINS, selectable_fields=selectable)
+        print("---\n".join(crd_yaml(c) for c in found), end="")
     return 0
 
 
