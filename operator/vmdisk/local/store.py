@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,7 @@ class LocalStore:
         self.layout = layout
         self._index: dict[str, _RefIndex] = {}
         self._swept: set[Path] = set()  # object directories cleaned of dead writers' temps
+        self._lock = threading.Lock()  # the index and _swept, for the runner's workers
 
     def _read(self, plural: Plural, namespace: str, name: str) -> dict[str, Any] | None:
         path = self.layout.object_file(plural, namespace, name)
@@ -165,9 +167,10 @@ class LocalStore:
 
     def _owners(self, namespace: str, kind: str, name: str) -> list[str]:
         """Names of the objects referring to ``name`` (re-read and checked by the callers)."""
-        index = self._fresh_index(namespace)
         plural = "disksnapshots" if kind == "diskName" else "vmdisks"
-        return sorted(n for p, n in index.owners.get((kind, name), set()) if p == plural)
+        with self._lock:
+            index = self._fresh_index(namespace)
+            return sorted(n for p, n in index.owners.get((kind, name), set()) if p == plural)
 
     def _stamp(self, namespace: str) -> tuple[int, ...]:
         stamp = []
@@ -203,6 +206,10 @@ class LocalStore:
 
     def _in_step(self, plural: Plural, namespace: str) -> bool:
         """True when this namespace's index saw every change so far (call before a write)."""
+        with self._lock:
+            return self._in_step_locked(plural, namespace)
+
+    def _in_step_locked(self, plural: Plural, namespace: str) -> bool:
         index = self._index.get(namespace)
         if index is None or plural not in _REF_PLURALS:
             return False
@@ -213,9 +220,11 @@ class LocalStore:
 
     def _noted(self, namespace: str, owner: Owner, data: dict[str, Any] | None) -> None:
         """Keep this namespace's index in step with a write (or removal) of our own."""
-        index = self._index[namespace]
-        index.set(owner, [] if data is None else _refs_of(data))
-        index.stamp = self._stamp(namespace)
+        with self._lock:
+            index = self._index.get(namespace)
+            if index is not None:
+                index.set(owner, [] if data is None else _refs_of(data))
+                index.stamp = self._stamp(namespace)
 
     def apply(self, obj: Stored) -> Stored:
         """Create or update from a manifest; generation grows only when the spec changes."""
@@ -268,9 +277,11 @@ class LocalStore:
         namespace = scope(obj)
         path = self.layout.object_file(plural, namespace, obj.metadata.name)
         data = dump(obj)
-        if path.parent not in self._swept:
-            remove_stale_temps(path.parent)  # once per directory, not on every write
+        with self._lock:
+            sweep = path.parent not in self._swept
             self._swept.add(path.parent)
+        if sweep:
+            remove_stale_temps(path.parent)  # once per directory, not on every write
         # Specs may carry credentials (image URLs): root only.
         text = json.dumps(data, indent=1, sort_keys=True) + "\n"
         in_step = self._in_step(plural, namespace)

@@ -112,6 +112,27 @@ def _clearing(raw: Any, new: dict[str, Any]) -> dict[str, Any]:
     return {**dict.fromkeys(stale), **new}
 
 
+class Publisher:
+    """Publishes a disk's status while its handler runs; remembers what it last wrote."""
+
+    def __init__(self, memo: Any, meta: Any) -> None:
+        self.memo, self.meta = memo, meta
+        self.written: dict[str, Any] | None = None
+
+    def __call__(self, status: VMDiskStatus) -> None:
+        api = getattr(self.memo, "api", None)
+        if api is None:
+            return
+        body = dump(status)
+        try:
+            api.patch_status("vmdisks", self.meta["namespace"], self.meta["name"], body)
+        except VMDiskError as exc:  # progress is best effort; the handler goes on
+            log.debug("progress not published: %s", exc)
+            self.written = None  # its outcome unknown: kopf writes the final status
+        else:
+            self.written = body
+
+
 def _reconciled(
     body: Any,
     patch: Any,
@@ -119,8 +140,13 @@ def _reconciled(
     model: type[VMDisk] | type[DiskSnapshot],
     status_model: type[S],
     reconcile: Callable[[Any], S],
+    written: Callable[[], dict[str, Any] | None] = lambda: None,
 ) -> None:
-    """Parse, reconcile, write status and events; retry (with backoff) only temporary failures."""
+    """Parse, reconcile, write status and events; retry (with backoff) only temporary failures.
+
+    A status the object already has, or that the handler itself just published,
+    is not written again.
+    """
     raw = body.get("status")
     parsed_old = parse_status(raw, status_model)
     old = parsed_old or status_model()
@@ -131,7 +157,11 @@ def _reconciled(
         metadata = body.get("metadata")
         generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
         new = failed_status(old, generation, InvalidSpec("; ".join(describe_errors(exc))))
-    patch.status.update(dump(new) if parsed_old or not raw else _clearing(raw, dump(new)))
+    wanted = dump(new)
+    if parsed_old is None and raw:
+        patch.status.update(_clearing(raw, wanted))
+    elif wanted != written() and (parsed_old is None or wanted != dump(parsed_old)):
+        patch.status.update(wanted)
     _report(body, parsed_old, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
@@ -187,23 +217,11 @@ def register(
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
         return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads)
 
-    def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
-        def publish(status: VMDiskStatus) -> None:
-            api = getattr(memo, "api", None)
-            if api is None:
-                return
-            try:
-                api.patch_status("vmdisks", meta["namespace"], meta["name"], dump(status))
-            except VMDiskError as exc:  # progress is best effort; the handler goes on
-                log.debug("progress not published: %s", exc)
-
-        return publish
-
     @on_changes("vmdisks", on_this_node, "vmdisk_changed")
     def vmdisk_changed(
         *, body: Any, meta: Any, patch: Any, retry: Any, memo: Any, **kw: Any
     ) -> None:
-        publish = publisher(memo, meta)
+        publish = Publisher(memo, meta)
         _reconciled(
             body,
             patch,
@@ -211,6 +229,7 @@ def register(
             VMDisk,
             VMDiskStatus,
             lambda disk: engine.reconcile_disk(disk, lookup(kw), publish),
+            lambda: publish.written,
         )
 
     @kopf.on.delete(
