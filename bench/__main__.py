@@ -28,10 +28,12 @@ from . import (
     engine_qcow2,
     lvm_thin,
     online_grow,
+    operator_fleet,
     operator_latency,
     operator_scale,
     raw_copy,
     rbd_clone,
+    registry_pull,
 )
 from .harness import Row, fs_type, scratch_dir, sh, table
 
@@ -43,9 +45,11 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "z": ("decompressing download (.xz, .zst) vs curl | xz -d / zstd -d", decompress_speed.run),
     "e": ("the operator at scale against a real kube-apiserver", operator_scale.run),
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
+    "h": ("a fleet of agents watching 1,000 VMDisks of one node", operator_fleet.run),
     "g": ("online grow under a running domain vs virsh blockresize", online_grow.run),
     "rbd": ("20 rbd disks: COW clones vs full imports", rbd_clone.run),
     "lvm": ("thin LVM disk from an image vs qemu-img convert, in the test VM", lvm_thin.run),
+    "oci": ("registry pull of a 256 MiB containerDisk vs skopeo copy", registry_pull.run),
 }
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -15,6 +15,7 @@ minutes on a 2-core machine).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,9 +43,10 @@ from .harness import (
 COUNTS = tuple(int(n) for n in os.environ.get("VMDISK_BENCH_SCALE", "200").split())
 
 
-def _peak_rss(pid: int) -> int:
+def _peak_rss(pid: int, field: str = "VmHWM") -> int:
+    """The process's peak resident memory (or ``field``, e.g. VmRSS: now), in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -114,17 +116,35 @@ def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[
             cpu_server = [process_cpu(pid) - c0 for pid, c0 in pairs]
             agent_cpu = process_cpu(agent.pid) - cpu_agent0
             rss = _peak_rss(agent.pid)
+            rss_ready = _peak_rss(agent.pid, "VmRSS")
+            # Deletion of them all at once, until the API server has none left.
+            time.sleep(2)  # the last status patches settle
+            deleting = utc_now()
+            cpu_agent1 = process_cpu(agent.pid)
+            t0 = time.monotonic()
+            for name in created:
+                kube.delete("vmdisks", name)
+            while kube.list("vmdisks") and time.monotonic() - t0 < 900:
+                time.sleep(0.2)
+            delete_wall = time.monotonic() - t0 if not kube.list("vmdisks") else float("nan")
+            delete_cpu = process_cpu(agent.pid) - cpu_agent1
+            rss_after_delete = _peak_rss(agent.pid, "VmRSS")
         finally:
             agent.terminate()
             agent.wait(timeout=30)
+        text = (scratch / f"agent-{count}.log").read_text(errors="replace")
+        if keep := os.environ.get("VMDISK_BENCH_LOGS"):  # for a look at what the agent did
+            shutil.copy(scratch / f"agent-{count}.log", Path(keep) / f"agent-{count}.log")
         # The audit log has every request the server answered, by identity.
-        verbs = Counter(
-            f"{e['verb']} {e.get('objectRef', {}).get('subresource', '')}".strip()
-            + ("" if e.get("responseStatus", {}).get("code", 200) < 300 else " (refused)")
+        mine = [
+            e
             for e in server.audit()
             if e["user"]["username"] == server.agent_user and e["requestReceivedTimestamp"] >= since
-        )
+        ]
+        creating = [e for e in mine if e["requestReceivedTimestamp"] < deleting]
+        verbs = _verbs(creating)
         by_verb = ", ".join(f"{verb} {n / count:.1f}" for verb, n in verbs.most_common())
+        delete_verbs = _verbs([e for e in mine if e["requestReceivedTimestamp"] >= deleting])
         return {
             "wall": wall,
             "p50": _percentile(latencies, 0.50),
@@ -132,11 +152,51 @@ def _scale(scratch: Path, count: int, url: str, sha: str, images: Path) -> dict[
             "requests": sum(verbs.values()) / count,
             "by_verb": by_verb,
             "rss": rss,
+            "rss_ready": rss_ready,
+            "rss_after_delete": rss_after_delete,
             "agent_cpu": agent_cpu,
             "etcd_cpu": cpu_server[0],
             "apiserver_cpu": cpu_server[1],
             "ready": len(ready),
+            "create_runs": text.count("Handler 'vmdisk_changed' succeeded"),
+            "delete_wall": delete_wall,
+            "delete_cpu": delete_cpu,
+            "delete_requests": sum(delete_verbs.values()) / count,
+            "index_races": text.count("dictionary changed size during iteration"),
+            "pool_full": text.count("Connection pool is full"),
         }
+
+
+def _verbs(events: list[dict[str, Any]]) -> Counter[str]:
+    return Counter(
+        f"{e['verb']} {e.get('objectRef', {}).get('subresource', '')}".strip()
+        + ("" if e.get("responseStatus", {}).get("code", 200) < 300 else " (refused)")
+        for e in events
+    )
+
+
+def _rows(count: int, s: dict[str, Any]) -> list[Row]:
+    """The figures of one N that are the same at every N."""
+    return [
+        Row(
+            f"(e) {count}: create-handler runs, index races, full connection pools",
+            f"{s['create_runs']} runs for {count} disks",
+            f"'dictionary changed size' {s['index_races']}, "
+            f"'Connection pool is full' {s['pool_full']}",
+            f"{s['create_runs'] / count:.2f} runs/disk",
+            "1 run per disk, no races",
+            s["create_runs"] == count and s["index_races"] == 0,
+        ),
+        Row(
+            f"(e) {count}: delete of all {count} at once, until none is left",
+            f"{fmt_s(s['delete_wall'])} ({fmt_s(s['delete_wall'] / count)} per disk)",
+            f"agent CPU {s['delete_cpu']:.1f} s ({s['delete_cpu'] / count * 1000:.0f} ms/disk), "
+            f"{s['delete_requests']:.1f} requests/disk",
+            "",
+            "report",
+            s["delete_wall"] == s["delete_wall"],  # not NaN: all gone
+        ),
+    ]
 
 
 def run(scratch: Path) -> list[Row]:
@@ -197,7 +257,16 @@ def run(scratch: Path) -> list[Row]:
             "report",
             True,
         ),
-        Row("(e) agent peak RSS, 200 disks", f"{s200['rss'] // MiB} MiB", "", "", "report", True),
+        Row(
+            "(e) agent RSS, 200 disks: peak / when all are Ready / after all are deleted",
+            f"{s200['rss'] // MiB} / {s200['rss_ready'] // MiB} / "
+            f"{s200['rss_after_delete'] // MiB} MiB",
+            "",
+            "",
+            "report",
+            True,
+        ),
+        *_rows(200, s200),
     ]
     for count in COUNTS:
         if count == 200:
@@ -208,7 +277,8 @@ def run(scratch: Path) -> list[Row]:
                 f"(e) {count} VMDisks until all Ready (real kube-apiserver)",
                 f"{fmt_s(s['wall'])} ({int(s['ready'])}/{count}), "
                 f"{s['requests']:.1f} requests/disk, p50 {fmt_s(s['p50'])}, "
-                f"p99 {fmt_s(s['p99'])}, agent peak RSS {s['rss'] // MiB} MiB",
+                f"p99 {fmt_s(s['p99'])}, agent RSS peak / Ready / deleted {s['rss'] // MiB} / "
+                f"{s['rss_ready'] // MiB} / {s['rss_after_delete'] // MiB} MiB",
                 f"agent CPU {s['agent_cpu']:.1f} s, kube-apiserver CPU "
                 f"{s['apiserver_cpu']:.1f} s, etcd CPU {s['etcd_cpu']:.1f} s",
                 "",
@@ -216,4 +286,5 @@ def run(scratch: Path) -> list[Row]:
                 s["ready"] == count,
             )
         )
+        rows += _rows(count, s)
     return rows

@@ -13,6 +13,7 @@ DEBS=(
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd
   lvm2 cryptsetup thin-provisioning-tools
   podman runc debootstrap  # debootstrap: the container image's base and the test VM
+  docker-registry skopeo  # a real OCI registry and its client, for oci:// image sources
 )
 
 missing=()

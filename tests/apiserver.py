@@ -239,6 +239,35 @@ class KubeApiServer:
             self.apply_crds()
             self._wait(lambda: not self._accepts_unknown_fields(), "the real CRD", timeout=30)
 
+    @property
+    def selects_fields(self) -> bool:
+        """Whether this version serves CRD ``selectableFields`` (beta, on by default, in 1.31)."""
+        return tuple(int(p) for p in self.version.split(".")[:2]) >= (1, 31)
+
+    def selectable_crds(self) -> list[Obj]:
+        """The CRDs of ``vmdisk crds --selectable-fields`` (spec.nodeName selectable)."""
+        argv = [sys.executable, "-m", "vmdisk.cli", "crds", "--selectable-fields"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+        return [crd for crd in yaml.safe_load_all(out.stdout) if crd]
+
+    @contextlib.contextmanager
+    def node_selectable_crds(self) -> Iterator[None]:
+        """The CRDs with spec.nodeName selectable, until the block ends; the usual ones after."""
+        self.apply(self.selectable_crds())
+        self._wait(lambda: self._selects_node(), "the selectable CRD", timeout=30)
+        try:
+            yield
+        finally:
+            self.apply_crds()
+            self._wait(lambda: not self._selects_node(), "the usual CRD", timeout=30)
+
+    def _selects_node(self) -> bool:
+        try:
+            self.kubectl("get", "vmdisks", "-A", "--field-selector", "spec.nodeName=probe")
+        except KubectlError:
+            return False
+        return True
+
     def _accepts_unknown_fields(self) -> bool:
         """Whether the served VMDisk schema takes anything (a server-side dry run)."""
         probe = {

@@ -88,3 +88,46 @@ def test_raw_full_preallocation_writes_zeroes_and_keeps_data(
             assert qemu_read(data, "raw", offset, len(expected)) == expected
     else:
         subprocess.run(["e2fsck", "-fn", str(data)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("preallocation", ["falloc", "full"])
+def test_raw_grow_and_restore_allocate_as_the_disk_was_made(
+    runner: LocalRunner, disk: Manifest, preallocation: str
+):
+    def made(size: str, **spec: object) -> Path:
+        manifest = disk("pre", "raw", source={"blank": {}}, size=size,
+                        preallocation=preallocation, **spec)  # fmt: skip
+        (obj,) = apply(runner, manifest)
+        assert status_of(obj).phase == "Ready", status_of(obj).conditions
+        return Path(status_of(obj).path or "")
+
+    data = made("8Mi")
+    snap = DiskSnapshot.model_validate(
+        {
+            "apiVersion": "vmdisk.io/v1alpha1",
+            "kind": "DiskSnapshot",
+            "metadata": {"name": "s", "namespace": "vms"},
+            "spec": {"diskName": "pre"},
+        }
+    )
+    (done,) = apply(runner, snap)
+    assert done.status is not None and done.status.phase == "Ready"
+    assert _allocated(data) >= 8 * MiB
+    made("16Mi")
+    assert _allocated(data) >= 16 * MiB  # the new half too, not a hole
+    # Rolled back to the 8 MiB snapshot of a 16 MiB disk: all of it allocated again.
+    data = made("16Mi", restore={"snapshot": "s"})
+    assert _allocated(data) >= 16 * MiB
+    if preallocation == "full":
+        assert not [f for f in _extent_flags(data) if "unwritten" in f]
+
+
+def test_qcow2_grow_preallocates_as_the_disk_was_made(runner: LocalRunner, disk: Manifest):
+    def made(size: str) -> Path:
+        manifest = disk("preq", "qcow2", source={"blank": {}}, size=size, preallocation="falloc")
+        (obj,) = apply(runner, manifest)
+        assert status_of(obj).phase == "Ready", status_of(obj).conditions
+        return Path(status_of(obj).path or "")
+
+    assert _allocated(made("8Mi")) >= 8 * MiB
+    assert _allocated(made("32Mi")) >= 32 * MiB

@@ -9,6 +9,7 @@ image is run as an agent by test_image.py.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from apiserver import CHART, KubeApiServer
+from apiserver import CHART, KubeApiServer, KubectlError
 
 Obj = dict[str, Any]
 FULL_VALUES = CHART / "ci" / "full-values.yaml"
@@ -65,3 +66,36 @@ def test_helm_install_is_accepted(kube_api: KubeApiServer, tmp_path: Path, full:
         finally:
             config.uninstall(release)
     assert "DaemonSet" not in kube_api.kubectl("get", "daemonsets", "-n", namespace)
+
+
+def test_crds_upgrade_the_way_the_readme_says(kube_api: KubeApiServer) -> None:
+    """README "Upgrading CRDs": a plain server-side apply of a newer CRD conflicts with the
+    field manager Helm installed it under, and ``--force-conflicts`` takes the fields over."""
+    path = CHART / "crds" / "vmdisks.vmdisk.io.yaml"
+    installed = yaml.safe_load(path.read_text())
+    newer = copy.deepcopy(installed)
+    schema = newer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema["description"] += " (a newer release)"
+
+    def apply(crd: Obj, *flags: str) -> str:
+        return kube_api.kubectl(
+            "apply", "--server-side", *flags, "-f", "-", stdin=yaml.safe_dump(crd)
+        )
+
+    def stored_description() -> str:
+        crd = yaml.safe_load(kube_api.kubectl("get", "crd", "vmdisks.vmdisk.io", "-o", "yaml"))
+        return str(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"])
+
+    # As Helm installs CRDs: a plain update under its own field manager.
+    helm_made = copy.deepcopy(installed)
+    helm_made["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] += " (helm)"
+    kube_api.kubectl("replace", "--field-manager=helm", "-f", "-", stdin=yaml.safe_dump(helm_made))
+    with pytest.raises(KubectlError, match='conflict with "helm"'):
+        apply(newer)
+    try:
+        apply(newer, "--force-conflicts")
+        assert stored_description().endswith("(a newer release)")
+    finally:
+        apply(installed, "--force-conflicts")
+    assert stored_description() == installed["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"]["description"]  # fmt: skip

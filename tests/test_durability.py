@@ -83,3 +83,35 @@ def test_raw_disk_from_raw_is_synced_before_it_is_renamed(tmp_path: Path, image_
     lines = _apply_traced(tmp_path, image_dir, "raw", "base.raw")
     synced, renamed = _synced_before_rename(lines, tmp_path / "state")
     assert renamed and synced, "\n".join(lines)
+
+
+_WRITES = (
+    "write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,rename,renameat,renameat2,"
+    "unlink,unlinkat,truncate,ftruncate,fallocate,mkdir,mkdirat"
+)
+# 1234 fsync(5</state/objects/...>) = 0   /   1234 rename("/state/...", ...) = 0
+_CALL = re.compile(r"^\d+\s+(?P<call>\w+)\((?P<args>.*)$")
+
+
+def test_a_no_op_re_apply_writes_nothing(tmp_path: Path, image_dir: Path):
+    """Re-applying unchanged manifests of unchanged disks only reads: no write, sync or rename."""
+    image = image_dir / "base.qcow2"
+    source = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
+    docs = [vmdisk_doc(f"q{i}", backend="qcow2", size="32Mi", source=source) for i in range(5)]
+    docs += [vmdisk_doc(f"r{i}", backend="raw", size="8Mi", source={"blank": {}}) for i in range(5)]
+    manifest = write_manifests(tmp_path / "disks.yaml", *docs)
+    state = tmp_path / "state"
+    env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_DIRS": str(image_dir)}
+    apply = [*VMDISK, "apply", "-f", str(manifest), "--state-dir", str(state)]
+    first = subprocess.run(apply, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 0, first.stderr
+
+    trace = tmp_path / "trace"
+    argv = ["strace", "-f", "-y", "-qq", "-o", str(trace), "-e", f"trace={_WRITES}"]
+    again = subprocess.run([*argv, *apply], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    calls = [m for line in trace.read_text().splitlines() if (m := _CALL.match(line))]
+    assert any(m["call"] == "write" for m in calls), "strace saw no writes at all (stdout?)"
+    in_state = [f"{m['call']}({m['args']}" for m in calls if str(state) in m["args"]]
+    assert in_state == [], "\n".join(in_state)

@@ -8,7 +8,10 @@ stands in for a QEMU that libvirt does not know about.
 
 from __future__ import annotations
 
+import dataclasses
+import socket
 import subprocess
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -23,8 +26,11 @@ from libvirtd import qemu_open_files, query_block, running_domain
 from vmdisk.api.common import Condition
 from vmdisk.api.snapshot import DiskSnapshot
 from vmdisk.api.vmdisk import VMDisk
+from vmdisk.config import Settings
+from vmdisk.engine.reconcile import Engine
+from vmdisk.host.domains import DomainDisk, Hypervisor, HypervisorUnavailable
 from vmdisk.local.runner import LocalRunner
-from vmdisk.local.store import Resource
+from vmdisk.local.store import LocalStore, Resource
 
 pytestmark = pytest.mark.libvirtd
 
@@ -484,3 +490,63 @@ def test_rbd_client_outside_libvirt_refuses_grow(
     (grown,) = rbd_runner.apply([with_spec(vm, size="64Mi")])
     assert grown.status is not None and grown.status.resized_online is False
     assert rbd_size(ceph_cluster, str(made.status.path)) == 64 * MiB
+
+
+@pytest.fixture
+def silent_libvirtd(tmp_path: Path) -> Iterator[str]:
+    """A libvirt URI whose peer accepts and never answers: libvirtd hung (SIGSTOP-like).
+
+    A real socket and the real libvirt client; only the daemon's silence is made up,
+    because stopping the suite's shared libvirtd would stall the domains of other tests.
+    """
+    path = tmp_path / "hung.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])  # held open, never read or answered
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"qemu+unix:///system?socket={path}"
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
+
+
+def test_a_hung_libvirtd_bounds_every_call(silent_libvirtd: str) -> None:
+    hypervisor = Hypervisor(silent_libvirtd, timeout=1.5)
+    disk = DomainDisk("web", str(uuid.uuid4()), "vda")
+    calls = {
+        "list": lambda: hypervisor.disks_using(paths=["/var/lib/vmdisk/disks/vms/a/disk"]),
+        "grow": lambda: hypervisor.block_resize(disk, 32 * MiB),
+        "size": lambda: hypervisor.block_capacity(disk),
+        "freeze": lambda: hypervisor.freeze(disk),
+    }
+    for what, call in calls.items():
+        started = time.monotonic()
+        with pytest.raises(HypervisorUnavailable, match=r"did not answer in 1\.5s"):
+            call()
+        assert time.monotonic() - started < 10, what
+
+
+def test_a_hung_libvirtd_leaves_the_image_lock_to_decide(
+    settings: Settings, engine: Engine, store: LocalStore, disk: Manifest, silent_libvirtd: str
+) -> None:
+    """Nothing holds the disk: a hung libvirtd delays the grow (by its bound), never blocks it."""
+    hung = dataclasses.replace(engine, hypervisor=Hypervisor(silent_libvirtd, timeout=1.5))
+    runner = LocalRunner(settings, hung, store)
+    runner.apply([disk("free", "raw", source={"blank": {}}, size="4Mi")])
+    (grown,) = runner.apply([disk("free", "raw", source={"blank": {}}, size="8Mi")])
+    assert grown.status is not None and grown.status.virtual_size == 8 * MiB
+    assert ready_condition(grown).reason == "Provisioned" and not grown.status.resized_online

@@ -110,7 +110,8 @@ def test_generated_hostile_manifests_exit_2_with_an_error_line(text: str) -> Non
 def test_the_real_command_refuses_each_class_quickly(tmp_path: Path) -> None:
     cases = {
         "bomb": (bomb(9, 8), "aliases expand to more than 100000 nodes"),
-        "deep": (nested(5000, "["), "nested deeper than 64 levels"),
+        # libyaml's scanner (where PyYAML has it) may stop at its own depth limit first.
+        "deep": (nested(5000, "["), ("nested deeper than 64 levels", "maximum nesting depth")),
         "dup": (duplicate("size"), "duplicate key 'size'"),
         "recursive": ("a: &a [*a]\n", "a recursive alias"),
         "huge": (manifest(size=str(2**63)), "spec.size: 9223372036854775808 bytes is over"),
@@ -130,7 +131,8 @@ def test_the_real_command_refuses_each_class_quickly(tmp_path: Path) -> None:
         assert time.monotonic() - started < 20.0, label
         assert result.returncode == 2, (label, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr, label
-        assert expected in result.stderr, (label, result.stderr)
+        wanted = (expected,) if isinstance(expected, str) else expected
+        assert any(w in result.stderr for w in wanted), (label, result.stderr)
     assert not (tmp_path / "state").exists()
 
 

@@ -48,8 +48,11 @@ def test_disk_is_provisioned_with_status_xml_events_and_node_keys(
         key.startswith("node-a.node.vmdisk.io/") or not key.endswith("last-handled-configuration")
         for key in obj["metadata"].get("annotations", {})
     )
-    reasons = [e["reason"] for e in kube.list("events")]
-    assert "Provisioned" in reasons
+    # kopf posts events from a queue of its own, so the Event may follow the status.
+    deadline = time.monotonic() + 10
+    while "Provisioned" not in (reasons := [e["reason"] for e in kube.list("events")]):
+        assert time.monotonic() < deadline, reasons
+        time.sleep(0.1)
     # The liveness endpoint answers for the chart's probe.
     http = urllib3.PoolManager()
     assert http.request("GET", f"http://127.0.0.1:{agent.port}/healthz").status == 200

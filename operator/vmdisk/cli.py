@@ -25,7 +25,7 @@ from .engine.reconcile import Engine
 from .errors import VMDiskError
 from .host.files import host_error
 from .local.manifests import ManifestError, load
-from .local.runner import LocalRunner
+from .local.runner import LocalRunner, default_workers
 from .local.store import CLUSTER_SCOPE, LocalStore, Plural, Stored
 
 KIND_ALIASES: dict[str, Plural] = {
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         "-f", "--filename", type=Path, required=True, help="manifest file or directory"
     )
     _namespace_option(apply, "namespace for objects that name none (others must match) [default]")
+    apply.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="disks provisioned at once (each after what it is made from) [usable CPUs]",
+    )
 
     get = command(
         "get", "show objects and their status (disks checked against the host)", common, output
@@ -126,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
         f"print the CustomResourceDefinitions (they need Kubernetes {MIN_KUBERNETES} or newer)",
     )
     crds.add_argument("--split", type=Path, metavar="DIR", help="write one file per CRD into DIR")
+    crds.add_argument(
+        "--selectable-fields",
+        action="store_true",
+        help="declare spec.nodeName selectable (Kubernetes 1.31+): each agent is sent only "
+        "its own node's VMDisks",
+    )
 
     cache = command("cache", "list or prune the node's image cache", common)
     cache.add_argument(
@@ -143,9 +155,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(state_dir=args.state_dir, node_name=args.node)
 
 
-def _runner(settings: Settings) -> LocalRunner:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _runner(settings: Settings, workers: int = 1) -> LocalRunner:
     engine = Engine.build(settings)
-    return LocalRunner(settings, engine, LocalStore(engine.layout))
+    return LocalRunner(settings, engine, LocalStore(engine.layout), workers)
 
 
 def _row(obj: Stored) -> tuple[list[str], list[str]]:
@@ -227,7 +246,7 @@ def _not_ready(objects: Sequence[Stored]) -> list[str]:
 def _cmd_apply(args: argparse.Namespace) -> int:
     settings = _settings(args)
     objects = load(args.filename, max_size=settings.max_virtual_size, namespace=args.namespace)
-    runner = _runner(settings)
+    runner = _runner(settings, args.workers or default_workers())
     try:
         results = runner.apply(objects)
     finally:
@@ -298,11 +317,13 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     """Print (or --split into files) the CRDs; they need Kubernetes 1.29 or newer."""
     from .api.crd import crd_yaml, crds, write_crds
 
+    selectable = args.selectable_fields
     if args.split:
-        for path in write_crds(args.split, PLUGINS):
+        for path in write_crds(args.split, PLUGINS, selectable_fields=selectable):
             print(path)
     else:
-        print("---\n".join(crd_yaml(c) for c in crds(PLUGINS)), end="")
+        found = crds(PLUGINS, selectable_fields=selectable)
+        print("---\n".join(crd_yaml(c) for c in found), end="")
     return 0
 
 

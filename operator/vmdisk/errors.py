@@ -154,6 +154,24 @@ class DownloadFailed(TemporaryError):
     reason = "DownloadFailed"
 
 
+class ContainerDiskInvalid(ImageError):
+    """A registry image that is not a containerDisk: one layer holding one ``disk/<file>``."""
+
+    reason = "ContainerDiskInvalid"
+
+
+class RegistryAuthFailed(TemporaryError):
+    """The registry refused the pull: no credentials, wrong ones, or no access.
+
+    Retried (slowly): an administrator may fix the class's credentials Secret.
+    """
+
+    reason = "RegistryAuthFailed"
+
+    def __init__(self, message: str, *, reason: str | None = None, delay: float = 60.0) -> None:
+        super().__init__(message, reason=reason, delay=delay)
+
+
 class HostIOError(TemporaryError):
     """An unexpected operating-system error on the host (I/O, permissions)."""
 

@@ -317,6 +317,7 @@ def _crd(
     columns: list[dict[str, Any]],
     *,
     scope: str = "Namespaced",
+    selectable: Sequence[str] = (),
 ) -> dict[str, Any]:
     properties: Schema = {
         "apiVersion": {"type": "string"},
@@ -343,6 +344,8 @@ def _crd(
     if status is not None:
         version["subresources"] = {"status": {}}
     version["additionalPrinterColumns"] = columns
+    if selectable:
+        version["selectableFields"] = [{"jsonPath": path} for path in selectable]
     version["schema"] = {"openAPIV3Schema": root}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -376,8 +379,14 @@ def _with_rules(schema: Schema, rules: list[dict[str, str]]) -> Schema:
     return _sorted_keys(schema)
 
 
-def crds(backends: Sequence[BackendSchema]) -> list[dict[str, Any]]:
-    """The VMDiskClass, VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1), for 1.29+."""
+def crds(
+    backends: Sequence[BackendSchema], *, selectable_fields: bool = False
+) -> list[dict[str, Any]]:
+    """The VMDiskClass, VMDisk and DiskSnapshot CRDs (apiextensions.k8s.io/v1), for 1.29+.
+
+    ``selectable_fields`` declares ``spec.nodeName`` selectable (Kubernetes 1.31+; a
+    1.29 server refuses the field), so each agent is sent only its own node's VMDisks.
+    """
     names = [b.name for b in backends]
     disk_spec = model_schema(VMDiskSpec)
     disk_spec["properties"]["backend"]["enum"] = names
@@ -419,6 +428,7 @@ def crds(backends: Sequence[BackendSchema]) -> list[dict[str, Any]]:
                 _column("Phase", ".status.phase"),
                 _AGE,
             ],
+            selectable=[".spec.nodeName"] if selectable_fields else [],
         ),
         _crd(
             "DiskSnapshot",
@@ -459,11 +469,13 @@ def crds_yaml(backends: Sequence[BackendSchema]) -> str:
     return "---\n".join(crd_yaml(crd) for crd in crds(backends))
 
 
-def write_crds(directory: Path, backends: Sequence[BackendSchema]) -> list[Path]:
+def write_crds(
+    directory: Path, backends: Sequence[BackendSchema], *, selectable_fields: bool = False
+) -> list[Path]:
     """Write one file per CRD into `directory`; return their paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for crd in crds(backends):
+    for crd in crds(backends, selectable_fields=selectable_fields):
         path = directory / crd_filename(crd)
         path.write_text(crd_yaml(crd), encoding="utf-8")
         paths.append(path)

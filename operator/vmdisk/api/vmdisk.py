@@ -24,15 +24,24 @@ Preallocation = Literal["none", "metadata", "falloc", "full"]
 Phase = Literal["Pending", "Provisioning", "Ready", "Failed", "Deleting"]
 
 _SHA256 = r"^sha256:[0-9a-f]{64}$"
-_URL = r"^(https?|file|rbd)://.+"
+_URL = r"^(https?|file|rbd|oci|docker)://.+"
 _TARGET = r"^(vd|sd|hd|xvd)[a-z]{1,3}$"
 
 
 class ImageSource(Model):
     """An image to start from; its bytes are checked before any use."""
 
-    url: str = Field(pattern=_URL, max_length=4096, description="http(s)://, file:// or rbd:// URL")
-    checksum: str | None = Field(default=None, pattern=_SHA256, description="sha256:<hex>")
+    url: str = Field(
+        pattern=_URL,
+        max_length=4096,
+        description="http(s)://, file:// or rbd:// URL, or a containerDisk in a registry: "
+        "oci://registry[:port]/repository[:tag|@sha256:<hex>] (docker:// alike)",
+    )
+    checksum: str | None = Field(
+        default=None,
+        pattern=_SHA256,
+        description="sha256:<hex> of the image file (for oci://, of the disk file in the layer)",
+    )
     format: ImageFormat | None = Field(
         default=None, description="Declared format; the detected format must match it."
     )
@@ -224,6 +233,11 @@ class VMDiskStatus(StatusModel):
     virtual_size: int | None = None
     actual_size: int | None = None
     base_image: str | None = None
+    image_digest: str | None = Field(
+        default=None,
+        description="The registry digest (sha256:...) an oci:// image resolved to when the "
+        "disk was made; oci://registry/repository@<imageDigest> names the same image.",
+    )
     progress: str | None = None
     libvirt_xml: str | None = Field(default=None, alias="libvirtXML")
     libvirt_filesystem_xml: str | None = Field(

@@ -23,6 +23,7 @@ __all__ = [
     "ImageSources",
     "IoTuneLimits",
     "SecretKeyRef",
+    "SecretRef",
     "VMDiskClass",
     "VMDiskClassSpec",
 ]
@@ -31,6 +32,15 @@ DEFAULT_CLASS_ANNOTATION = "vmdisk.io/is-default-class"
 
 # A CIDR or a host name: checked again (ipaddress) where the policy is built.
 _HOST_OR_CIDR = r"^((\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|[0-9a-fA-F:.]+(/[0-9]{1,3})?)$"  # noqa: E501
+
+
+_REGISTRY_HOST = r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|\[[0-9a-fA-F:.]+\])(:[0-9]{1,5})?$"  # noqa: E501
+
+
+class SecretRef(Model):
+    """A Secret, by name, in the agent's own namespace."""
+
+    name: ObjectName
 
 
 class ClassEncryption(Model):
@@ -58,7 +68,23 @@ class ImageSources(Model):
         json_schema_extra={"items": {"type": "string", "pattern": "^/.*", "maxLength": 4096}},
     )
     require_checksum: bool = Field(
-        default=False, description="Refuse images without spec.source.image.checksum."
+        default=False,
+        description="Refuse images without spec.source.image.checksum (an oci:// image "
+        "named by @sha256 digest counts as checksummed).",
+    )
+    registry_credentials_ref: SecretRef | None = Field(
+        default=None,
+        description="A kubernetes.io/dockerconfigjson Secret in the agent's own namespace: "
+        "the credentials oci:// pulls of this class log in to registries with.",
+    )
+    plain_http_registries: list[str] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Registries (host[:port]) this class reaches over plain http:// "
+        "instead of https://.",
+        json_schema_extra={
+            "items": {"type": "string", "pattern": _REGISTRY_HOST, "maxLength": 261}
+        },
     )
 
 

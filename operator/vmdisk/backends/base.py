@@ -98,6 +98,7 @@ class BaseImage:
     path: Path
     format: str
     virtual_size: int
+    source_digest: str | None = None  # the registry digest an oci:// reference resolved to
 
 
 @dataclass(frozen=True)

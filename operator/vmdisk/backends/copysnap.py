@@ -85,6 +85,7 @@ class CopySnapshots(FileBackend):
         remove_path(tmp)
         with remove_on_error(tmp):
             sparse_copy(source, tmp)
+            self._preallocate(tmp, self.virtual_size(tmp), self._preallocation(ref))
             os.replace(tmp, data)  # atomic: the disk is the old or the restored one
             fsync_dir(data.parent)
         self._mark_restored(ref, name)

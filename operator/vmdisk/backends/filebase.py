@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -125,7 +126,7 @@ class FileBackend(ABC):
         partial.mkdir(mode=0o700)
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
-            write_record(partial, record)
+            write_record(partial, replace(record, preallocation=request.preallocation))
             os.rename(partial, final)
             fsync_dir(final.parent)
         state = self.state(ref)
@@ -174,6 +175,11 @@ class FileBackend(ABC):
         """``falloc`` reserves the blocks; ``full`` writes zeroes into every hole."""
         if preallocation in ("falloc", "full"):
             allocate(data, size, zero_fill=preallocation == "full")
+
+    def _preallocation(self, ref: DiskRef) -> str:
+        """The preallocation pinned at creation (``none`` for disks made before it was)."""
+        record = read_record(self.directory(ref))
+        return record.preallocation if record is not None else "none"
 
     def _mark_restored(self, ref: DiskRef, snapshot: str) -> None:
         record = read_record(self.directory(ref))

@@ -94,7 +94,7 @@ class Qcow2Backend(FileBackend):
         """Nothing: only the QEMU that has the image open may rewrite its header."""
 
     def resize(self, ref: DiskRef, size: int) -> DiskState:
-        qemu_img.resize(self.data_path(ref), "qcow2", size)
+        qemu_img.resize(self.data_path(ref), "qcow2", size, preallocation=self._preallocation(ref))
         state = self.state(ref)
         assert state is not None
         return state

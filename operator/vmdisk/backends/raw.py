@@ -82,6 +82,7 @@ class RawBackend(CopySnapshots):
     def resize(self, ref: DiskRef, size: int) -> DiskState:
         data = self.data_path(ref)
         self._grow(data, size)
+        self._preallocate(data, size, self._preallocation(ref))
         state = self.state(ref)
         assert state is not None
         return state

@@ -26,6 +26,8 @@ class DiskRecord:
     base_image: str | None = None
     base_path: str | None = None
     restored_snapshot: str | None = None
+    # Pinned like the format: grows and restores allocate the same way.
+    preallocation: str = "none"
 
     def with_restored(self, snapshot: str) -> DiskRecord:
         return replace(self, restored_snapshot=snapshot)

@@ -175,8 +175,13 @@ def source_policy(sources: ImageSources, settings: Settings) -> SourcePolicy:
         if any(d.is_relative_to(root) for root in roots)
     )
     hosts = tuple(sources.allowed_hosts) if sources.allowed_hosts is not None else None
+    creds = sources.registry_credentials_ref
     return SourcePolicy(
-        allowed_hosts=hosts, file_dirs=dirs, require_checksum=sources.require_checksum
+        allowed_hosts=hosts,
+        file_dirs=dirs,
+        require_checksum=sources.require_checksum,
+        plain_http_registries=tuple(h.lower() for h in sources.plain_http_registries),
+        registry_credentials=creds.name if creds is not None else None,
     )
 
 

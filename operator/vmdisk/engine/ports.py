@@ -8,7 +8,7 @@ nothing for the Observer.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
@@ -16,6 +16,7 @@ from ..api.vmdiskclass import VMDiskClass
 from ..images.cache import CacheObserver
 
 Publish = Callable[[VMDiskStatus], None]
+SourceKind = Literal["disk", "snapshot"]
 
 
 class Lookup(Protocol):
@@ -25,9 +26,16 @@ class Lookup(Protocol):
 
     def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None: ...
 
-    def list_disks(self, namespace: str) -> list[VMDisk]: ...
+    def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
+        """The DiskSnapshots whose ``spec.diskName`` is ``disk``.
 
-    def list_snapshots(self, namespace: str) -> list[DiskSnapshot]: ...
+        A query, not a scan: deleting N disks must not read N objects each.
+        """
+        ...
+
+    def disks_from(self, namespace: str, kind: SourceKind, name: str) -> list[VMDisk]:
+        """The VMDisks made from one source: ``spec.source.<kind>.name`` is ``name``."""
+        ...
 
     def get_class(self, name: str) -> VMDiskClass | None: ...
 

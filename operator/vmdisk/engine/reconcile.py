@@ -48,6 +48,7 @@ from ..host.secrets import FileSecrets
 from ..images.cache import NO_CACHE_OBSERVER, ImageCache
 from ..images.download import FetchLimits
 from ..images.policy import default_policy
+from ..images.registry import DOCKER_CONFIG_KEY, RegistryAuth
 from ..layout import StateLayout
 from ..libvirt import check_device, container_filesystem, render_disk
 from .classes import ResolvedClass, resolve_class
@@ -155,7 +156,10 @@ class Engine:
                         check_size(klass.limits, action.size, class_name=klass.name)
                     status = self._progressing(status, generation, action, klass, publish)
                     if isinstance(action, Create):
-                        host = self._create(disk, ref, klass, backend, key, lookup, status, publish)
+                        host, digest = self._create(
+                            disk, ref, klass, backend, key, lookup, status, publish
+                        )
+                        status = status.model_copy(update={"image_digest": digest})
                     elif isinstance(action, Restore):
                         host = self._restore(ref, backend, action.snapshot)
                     elif isinstance(action, Resize):
@@ -262,7 +266,8 @@ class Engine:
         lookup: Lookup,
         status: VMDiskStatus,
         publish: Publish | None,
-    ) -> DiskState:
+    ) -> tuple[DiskState, str | None]:
+        """The new disk's state, and the registry digest its image was pulled as."""
         spec = disk.spec
         if spec.size_bytes is not None:
             check_size(klass.limits, spec.size_bytes, class_name=klass.name)
@@ -275,6 +280,7 @@ class Engine:
             ref_of=lambda d: self.disk_ref(d, lookup),
             policy=klass.sources,
             progress=progress.download,
+            registry_auth=lambda: self._registry_auth(klass),
         )
         size = spec.size_bytes
         if size is None:
@@ -297,8 +303,8 @@ class Engine:
         if source.holds is not None:
             # Hold the source disk still while it is copied.
             with file_lock(self.layout.lock("disk", ref.namespace, source.holds), timeout=600):
-                return backend.create(ref, request)
-        return backend.create(ref, request)
+                return backend.create(ref, request), source.image_digest
+        return backend.create(ref, request), source.image_digest
 
     def _restore(self, ref: DiskRef, backend: DiskBackend, snapshot: str) -> DiskState:
         if not isinstance(backend, SupportsSnapshots):
@@ -395,16 +401,12 @@ class Engine:
         """
         namespace, name = disk.metadata.namespace, disk.metadata.name
         dependents = [
-            f"DiskSnapshot/{s.metadata.name}"
-            for s in lookup.list_snapshots(namespace)
-            if s.spec.disk_name == name
+            f"DiskSnapshot/{s.metadata.name}" for s in lookup.snapshots_of(namespace, name)
         ]
         dependents += [
             f"VMDisk/{d.metadata.name}"
-            for d in lookup.list_disks(namespace)
-            if d.spec.source.disk is not None
-            and d.spec.source.disk.name == name
-            and still_creating(d.status)
+            for d in lookup.disks_from(namespace, "disk", name)
+            if still_creating(d.status)
         ]
         if dependents:
             raise HasDependents(
@@ -491,6 +493,16 @@ class Engine:
     def disk_ref(self, disk: VMDisk, lookup: Lookup | None = None) -> DiskRef:
         """The backend reference of a VMDisk, with its class's placement and parameters."""
         return self.resolve_class(disk, lookup).ref(disk)
+
+    def _registry_auth(self, klass: ResolvedClass) -> RegistryAuth | None:
+        """The class's registry credentials (a dockerconfigjson Secret in the agent's namespace)."""
+        name = klass.sources.registry_credentials
+        if name is None:
+            return None
+        if self.secrets is None:
+            raise UnsupportedOperation("registryCredentialsRef: no Secret reader is configured")
+        config = self.secrets.get(self.settings.namespace, name, DOCKER_CONFIG_KEY)
+        return RegistryAuth(f"{self.settings.namespace}/{name}", config)
 
     def _encryption_key(self, klass: ResolvedClass, backend: DiskBackend) -> bytes | None:
         """The key of the class's Secret (in the agent's namespace), or None."""

@@ -155,10 +155,8 @@ def delete_snapshot(engine: Engine, snap: DiskSnapshot, lookup: Lookup) -> None:
     namespace, name = snap.metadata.namespace, snap.metadata.name
     users = [
         d.metadata.name
-        for d in lookup.list_disks(namespace)
-        if d.spec.source.snapshot is not None
-        and d.spec.source.snapshot.name == name
-        and still_creating(d.status)
+        for d in lookup.disks_from(namespace, "snapshot", name)
+        if still_creating(d.status)
     ]
     if users:
         raise HasDependents(

@@ -20,6 +20,8 @@ from ..backends.registry import Registry
 from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
 from ..images.policy import SourcePolicy
+from ..images.reference import REGISTRY_SCHEMES
+from ..images.registry import RegistryAuth
 from .ports import Lookup
 
 
@@ -31,6 +33,7 @@ class ResolvedSource:
     # The source disk when the copy reads its live data (not a separate snapshot
     # volume): nothing else may have it open meanwhile.
     live: tuple[DiskBackend, DiskRef] | None = None
+    image_digest: str | None = None  # what an oci:// reference resolved to
 
 
 def resolve_source(
@@ -42,11 +45,13 @@ def resolve_source(
     ref_of: Callable[[VMDisk], DiskRef],
     policy: SourcePolicy,
     progress: Callable[[int, int | None], None] | None = None,
+    registry_auth: Callable[[], RegistryAuth | None] = lambda: None,
 ) -> ResolvedSource:
     """Turn ``spec.source`` into backend content; images are fetched and checked here.
 
     ``policy`` is what the disk's class lets it read,
-    checked by the cache at every hop and on cache hits.
+    checked by the cache at every hop and on cache hits; ``registry_auth``
+    reads the class's registry credentials, asked only for registry images.
     """
     source = disk.spec.source
     if source.image is not None and source.image.url.startswith("rbd://"):
@@ -54,10 +59,17 @@ def resolve_source(
         # with the class's own Ceph identity, whose caps bound what it may read.
         return ResolvedSource(FromStore(source.image.url), 0)
     if source.image is not None:
+        pulled = source.image.url.partition("://")[0] in REGISTRY_SCHEMES
         image = cache.get(
-            source.image, disk_size=disk.spec.size_bytes, progress=progress, policy=policy
+            source.image,
+            disk_size=disk.spec.size_bytes,
+            progress=progress,
+            policy=policy,
+            registry_auth=registry_auth() if pulled else None,
         )
-        return ResolvedSource(FromImage(image), image.virtual_size)
+        return ResolvedSource(
+            FromImage(image), image.virtual_size, image_digest=image.source_digest
+        )
     if source.blank is not None:
         return ResolvedSource(Blank(source.blank.filesystem), 0)
     return _copy_of(disk, lookup, cache, registry, ref_of)

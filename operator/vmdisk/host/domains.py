@@ -8,7 +8,9 @@ after resolving symlinks, so ``/dev/vg/lv`` matches ``/dev/dm-3``) or, for
 network disks, by protocol and ``pool/image`` name.
 
 The connection is opened on first use and reused; a connection that broke is
-reopened on the next call.
+reopened on the next call.  Every call is bounded in time (``Hypervisor.timeout``,
+a live backup by its own deadline): a libvirtd that hangs is
+``HypervisorUnavailable``, never a handler that waits forever.
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ import os
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 
 from ..errors import TemporaryError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class HypervisorUnavailable(TemporaryError):
@@ -68,6 +71,7 @@ class Hypervisor:
 
     # -- connection ----------------------------------------------------------------------
     def _connection(self) -> Any:
+        # Only ever called on a bounded worker thread (see _bounded).
         with self._lock:
             if self._conn is not None and self._alive(self._conn):
                 return self._conn
@@ -98,30 +102,39 @@ class Hypervisor:
                 log.debug("closing the libvirt connection failed", exc_info=True)
 
     # -- queries -------------------------------------------------------------------------
-    def disks_using(
-        self, *, paths: Iterable[str] = (), network: tuple[str, str] | None = None
-    ) -> list[DomainDisk]:
-        """Running domains' devices that name one of ``paths`` or ``(protocol, name)``.
+    def _bounded(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        """``fn()`` on a worker thread, given up after ``timeout`` (default ``self.timeout``).
 
-        Bounded: a libvirtd that hangs is HypervisorUnavailable after ``timeout``.
+        libvirt calls block in C with no timeout of their own; a worker stuck
+        on a hung libvirtd is left behind (a daemon thread) and the caller
+        gets HypervisorUnavailable.
         """
-        wanted = {os.path.realpath(p) for p in paths}
-        result: list[list[DomainDisk] | BaseException] = []
+        limit = self.timeout if timeout is None else timeout
+        result: list[T | BaseException] = []
         done = threading.Event()
 
         def work() -> None:
             try:
-                result.append(self._disks_using(wanted, network))
+                result.append(fn())
             except BaseException as exc:  # handed to the caller
                 result.append(exc)
             done.set()
 
-        threading.Thread(target=work, name="libvirt: list domains", daemon=True).start()
-        if not done.wait(self.timeout):
-            raise HypervisorUnavailable(f"libvirt at {self.uri} did not answer in {self.timeout}s")
+        threading.Thread(target=work, name=f"libvirt: {what}", daemon=True).start()
+        if not done.wait(limit):
+            raise HypervisorUnavailable(
+                f"libvirt at {self.uri} did not answer in {limit:g}s ({what})"
+            )
         if isinstance(result[0], BaseException):
             raise result[0]
         return result[0]
+
+    def disks_using(
+        self, *, paths: Iterable[str] = (), network: tuple[str, str] | None = None
+    ) -> list[DomainDisk]:
+        """Running domains' devices that name one of ``paths`` or ``(protocol, name)``."""
+        wanted = {os.path.realpath(p) for p in paths}
+        return self._bounded("list domains", lambda: self._disks_using(wanted, network))
 
     def _disks_using(self, wanted: set[str], network: tuple[str, str] | None) -> list[DomainDisk]:
         conn = self._connection()
@@ -150,16 +163,26 @@ class Hypervisor:
     # -- online operations ---------------------------------------------------------------
     def freeze(self, disk: DomainDisk) -> bool:
         """Freeze the guest's filesystems through its agent; False when no agent answers."""
-        conn = self._connection()
-        try:
-            frozen = conn.lookupByUUIDString(disk.uuid).fsFreeze()
-        except libvirt.libvirtError as exc:
-            log.info("%s: no quiesce (%s)", disk, exc.get_error_message())
-            return False
-        return bool(frozen)
+
+        def freeze() -> bool:
+            try:
+                return bool(self._connection().lookupByUUIDString(disk.uuid).fsFreeze())
+            except libvirt.libvirtError as exc:
+                log.info("%s: no quiesce (%s)", disk, exc.get_error_message())
+                return False
+
+        return self._bounded(f"freeze {disk}", freeze)
 
     def backup(self, live: LiveDomain, target: Path, fmt: str) -> None:
         """Run a push backup of ``live.disk`` into the new file ``target`` and wait for it."""
+        # The job polls its own deadline; the bound is for a libvirtd that stops answering.
+        self._bounded(
+            f"back up {live.disk}",
+            lambda: self._backup(live, target, fmt),
+            live.timeout + self.timeout,
+        )
+
+    def _backup(self, live: LiveDomain, target: Path, fmt: str) -> None:
         disk = live.disk
         conn = self._connection()
         try:
@@ -188,7 +211,10 @@ class Hypervisor:
         """Thaw what ``freeze`` froze; a guest left frozen would hang, so this retries."""
         for attempt in range(3):
             try:
-                self._connection().lookupByUUIDString(disk.uuid).fsThaw()
+                self._bounded(
+                    f"thaw {disk}",
+                    lambda: self._connection().lookupByUUIDString(disk.uuid).fsThaw(),
+                )
                 return
             except (libvirt.libvirtError, HypervisorUnavailable):
                 log.exception("%s: thawing the guest failed (attempt %d)", disk, attempt + 1)
@@ -199,14 +225,16 @@ class Hypervisor:
         flags = libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
         self._call(disk, "grow", lambda d: d.blockResize(disk.target, size, flags))
 
-    def _call(self, disk: DomainDisk, what: str, fn: Any) -> Any:
-        conn = self._connection()
-        try:
-            return fn(conn.lookupByUUIDString(disk.uuid))
-        except libvirt.libvirtError as exc:
-            raise OnlineOperationFailed(
-                f"libvirt could not {what} {disk}: {exc.get_error_message()}"
-            ) from exc
+    def _call(self, disk: DomainDisk, what: str, fn: Callable[[Any], T]) -> T:
+        def call() -> T:
+            try:
+                return fn(self._connection().lookupByUUIDString(disk.uuid))
+            except libvirt.libvirtError as exc:
+                raise OnlineOperationFailed(
+                    f"libvirt could not {what} {disk}: {exc.get_error_message()}"
+                ) from exc
+
+        return self._bounded(f"{what} {disk}", call)
 
 
 @dataclass

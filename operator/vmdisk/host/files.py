@@ -40,15 +40,22 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Write ``path`` so that readers see the old or the new content, never half."""
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: bool = True) -> None:
+    """Write ``path`` so that readers see the old or the new content, never half.
+
+    ``sweep`` removes this target's temp files left by dead writers first; a
+    caller writing many files into one directory passes False and calls
+    ``remove_stale_temps`` on the directory once instead (a sweep per write
+    lists the whole directory each time).
+    """
     payload = data.encode() if isinstance(data, str) else data
     try:
         ensure_dir(path.parent)  # no planted symlink on the way (UnsafePath)
     except OSError as exc:
         raise_if_no_space(exc)
         raise
-    _remove_stale_temps(path)
+    if sweep:
+        _remove_stale_temps(path.parent, f".{path.name}.tmp-")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with suppress(FileNotFoundError):
@@ -68,13 +75,21 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         raise
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Temp files of this target left by writers that died (kill -9, power loss)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+def remove_stale_temps(directory: Path) -> None:
+    """Every atomic_write temp file in ``directory`` whose writer died (kill -9, power loss)."""
+    _remove_stale_temps(directory, ".")
+
+
+def _remove_stale_temps(directory: Path, prefix: str) -> None:
+    try:
+        entries = [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+    except FileNotFoundError:
+        return
+    for name in entries:
+        stem, _, pid = name.rpartition("-")
+        if stem.endswith(".tmp") and pid.isdigit() and not _alive(int(pid)):
             with suppress(FileNotFoundError):
-                tmp.unlink()
+                (directory / name).unlink()
 
 
 def _alive(pid: int) -> bool:

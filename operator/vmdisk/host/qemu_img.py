@@ -137,9 +137,16 @@ def convert(
     run(argv, timeout=timeout, progress=progress)
 
 
-def resize(path: Path, fmt: str, size: int, *, timeout: float = 600.0) -> None:
-    """Grow an image to ``size`` bytes (shrinking is refused by callers first)."""
-    run([_QEMU_IMG, "resize", "-q", "-f", fmt, str(path), str(size)], timeout=timeout)
+def resize(
+    path: Path, fmt: str, size: int, *, preallocation: str = "none", timeout: float = 600.0
+) -> None:
+    """Grow an image to ``size`` bytes (shrinking is refused by callers first).
+
+    ``preallocation`` (metadata, falloc, full) allocates the new part the way
+    the disk was made.
+    """
+    extra = [f"--preallocation={preallocation}"] if preallocation != "none" else []
+    run([_QEMU_IMG, "resize", "-q", "-f", fmt, *extra, str(path), str(size)], timeout=timeout)
 
 
 def snapshot(path: Path, fmt: str, action: str, name: str) -> None:

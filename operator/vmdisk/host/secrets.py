@@ -36,6 +36,5 @@ class FileSecrets:
             return path.read_bytes()
         except FileNotFoundError:
             raise SecretMissing(
-                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found "
-                f"(local mode reads {path})"
+                f"key {key!r} of Secret {namespace}/{name} not found (local mode reads {path})"
             ) from None

@@ -6,6 +6,7 @@ Layout under ``root``::
     sha256-<hex>.json   its metadata; an entry counts only when both exist
     tmp/<key>.part      partial downloads (resumable), never used as images
     urls/url-<sha256>   maps a URL given without checksum to the entry id
+    layers/layer-<hex>  maps a registry layer digest to the entry of its disk file
     locks/<key>.lock    flock per entry (or per URL): one download per image
 
 Every entry passed the safety checks in ``inspect`` before it was renamed
@@ -22,16 +23,17 @@ import os
 import re
 import time
 from contextlib import AbstractContextManager, nullcontext, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
-from ..errors import DownloadFailed, ImageFormatMismatch
+from ..errors import ChecksumMismatch, DownloadFailed, ImageFormatMismatch
 from ..host.files import atomic_write, fsync_dir
 from ..host.locks import LockTimeout, file_lock
 from ..host.safeopen import ensure_dir
+from .containerdisk import extract_disk
 from .download import (
     Digest,
     FetchLimits,
@@ -43,14 +45,16 @@ from .download import (
 )
 from .inspect import check_size, inspect_image
 from .policy import DEFAULT_CLUSTER_CIDRS, HopCheck, Resolver, SourcePolicy
-from .source import FileSource, Source, open_file, parse_source, redact
+from .registry import Layer, Platform, RegistryAuth, RegistryClient, host_platform
+from .source import FileSource, OciSource, Source, open_file, parse_source, redact
 
 log = logging.getLogger("vmdisk.images")
 
 DEFAULT_LIMITS = FetchLimits()
 
 _ID = re.compile(r"^sha256-[0-9a-f]{64}$")
-_URL_KEY = re.compile(r"^url-[0-9a-f]{64}$")
+_URL_KEY = re.compile(r"^(url|layer)-[0-9a-f]{64}$")
+_MAPS = ("urls", "layers")
 
 
 class CacheObserver(Protocol):
@@ -103,6 +107,7 @@ class ImageCache:
         resolve: Resolver | None = None,
         tmp_dir: Path | None = None,
         observer: CacheObserver = NO_CACHE_OBSERVER,
+        platform: Platform | None = None,
     ) -> None:
         self.root = root
         self.observer = observer
@@ -112,6 +117,7 @@ class ImageCache:
         self.cluster_cidrs = cluster_cidrs
         self.resolve = resolve
         self.tmp_dir = tmp_dir if tmp_dir is not None else root / "tmp"
+        self.platform = platform or host_platform()  # what a multi-arch index is narrowed to
 
     def get(
         self,
@@ -120,12 +126,14 @@ class ImageCache:
         disk_size: int | None,
         progress: Progress | None = None,
         policy: SourcePolicy | None = None,
+        registry_auth: RegistryAuth | None = None,
     ) -> BaseImage:
         """Return the verified cached image for ``source``, fetching it once if needed.
 
         ``policy`` is the disk's class's image-source policy (default: the
         cache's, from Settings); it is checked even on a cache hit, so a
         disk never gets an image its class could not have fetched.
+        ``registry_auth`` is the class's registry credentials (oci:// only).
         """
         policy = policy or self.policy
         src = parse_source(source.url, policy, has_checksum=source.checksum is not None)
@@ -139,6 +147,14 @@ class ImageCache:
             ),
         )
         name = redact(source.url)
+        if isinstance(src, OciSource):
+            client = RegistryClient(
+                src.reference,
+                fetch.options,
+                plain_http=src.reference.registry in policy.plain_http_registries,
+                auth=registry_auth,
+            )
+            return self._get_oci(client, fetch, source, disk_size)
         if source.checksum is not None:
             expected = source.checksum.removeprefix("sha256:")
             image_id = f"sha256-{expected}"
@@ -169,6 +185,78 @@ class ImageCache:
                     _remove_partial(part.path)
                 atomic_write(self.root / "urls" / key, image_id)
                 return self._use(image, source, disk_size)
+
+    def _get_oci(
+        self, client: RegistryClient, fetch: _Fetch, source: ImageSource, disk_size: int | None
+    ) -> BaseImage:
+        """A containerDisk: the manifest is resolved every time (tags move), the layer once.
+
+        Entries are found by layer digest, so any number of tags, digests and
+        disks that come to one layer share one pull per node.
+        """
+        resolved = client.resolve(self.platform)
+        key = f"layer-{resolved.layer.hex}"
+        with self._lock(key):
+            known = self._read_map("layers", key)
+            image = self.lookup(known) if known else None
+            self.observer.cache_lookup(hit=image is not None)
+            if image is not None:
+                client.check_layer(resolved.layer)  # this repository, this login, serves it
+            else:
+                image = self._pull(client, fetch, key, resolved.layer, source, disk_size)
+                atomic_write(self.root / "layers" / key, image.id)
+            found = self._use(image, source, disk_size)
+        return replace(found, source_digest=resolved.digest)
+
+    def _pull(
+        self,
+        client: RegistryClient,
+        fetch: _Fetch,
+        key: str,
+        layer: Layer,
+        source: ImageSource,
+        disk_size: int | None,
+    ) -> BaseImage:
+        """Stream the layer, unpacking its disk file on the way; verify and place that.
+
+        One write of the bytes: the blob itself never reaches the disk.
+        """
+        ensure_dir(self.tmp_dir)
+        disk = self.tmp_dir / f"{key}.disk"
+        name = redact(source.url)
+        started = time.monotonic()
+        stream = client.open_layer(layer, fetch.progress)
+        try:
+            digest = extract_disk(
+                stream,
+                disk,
+                name=name,
+                limit=fetch.options.max_bytes,
+                deadline=started + self.limits.deadline,
+            )
+            stream.finish()  # the layer digest, before the disk file is used
+        except BaseException:
+            _remove_partial(disk)
+            raise
+        finally:
+            stream.close()
+        self.observer.image_fetched("oci", layer.size, time.monotonic() - started)
+        expected = source.checksum.removeprefix("sha256:") if source.checksum else None
+        if expected is not None and digest.sha256 != expected:
+            _remove_partial(disk)
+            raise ChecksumMismatch(
+                f"image {name}: its disk file has sha256:{digest.sha256}, "
+                f"expected sha256:{expected}"
+            )
+        image_id = f"sha256-{digest.sha256}"
+        with self._lock(image_id):
+            image = self.lookup(image_id)
+            if image is not None:
+                _remove_partial(disk)
+                return image
+            meta = {"layer_digest": layer.digest}
+            part = _Part(disk, digest, "oci")
+            return self._verify_and_place(part, image_id, source, disk_size, meta)
 
     def lookup(self, image_id: str) -> BaseImage | None:
         """The verified entry ``image_id``, or None when it is not (fully) cached."""
@@ -245,11 +333,12 @@ class ImageCache:
                     continue  # complete entry, handled by prune itself
                 if os.stat(path).st_mtime < cutoff:
                     path.unlink()
-        urls = self.root / "urls"
-        for mapping in urls.iterdir() if urls.is_dir() else ():
-            image_id = self._read_url_key(mapping.name)
-            if image_id is None or self.lookup(image_id) is None:
-                mapping.unlink(missing_ok=True)
+        for kind in _MAPS:
+            maps = self.root / kind
+            for mapping in maps.iterdir() if maps.is_dir() else ():
+                image_id = self._read_map(kind, mapping.name)
+                if image_id is None or self.lookup(image_id) is None:
+                    mapping.unlink(missing_ok=True)
 
     def _fetch(self, fetch: _Fetch, key: str, expected: str | None) -> _Part:
         """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file.
@@ -304,7 +393,12 @@ class ImageCache:
         return _Part(output, digest, kind)
 
     def _verify_and_place(
-        self, part: _Part, image_id: str, source: ImageSource, disk_size: int | None
+        self,
+        part: _Part,
+        image_id: str,
+        source: ImageSource,
+        disk_size: int | None,
+        extra: dict[str, str] | None = None,
     ) -> BaseImage:
         """Run the safety checks on the partial file, then rename it into the cache."""
         try:
@@ -329,6 +423,7 @@ class ImageCache:
             "source_url": redact(source.url),
             "source_kind": part.kind,
             "verified": time.time(),
+            **(extra or {}),
         }
         atomic_write(self.root / f"{image_id}.json", json.dumps(meta, indent=1) + "\n")
         log.info("cached image %s as %s (%s)", redact(source.url), image_id, verified.format)
@@ -369,8 +464,11 @@ class ImageCache:
         return _Meta(str(fmt), size, url, kind)
 
     def _read_url_key(self, key: str) -> str | None:
+        return self._read_map("urls", key)
+
+    def _read_map(self, kind: str, key: str) -> str | None:
         try:
-            image_id = (self.root / "urls" / key).read_text().strip()
+            image_id = (self.root / kind / key).read_text().strip()
         except OSError:
             return None
         return image_id if _ID.match(image_id) else None

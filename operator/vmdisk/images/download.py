@@ -83,6 +83,9 @@ class HttpOptions:
     limits: FetchLimits
     max_bytes: int  # stop an endless or oversized body early
     hops: HopCheck  # the source policy, checked at every hop
+    # Sent to the first URL's origin only, never to a redirect target on another
+    # host (a registry's bearer token must not reach the object store it redirects to).
+    origin_headers: tuple[tuple[str, str], ...] = ()
 
 
 def max_fetch_bytes(disk_size: int | None, max_virtual_size: int) -> int:
@@ -493,7 +496,8 @@ def _open(
     current = url
     for _ in range(_MAX_REDIRECTS + 1):
         # Credentials in the URL go to its own origin only, never to a redirect target.
-        auth = _basic_auth(url) if _origin(current) == origin else {}
+        own = _origin(current) == origin
+        auth = {**_basic_auth(url), **dict(options.origin_headers)} if own else {}
         resp, pool = _get(current, {**headers, **auth}, options, clock)
         if resp.status not in _REDIRECT_STATUS:
             return resp, pool
@@ -681,3 +685,46 @@ def _decompress_file(
 
 def _url_digest(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A small response read whole (a registry's manifest or token)."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+def get_small(url: str, headers: dict[str, str], options: HttpOptions, *, limit: int) -> Reply:
+    """GET ``url`` like a download (every hop checked, bounded time) and read up to ``limit`` bytes.
+
+    Connection errors and 408/429/5xx are retried like a download's attempts;
+    any other status is returned to the caller.  A longer body raises ImageTooLarge.
+    """
+    name = redact(url)
+    clock = _Clock(name, options.limits)
+    failures = 0
+    while True:
+        try:
+            resp, pool = _open(url, {**headers, "Accept-Encoding": "identity"}, options, clock)
+            try:
+                if resp.status in _RETRY_STATUS:
+                    raise _Retry(f"HTTP {resp.status}")
+                body = bytearray()
+                while chunk := resp.read1(_READ, decode_content=False):
+                    body += chunk
+                    if len(body) > limit:
+                        raise ImageTooLarge(f"{name} sent more than the {limit} bytes allowed")
+                    clock.tick(len(body))
+                found = {k.lower(): v for k, v in resp.headers.items()}
+                return Reply(resp.status, found, bytes(body))
+            finally:
+                resp.release_conn()
+                resp.close()
+                pool.close()
+        except (_Retry, HTTPError, ConnectionError, TimeoutError) as exc:
+            failures += 1
+            if failures > options.limits.retries:
+                raise DownloadFailed(f"GET {name} failed after {failures} attempts: {exc}") from exc
+            time.sleep(min(_BACKOFF_BASE * 2 ** (failures - 1), _BACKOFF_MAX, clock.remaining()))

@@ -42,6 +42,8 @@ class SourcePolicy:
     allowed_hosts: tuple[str, ...] | None = None  # host names and CIDRs; None = any public address
     file_dirs: tuple[Path, ...] = ()  # file:// roots (already intersected with settings)
     require_checksum: bool = False
+    plain_http_registries: tuple[str, ...] = ()  # host[:port] of registries reached without TLS
+    registry_credentials: str | None = None  # a dockerconfigjson Secret in the agent's namespace
 
 
 def default_policy(settings: Settings) -> SourcePolicy:

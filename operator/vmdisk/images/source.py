@@ -1,6 +1,7 @@
 """Image sources: which URLs the cache may read, and from where.
 
-Only ``http(s)://`` and ``file://`` are handled here.  A ``file://`` source
+``http(s)://``, ``file://`` and registry references (``oci://``, ``docker://``,
+see ``reference``) are handled here.  A ``file://`` source
 names a path under one of the policy's image directories; nothing is looked
 up on disk until ``open_file`` opens it once, with no symlink followed in
 any component, so what is checked is what is copied.
@@ -16,6 +17,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from ..errors import DownloadFailed, SourceNotAllowed, UnsafePath
 from ..host.safeopen import components, open_beneath
 from .policy import SourcePolicy
+from .reference import REGISTRY_SCHEMES, Reference, parse_reference
 
 HTTP_SCHEMES = frozenset({"http", "https"})
 
@@ -36,7 +38,13 @@ class FileSource:
         return f"{self.root}/{self.relative}"
 
 
-Source = HttpSource | FileSource
+@dataclass(frozen=True)
+class OciSource:
+    url: str
+    reference: Reference
+
+
+Source = HttpSource | FileSource | OciSource
 
 
 def redact(url: str) -> str:
@@ -66,12 +74,20 @@ def parse_source(url: str, policy: SourcePolicy, *, has_checksum: bool) -> Sourc
         raise SourceNotAllowed(
             f"spec.source.image.url: {redact(url)!r} contains a NUL or newline character"
         )
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in REGISTRY_SCHEMES:
+        ref = parse_reference(url)
+        if policy.require_checksum and not has_checksum and ref.digest is None:
+            raise SourceNotAllowed(
+                "spec.source.image: the disk's class requires a checksum for every image; "
+                "name the image by digest (@sha256:<hex>) or give a checksum"
+            )
+        return OciSource(url, ref)
     if policy.require_checksum and not has_checksum:
         raise SourceNotAllowed(
             "spec.source.image.checksum: the disk's class requires a checksum for every image"
         )
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
     if scheme in HTTP_SCHEMES:
         if not parts.hostname:
             raise SourceNotAllowed(f"image URL {redact(url)!r} has no host")
@@ -79,8 +95,8 @@ def parse_source(url: str, policy: SourcePolicy, *, has_checksum: bool) -> Sourc
     if scheme == "file":
         return _file_source(url, parts.netloc, unquote(parts.path), policy.file_dirs)
     raise SourceNotAllowed(
-        f"{scheme}:// image sources are not handled by the image cache; "
-        "use http://, https:// or file:// (under an allowed image directory)"
+        f"{scheme}:// image sources are not handled by the image cache; use http://, "
+        "https://, oci:// or file:// (under an allowed image directory)"
     )
 
 

@@ -10,13 +10,19 @@ before anything walks it), no recursive aliases and no duplicate keys.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
-from yaml.constructor import ConstructorError
+from yaml.composer import Composer
+from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot
@@ -47,18 +53,16 @@ class ManifestError(Exception):
         self.problems = problems
 
 
-class _LimitedLoader(yaml.SafeLoader):
-    """SafeLoader with depth, expansion and duplicate-key limits."""
+class _Limits(Composer, SafeConstructor, Resolver):
+    """Safe loading with depth, expansion and duplicate-key limits (over any parser)."""
 
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
+    _depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
                 raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(mark)}")
             return super().compose_node(parent, index)
         finally:
@@ -77,6 +81,34 @@ class _LimitedLoader(yaml.SafeLoader):
                     raise _Limit(f"duplicate key {key!r}{_at(key_node.start_mark)}")
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+class _PurePythonLoader(_Limits, Reader, Scanner, Parser):
+    def __init__(self, stream: str) -> None:
+        Reader.__init__(self, stream)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+
+
+_LimitedLoader: Callable[[str], Any] = _PurePythonLoader
+if yaml.__with_libyaml__:
+    from yaml.cyaml import CParser  # type: ignore[attr-defined]
+
+    class _LibyamlLoader(_Limits, CParser):
+        """libyaml parses (the pure-Python parser was a quarter of a re-apply); the
+        composing stays in Python, where the depth limit is (libyaml's composer
+        recurses in C without one)."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    _LimitedLoader = _LibyamlLoader
 
 
 class _Limit(yaml.YAMLError):
@@ -134,7 +166,7 @@ def _documents(text: str) -> list[Any]:
     loader = _LimitedLoader(text)
     try:
         docs = []
-        while loader.check_data():  # type: ignore[no-untyped-call]
+        while loader.check_data():
             docs.append(loader.get_data())
             if len(docs) > MAX_DOCUMENTS:
                 raise _Limit(f"more than {MAX_DOCUMENTS} documents")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from ..api.common import Condition
 from ..api.snapshot import DiskSnapshot
@@ -26,11 +28,63 @@ def _waiting(obj: Resource) -> bool:
     return any(c.type == "Ready" and c.reason == "WaitingForDependency" for c in status.conditions)
 
 
+def default_workers() -> int:
+    """One worker per CPU this process may use: disks are mostly qemu-img and fsync."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _needs(obj: Resource) -> list[tuple[Plural, str]]:
+    """The objects (plural, name) in ``obj``'s namespace that it is made from."""
+    if isinstance(obj, DiskSnapshot):
+        return [("vmdisks", obj.spec.disk_name)]
+    source = obj.spec.source
+    if source.disk is not None:
+        return [("vmdisks", source.disk.name)]
+    if source.snapshot is not None:
+        return [("disksnapshots", source.snapshot.name)]
+    return []
+
+
+def waves(objects: Sequence[Resource]) -> list[list[int]]:
+    """Indexes of ``objects`` in rounds: each after the round holding what it is made from.
+
+    Objects of one round are independent of each other and run concurrently; what
+    waits on something outside the batch (or on a cycle) goes in the last round.
+    """
+    where = {
+        (PLURALS[o.kind], o.metadata.namespace, o.metadata.name): i for i, o in enumerate(objects)
+    }
+    round_of: dict[int, int] = {}
+
+    def depth(index: int, seen: frozenset[int]) -> int:
+        if index in round_of:
+            return round_of[index]
+        obj = objects[index]
+        deps = [where.get((p, scope(obj), n)) for p, n in _needs(obj)]
+        inside = [d for d in deps if d is not None and d != index]
+        if any(d in seen for d in inside):
+            level = len(objects)  # a cycle: last, the retry loop reports it
+        else:
+            level = max((depth(d, seen | {index}) + 1 for d in inside), default=0)
+        round_of[index] = level
+        return level
+
+    for index in range(len(objects)):
+        depth(index, frozenset())
+    rounds: dict[int, list[int]] = {}
+    for index, level in round_of.items():
+        rounds.setdefault(level, []).append(index)
+    return [sorted(rounds[level]) for level in sorted(rounds)]
+
+
 class LocalRunner:
-    def __init__(self, settings: Settings, engine: Engine, store: LocalStore) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, store: LocalStore, workers: int = 1
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.workers = max(1, workers)
 
     def reconcile(self, obj: Resource) -> Resource:
         """Reconcile one stored object and save its status."""
@@ -63,9 +117,20 @@ class LocalRunner:
         the same batch find them.
         """
         classes: list[Stored] = [self.store.apply(o) for o in objects if isinstance(o, VMDiskClass)]
-        stored = [self.store.apply(obj) for obj in objects if not isinstance(obj, VMDiskClass)]
+        stored: list[Resource] = []
+        for obj in objects:
+            if not isinstance(obj, VMDiskClass):
+                saved = self.store.apply(obj)
+                assert not isinstance(saved, VMDiskClass)
+                stored.append(saved)
         results: dict[int, Resource] = {}
-        pending = list(range(len(stored)))
+        # Independent objects concurrently, each round after the one it is made from;
+        # the loop below then retries whatever still waits, one at a time.
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="vmdisk") as pool:
+            for indexes in waves(stored):
+                done = pool.map(lambda i: (i, self.reconcile(stored[i])), indexes)
+                results.update(done)
+        pending = [i for i in range(len(stored)) if _waiting(results[i])]
         while pending:
             waiting = []
             for index in pending:

@@ -2,13 +2,23 @@
 
 Objects live as JSON under ``<state>/objects/<plural>/<namespace>/<name>.json``
 and behave like the API server's: ``metadata.generation`` grows when the spec
-changes, status is written separately.
+changes, status is written separately.  Writing what is already stored is
+skipped (no fsync, no rename), so a no-op reconcile only reads.
+
+Dependents (snapshots of a disk, disks made from a disk or snapshot) are
+answered from an index of each namespace, built from one read of its objects
+and kept while the namespace's directories are unchanged except by this
+store: deleting N disks reads the objects once, not N times.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
@@ -17,7 +27,8 @@ from ..api.common import dump, now_rfc3339
 from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
-from ..host.files import atomic_write, remove_path
+from ..engine.ports import SourceKind
+from ..host.files import atomic_write, remove_path, remove_stale_temps
 from ..host.locks import file_lock
 from ..layout import StateLayout
 
@@ -42,11 +53,53 @@ class CorruptObject(Exception):
     pass
 
 
+RefKey = tuple[str, str]  # ("diskName" | "disk" | "snapshot", the name referred to)
+Owner = tuple[Plural, str]  # (plural, name) of the referring object
+_REF_PLURALS: tuple[Plural, Plural] = ("vmdisks", "disksnapshots")
+
+
+def _refs_of(data: dict[str, Any]) -> list[RefKey]:
+    """What a stored object (raw JSON, camelCase) refers to; no validation needed."""
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        return []
+    if data.get("kind") == "DiskSnapshot":
+        name = spec.get("diskName")
+        return [("diskName", name)] if isinstance(name, str) else []
+    source = spec.get("source")
+    found: list[RefKey] = []
+    for kind in ("disk", "snapshot"):
+        ref = source.get(kind) if isinstance(source, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            found.append((kind, ref["name"]))
+    return found
+
+
+@dataclass
+class _RefIndex:
+    """One namespace's references, valid while its directories carry ``stamp``."""
+
+    stamp: tuple[int, ...]
+    owners: dict[RefKey, set[Owner]] = field(default_factory=dict)
+    refs: dict[Owner, list[RefKey]] = field(default_factory=dict)
+
+    def set(self, owner: Owner, keys: list[RefKey]) -> None:
+        for key in self.refs.pop(owner, []):
+            self.owners.get(key, set()).discard(owner)
+        if keys:
+            self.refs[owner] = keys
+            for key in keys:
+                self.owners.setdefault(key, set()).add(owner)
+
+
 class LocalStore:
     """Implements the engine's Lookup over files in the state directory."""
 
     def __init__(self, layout: StateLayout) -> None:
         self.layout = layout
+        self._index: dict[str, _RefIndex] = {}
+        self._swept: set[Path] = set()  # object directories cleaned of dead writers' temps
+        self._lock = threading.Lock()  # the index and _swept, for the runner's workers
 
     def _read(self, plural: Plural, namespace: str, name: str) -> dict[str, Any] | None:
         path = self.layout.object_file(plural, namespace, name)
@@ -104,6 +157,75 @@ class LocalStore:
             o for o in self.list_objects("disksnapshots", namespace) if isinstance(o, DiskSnapshot)
         ]
 
+    def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
+        found = (self.get_snapshot(namespace, n) for n in self._owners(namespace, "diskName", disk))
+        return [s for s in found if s is not None and s.spec.disk_name == disk]
+
+    def disks_from(self, namespace: str, kind: SourceKind, name: str) -> list[VMDisk]:
+        found = (self.get_disk(namespace, n) for n in self._owners(namespace, kind, name))
+        return [d for d in found if d is not None and _source_name(d, kind) == name]
+
+    def _owners(self, namespace: str, kind: str, name: str) -> list[str]:
+        """Names of the objects referring to ``name`` (re-read and checked by the callers)."""
+        plural = "disksnapshots" if kind == "diskName" else "vmdisks"
+        with self._lock:
+            index = self._fresh_index(namespace)
+            return sorted(n for p, n in index.owners.get((kind, name), set()) if p == plural)
+
+    def _stamp(self, namespace: str) -> tuple[int, ...]:
+        stamp = []
+        for plural in _REF_PLURALS:
+            try:
+                st = os.stat(self.layout.objects_dir(plural) / namespace)
+            except FileNotFoundError:
+                stamp += [0, 0]
+            else:
+                stamp += [st.st_ino, st.st_mtime_ns]
+        return tuple(stamp)
+
+    def _fresh_index(self, namespace: str) -> _RefIndex:
+        stamp = self._stamp(namespace)
+        index = self._index.get(namespace)
+        if index is not None and index.stamp == stamp:
+            return index
+        # Another process wrote here (or first use): read the namespace once.
+        index = _RefIndex(stamp)
+        for plural in _REF_PLURALS:
+            directory = self.layout.objects_dir(plural) / namespace
+            try:
+                names = [e.name for e in os.scandir(directory)]
+            except FileNotFoundError:
+                continue
+            for entry in names:
+                if entry.endswith(".json") and not entry.startswith("."):
+                    data = self._read(plural, namespace, entry[: -len(".json")])
+                    if data is not None:
+                        index.set((plural, entry[: -len(".json")]), _refs_of(data))
+        self._index[namespace] = index
+        return index
+
+    def _in_step(self, plural: Plural, namespace: str) -> bool:
+        """True when this namespace's index saw every change so far (call before a write)."""
+        with self._lock:
+            return self._in_step_locked(plural, namespace)
+
+    def _in_step_locked(self, plural: Plural, namespace: str) -> bool:
+        index = self._index.get(namespace)
+        if index is None or plural not in _REF_PLURALS:
+            return False
+        if index.stamp != self._stamp(namespace):
+            del self._index[namespace]  # another process wrote: rebuilt on the next query
+            return False
+        return True
+
+    def _noted(self, namespace: str, owner: Owner, data: dict[str, Any] | None) -> None:
+        """Keep this namespace's index in step with a write (or removal) of our own."""
+        with self._lock:
+            index = self._index.get(namespace)
+            if index is not None:
+                index.set(owner, [] if data is None else _refs_of(data))
+                index.stamp = self._stamp(namespace)
+
     def apply(self, obj: Stored) -> Stored:
         """Create or update from a manifest; generation grows only when the spec changes."""
         plural = PLURALS[obj.kind]
@@ -124,7 +246,8 @@ class LocalStore:
                 if "status" in old:
                     new["status"] = old["status"]
             parsed = self._parse(new)
-            self._write(plural, parsed)
+            if new != old:
+                self._write(plural, parsed)
             return parsed
 
     def save_status(self, obj: Resource, status: VMDiskStatus | DiskSnapshotStatus) -> Resource:
@@ -135,16 +258,38 @@ class LocalStore:
             data = self._read(plural, meta.namespace, meta.name)
             if data is None:
                 return obj
-            data["status"] = dump(status)
+            unchanged = data.get("status") == (new := dump(status))
+            data["status"] = new
             updated = self._parse(data)
             assert not isinstance(updated, VMDiskClass)
-            self._write(plural, updated)
+            if not unchanged:
+                self._write(plural, updated)
             return updated
 
     def remove(self, obj: Stored) -> None:
-        remove_path(self.layout.object_file(PLURALS[obj.kind], scope(obj), obj.metadata.name))
+        plural, namespace, name = PLURALS[obj.kind], scope(obj), obj.metadata.name
+        in_step = self._in_step(plural, namespace)
+        remove_path(self.layout.object_file(plural, namespace, name))
+        if in_step:
+            self._noted(namespace, (plural, name), None)
 
     def _write(self, plural: Plural, obj: Stored) -> None:
-        path = self.layout.object_file(plural, scope(obj), obj.metadata.name)
+        namespace = scope(obj)
+        path = self.layout.object_file(plural, namespace, obj.metadata.name)
+        data = dump(obj)
+        with self._lock:
+            sweep = path.parent not in self._swept
+            self._swept.add(path.parent)
+        if sweep:
+            remove_stale_temps(path.parent)  # once per directory, not on every write
         # Specs may carry credentials (image URLs): root only.
-        atomic_write(path, json.dumps(dump(obj), indent=1, sort_keys=True) + "\n", mode=0o600)
+        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+        in_step = self._in_step(plural, namespace)
+        atomic_write(path, text, mode=0o600, sweep=False)
+        if in_step:
+            self._noted(namespace, (plural, obj.metadata.name), data)
+
+
+def _source_name(disk: VMDisk, kind: SourceKind) -> str | None:
+    ref = disk.spec.source.disk if kind == "disk" else disk.spec.source.snapshot
+    return None if ref is None else ref.name

@@ -6,6 +6,7 @@ node's filter, so an agent only ever handles its own node's objects.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
@@ -21,7 +22,7 @@ from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
 from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
-from .lookup import IndexLookup
+from .lookup import Indexed, IndexLookup, LoopReads
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
@@ -111,6 +112,27 @@ def _clearing(raw: Any, new: dict[str, Any]) -> dict[str, Any]:
     return {**dict.fromkeys(stale), **new}
 
 
+class Publisher:
+    """Publishes a disk's status while its handler runs; remembers what it last wrote."""
+
+    def __init__(self, memo: Any, meta: Any) -> None:
+        self.memo, self.meta = memo, meta
+        self.written: dict[str, Any] | None = None
+
+    def __call__(self, status: VMDiskStatus) -> None:
+        api = getattr(self.memo, "api", None)
+        if api is None:
+            return
+        body = dump(status)
+        try:
+            api.patch_status("vmdisks", self.meta["namespace"], self.meta["name"], body)
+        except VMDiskError as exc:  # progress is best effort; the handler goes on
+            log.debug("progress not published: %s", exc)
+            self.written = None  # its outcome unknown: kopf writes the final status
+        else:
+            self.written = body
+
+
 def _reconciled(
     body: Any,
     patch: Any,
@@ -118,8 +140,13 @@ def _reconciled(
     model: type[VMDisk] | type[DiskSnapshot],
     status_model: type[S],
     reconcile: Callable[[Any], S],
+    written: Callable[[], dict[str, Any] | None] = lambda: None,
 ) -> None:
-    """Parse, reconcile, write status and events; retry (with backoff) only temporary failures."""
+    """Parse, reconcile, write status and events; retry (with backoff) only temporary failures.
+
+    A status the object already has, or that the handler itself just published,
+    is not written again.
+    """
     raw = body.get("status")
     parsed_old = parse_status(raw, status_model)
     old = parsed_old or status_model()
@@ -130,7 +157,11 @@ def _reconciled(
         metadata = body.get("metadata")
         generation = metadata.get("generation") if isinstance(metadata, Mapping) else None
         new = failed_status(old, generation, InvalidSpec("; ".join(describe_errors(exc))))
-    patch.status.update(dump(new) if parsed_old or not raw else _clearing(raw, dump(new)))
+    wanted = dump(new)
+    if parsed_old is None and raw:
+        patch.status.update(_clearing(raw, wanted))
+    elif wanted != written() and (parsed_old is None or wanted != dump(parsed_old)):
+        patch.status.update(wanted)
     _report(body, parsed_old, new)
     ready = _ready(new)
     if ready is not None and ready.status != "True" and new.phase != "Failed":
@@ -166,36 +197,31 @@ def register(
 
     @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="node_disks", registry=registry)
     def node_disks(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "disksnapshots", id="snapshots", registry=registry)
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {(namespace, name): dict(body)}
+        return {(namespace, name): Indexed(body)}
 
     @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
     def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
-        return {name: dict(body)}
+        return {name: Indexed(body)}
+
+    reads = LoopReads()
+
+    @kopf.on.startup(id="index_reads", registry=registry)
+    async def bind_index_reads(**_: Any) -> None:
+        # The loop kopf changes the indexes on; workers read them only through it.
+        reads.bind(asyncio.get_running_loop())
 
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"])
-
-    def publisher(memo: Any, meta: Any) -> Callable[[VMDiskStatus], None]:
-        def publish(status: VMDiskStatus) -> None:
-            api = getattr(memo, "api", None)
-            if api is None:
-                return
-            try:
-                api.patch_status("vmdisks", meta["namespace"], meta["name"], dump(status))
-            except VMDiskError as exc:  # progress is best effort; the handler goes on
-                log.debug("progress not published: %s", exc)
-
-        return publish
+        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads)
 
     @on_changes("vmdisks", on_this_node, "vmdisk_changed")
     def vmdisk_changed(
         *, body: Any, meta: Any, patch: Any, retry: Any, memo: Any, **kw: Any
     ) -> None:
-        publish = publisher(memo, meta)
+        publish = Publisher(memo, meta)
         _reconciled(
             body,
             patch,
@@ -203,6 +229,7 @@ def register(
             VMDisk,
             VMDiskStatus,
             lambda disk: engine.reconcile_disk(disk, lookup(kw), publish),
+            lambda: publish.written,
         )
 
     @kopf.on.delete(

@@ -14,7 +14,7 @@ import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import urllib3
 from kubernetes.client import (
@@ -119,17 +119,42 @@ class KubeApi:
         )  # fmt: skip
 
     def list_objects(
-        self, plural: str, *, label_selector: str | None = None
+        self,
+        plural: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
     ) -> list[dict[str, Any]]:
         """Every object of ``plural`` in the cluster (as plain dicts)."""
         found = self._call(
             f"list {plural}",
             lambda: self.custom.list_cluster_custom_object(
                 GROUP, VERSION, plural, label_selector=label_selector,
-                _request_timeout=self.timeout,
+                field_selector=field_selector, _request_timeout=self.timeout,
             ),
         )  # fmt: skip
         return list((found or {}).get("items", []))
+
+    def selects_on(self, plural: str, field_selector: str) -> bool:
+        """Whether the server filters ``plural`` by ``field_selector`` itself.
+
+        A CRD declares its ``selectableFields`` (Kubernetes 1.31+); any other
+        field, or an older server, is answered 400 Bad Request.
+        """
+        try:
+            resp = cast(urllib3.BaseHTTPResponse, self.custom.list_cluster_custom_object(
+                GROUP, VERSION, plural, field_selector=field_selector, limit=1,
+                _request_timeout=self.timeout, _preload_content=False,
+            ))  # fmt: skip
+            resp.drain_conn()
+            resp.release_conn()
+        except ApiException as exc:
+            if exc.status == 400:
+                return False
+            raise ApiError(f"list {plural}: HTTP {exc.status}: {exc.reason}") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiError(f"list {plural}: {exc}") from exc
+        return True
 
     def node_event(self, node: str, event_type: str, reason: str, message: str) -> None:
         """Post an Event about the Node itself (orphans have no object of their own)."""
@@ -163,9 +188,7 @@ class KubeApi:
         )
         encoded = (getattr(secret, "data", None) or {}).get(key)
         if encoded is None:
-            raise SecretMissing(
-                f"encryption.keySecretRef: key {key!r} of Secret {namespace}/{name} not found"
-            )
+            raise SecretMissing(f"key {key!r} of Secret {namespace}/{name} not found")
         try:
             return base64.b64decode(encoded, validate=True)
         except binascii.Error as exc:

@@ -9,8 +9,10 @@ from typing import Any
 
 import kopf
 
+from ..api.common import GROUP
 from ..config import Settings
 from ..engine.reconcile import Engine
+from ..errors import VMDiskError
 from ..host.files import atomic_write
 from . import handlers, keys
 from .kubeapi import ApiConnection, ApiSecrets, KubeApi
@@ -34,6 +36,11 @@ def operator_settings(node: str, workers: int) -> kopf.OperatorSettings:
     )
     # Bound concurrent provisioning per node: each sync handler takes one worker.
     s.execution.max_workers = workers
+    # After its own patch kopf waits for that version to come back before judging the
+    # object again; under load (hundreds of disks at once) the event takes longer than
+    # the default 5 s, kopf then takes an older body for the truth and runs the create
+    # handler a second time.  A newer event still wakes it at once.
+    s.persistence.consistency_timeout = 60.0
     # Reconnect watches regularly so a silently dropped connection is noticed.
     s.watching.server_timeout = 300
     s.watching.client_timeout = 330
@@ -66,6 +73,32 @@ def _connection(info: kopf.ConnectionInfo, settings: Settings, pool_size: int) -
     )
 
 
+def node_selector(node: str) -> str:
+    """The field selector of this node's VMDisks."""
+    return f"spec.nodeName={node}"
+
+
+def select_own_disks(api: KubeApi, node: str, settings: kopf.OperatorSettings) -> None:
+    """Watch only this node's VMDisks when the server can filter them (CRD selectableFields).
+
+    Otherwise every agent is sent every VMDisk and filters by node itself, as the
+    handlers' own filter still does either way.  Decided once, before the watches start.
+    """
+    if (GROUP, "vmdisks") in settings.watching.field_selectors:
+        return  # a re-login: the watches keep what they started with
+    selector = node_selector(node)
+    try:
+        filtered = api.selects_on("vmdisks", selector)
+    except VMDiskError as exc:
+        log.warning("could not ask for server-side filtering (%s): watching every VMDisk", exc)
+        filtered = False
+    if filtered:
+        settings.watching.field_selectors[GROUP, "vmdisks"] = selector
+        log.info("watching the VMDisks of node %s only (field selector %s)", node, selector)
+    else:
+        log.info("the server cannot select VMDisks by spec.nodeName: watching them all")
+
+
 def build_registry(
     engine: Engine, *, scan_interval: float, verify_interval: float, workers: int = 4
 ) -> kopf.OperatorRegistry:
@@ -74,14 +107,17 @@ def build_registry(
     handlers.register(registry, engine, verify_interval=verify_interval)
 
     @kopf.on.login(registry=registry)
-    def login(*, memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    def login(
+        *, memo: Any, settings: kopf.OperatorSettings, **kwargs: Any
+    ) -> kopf.ConnectionInfo | None:
         # The client's in-cluster config reaches the API server at KUBERNETES_SERVICE_HOST
         # and _PORT, as client-go does: kopf's own service-account login assumes the name
         # kubernetes.default.svc, which a pod without cluster DNS (hostNetwork) cannot resolve.
-        info = kopf.login_via_client(**kwargs)
+        info = kopf.login_via_client(settings=settings, **kwargs)
         if info is not None:
             # Each worker may publish progress while the scanner and Secrets lookups call too.
             memo.api = KubeApi.connect(_connection(info, engine.settings, workers + 2))
+            select_own_disks(memo.api, engine.settings.node_name, settings)
         return info
 
     @kopf.on.startup(registry=registry)

@@ -1,0 +1,146 @@
+"""The agent's Lookup over kopf's real indexes, read from a worker thread while
+the event loop changes them (the agent's threading: kopf runs sync handlers in
+an executor and indexes objects on the loop).
+
+No API server: the index is kopf's own class, fed by a coroutine on a real loop
+in place of a watch stream, so the race runs thousands of times in a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kopf._core.engines.indexing import OperatorIndexer
+
+from vmdisk.api.vmdisk import VMDisk
+from vmdisk.operator.lookup import Indexed, IndexLookup, LoopReads
+
+NS = "vms"
+
+
+def body(name: str, rv: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "vmdisk.io/v1alpha1",
+        "kind": "VMDisk",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "uid": f"uid-{name}",
+            "resourceVersion": f"{rv}",
+        },
+        "spec": {"nodeName": "node-a", "backend": "qcow2", "size": "1Gi", "source": {"blank": {}}},
+    }
+
+
+def index(indexer: OperatorIndexer, name: str, rv: int = 1) -> None:
+    """What kopf does on the loop for one watch event of a VMDisk."""
+    b = body(name, rv)
+    indexer.replace((NS, name, f"uid-{name}"), {(NS, name): Indexed(b)})
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in its own thread, as kopf's is beside its executor."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def churn(loop: asyncio.AbstractEventLoop, indexer: OperatorIndexer) -> Callable[[], int]:
+    """Create and delete disks on the loop until stopped; returns the stopper (events seen)."""
+    stop = threading.Event()
+    events = 0
+
+    async def run() -> None:
+        nonlocal events
+        i = 0
+        while not stop.is_set():
+            # A burst per loop iteration, like a watch stream delivering many events.
+            for _ in range(50):
+                name = f"churn-{i % 400}"
+                if i % 800 < 400:
+                    index(indexer, name, i)
+                else:
+                    indexer.discard((NS, name, f"uid-{name}"))
+                i += 1
+                events += 1
+            await asyncio.sleep(0)
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+
+    def stopper() -> int:
+        stop.set()
+        future.result(10)
+        return events
+
+    return stopper
+
+
+def test_workers_read_the_index_while_the_loop_changes_it(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """Before the reads went through the loop, this raised ``RuntimeError: dictionary
+    changed size during iteration`` (kopf retried the handler a minute later)."""
+    disks = OperatorIndexer()
+    for i in range(600):
+        index(disks, f"d{i:04d}")
+    reads = LoopReads()
+    reads.bind(loop)
+    lookup = IndexLookup(disks.index, OperatorIndexer().index, {}, reads)
+    stop = churn(loop, disks)
+    calls, deadline = 0, time.monotonic() + 2.0
+    try:
+        while time.monotonic() < deadline:
+            found = {d.metadata.name for d in lookup.list_disks(NS)}
+            # The 600 stable disks are always there, whatever the churn did meanwhile.
+            assert {f"d{i:04d}" for i in range(600)} <= found
+            assert lookup.get_disk(NS, "d0001") is not None
+            calls += 1
+    finally:
+        events = stop()
+    assert calls > 10 and events > 1000  # the two really ran side by side
+
+
+def test_each_indexed_body_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deletion scans the namespace; it validates only bodies it has not seen."""
+    disks = OperatorIndexer()
+    for i in range(50):
+        index(disks, f"d{i:02d}")
+    parsed: list[str] = []
+    original = VMDisk.model_validate
+
+    def counting(obj: Any) -> VMDisk:
+        parsed.append(obj["metadata"]["name"])
+        return original(obj)
+
+    monkeypatch.setattr(VMDisk, "model_validate", counting)
+    lookup = IndexLookup(disks.index, OperatorIndexer().index)
+    assert len(lookup.list_disks(NS)) == 50
+    assert len(parsed) == 50
+    assert len(lookup.list_disks(NS)) == 50
+    assert lookup.get_disk(NS, "d07") is not None
+    assert len(parsed) == 50  # nothing parsed again
+    index(disks, "d07", rv=2)  # the object changed: kopf indexes a new body
+    assert lookup.list_disks(NS)[0].metadata.namespace == NS
+    assert parsed[50:] == ["d07"]
+
+
+def test_an_invalid_body_is_skipped_not_raised() -> None:
+    disks = OperatorIndexer()
+    index(disks, "good")
+    bad = body("bad")
+    bad["spec"]["size"] = "lots"
+    disks.replace((NS, "bad", "uid-bad"), {(NS, "bad"): Indexed(bad)})
+    lookup = IndexLookup(disks.index, OperatorIndexer().index)
+    assert [d.metadata.name for d in lookup.list_disks(NS)] == ["good"]
+    assert lookup.get_disk(NS, "bad") is None
+    assert lookup.list_disks("elsewhere") == []
