@@ -622,3 +622,27 @@ def test_registries_are_reached_over_verified_tls_unless_the_class_says_plain_ht
         trusted = make(runner, disk, "trusted", url, tls)
         assert trusted.phase == "Ready", trusted.conditions
         assert trusted.path is not None and same_content(Path(trusted.path), qcow2)
+
+
+def test_http_basic_auth_with_the_class_credentials(
+    runner: LocalRunner, disk: Manifest, qcow2: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """The registry's own htpasswd auth: a Basic challenge, answered with the Secret's login."""
+    with Registry(tmp_path / "registry", htpasswd={"puller": "secret"}) as registry:
+        layout = OciLayout(tmp_path / "layout")
+        layout.tag("t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH))
+        registry.push(layout, "t", "basic/disk:v1", creds="puller:secret")
+        url = registry.url("basic/disk:v1")
+        anonymous = make(runner, disk, "anon", url, oci_class(runner.store, registry, "anon"))
+        assert anonymous.conditions[-1].reason == "RegistryAuthFailed"
+        assert "needs credentials" in anonymous.conditions[-1].message
+        secret = settings.state_dir / "secrets" / settings.namespace / "basic"
+        secret.mkdir(parents=True)
+        pair = base64.b64encode(b"puller:secret").decode()
+        (secret / ".dockerconfigjson").write_text(
+            json.dumps({"auths": {registry.host: {"auth": pair}}})
+        )
+        creds = oci_class(runner.store, registry, "creds", registryCredentialsRef={"name": "basic"})
+        good = make(runner, disk, "good", url, creds)
+        assert good.phase == "Ready", good.conditions
+        assert good.path is not None and same_content(Path(good.path), qcow2)
