@@ -23,6 +23,7 @@ import vmdisk
 
 from . import (
     concurrent_download,
+    decompress_speed,
     download_speed,
     engine_qcow2,
     local_scale,
@@ -41,7 +42,8 @@ FIGURES: dict[str, tuple[str, Callable[[Path], list[Row]]]] = {
     "a": ("50 qcow2 disks from a cached base", engine_qcow2.run),
     "b": ("raw disk copy, native fs and xfs reflink", raw_copy.run),
     "c": ("20 concurrent disks, one download", concurrent_download.run),
-    "d": ("download throughput vs curl", download_speed.run),
+    "d": ("download throughput vs curl and wget", download_speed.run),
+    "z": ("decompressing download (.xz, .zst) vs curl | xz -d / zstd -d", decompress_speed.run),
     "e": ("the operator at scale against a real kube-apiserver", operator_scale.run),
     "f": ("kubectl apply to Ready, one disk at a time", operator_latency.run),
     "h": ("a fleet of agents watching 1,000 VMDisks of one node", operator_fleet.run),

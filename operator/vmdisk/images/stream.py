@@ -67,10 +67,15 @@ class SparseFile:
     it to materialise a trailing hole.
     """
 
-    def __init__(self, fd: int, offset: int = 0, *, present: int = 0) -> None:
+    def __init__(
+        self, fd: int, offset: int = 0, *, present: int = 0, writeback: bool = True
+    ) -> None:
         self.fd = fd
         self.end = offset
         self.present = present  # bytes fed that the file already holds (a resumed partial)
+        # Start writing each block to disk at once: for a file that will be
+        # fsynced; a scratch file that is deleted soon is better left in memory.
+        self.writeback = writeback
 
     def consume(self, blocks: Iterator[Block]) -> None:
         for block in blocks:
@@ -87,7 +92,7 @@ class SparseFile:
                     kept.append(chunk[skip:])
             block = tuple(kept)
         size = write_sparse(self.fd, block, self.end)
-        if size:
+        if size and self.writeback:
             start_writeback(self.fd, self.end, size)  # the final fsync then has little to do
         self.end += size
 
