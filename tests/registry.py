@@ -24,6 +24,7 @@ import subprocess
 import tarfile
 import threading
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -185,6 +186,14 @@ class TokenServer:
         self.httpd.server_close()
 
 
+def _bcrypt(password: str) -> str:
+    """The htpasswd hash the registry checks (libcrypt's bcrypt, through the stdlib)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # crypt leaves the stdlib in 3.13
+        import crypt
+    return crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))  # cost 4: fast
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -260,6 +269,7 @@ class Registry:
     address: str = "127.0.0.1"  # any 127/8 address: a second "host" for policy tests
     port: int = field(default_factory=free_port)
     tls: tuple[Path, Path] | None = None  # certificate and key: https instead of http
+    htpasswd: dict[str, str] | None = None  # users and passwords: HTTP Basic auth
 
     @property
     def host(self) -> str:
@@ -287,6 +297,10 @@ class Registry:
                     "rootcertbundle": str(self.token.bundle),
                 }
             }
+        if self.htpasswd is not None:
+            users = self.root / "htpasswd"
+            users.write_text("".join(f"{u}:{_bcrypt(pw)}\n" for u, pw in self.htpasswd.items()))
+            config["auth"] = {"htpasswd": {"realm": "vmdisk-test", "path": str(users)}}
         path = self.root / "config.yml"
         path.write_text(json.dumps(config))  # JSON is YAML
         self.log = self.root / "registry.log"

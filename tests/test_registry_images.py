@@ -482,11 +482,11 @@ def test_the_agent_pulls_with_the_class_pull_secret(
 
 @pytest.fixture
 def noisy(tmp_path: Path) -> Path:
-    """A 4 MiB raw image with 1 MiB of random bytes: its layer stays ~1 MiB gzip'd."""
+    """A 4 MiB raw image with 3 MiB of random bytes: its layer stays ~3 MiB gzip'd."""
     path = raw_image(tmp_path, "noisy", b"")
     with open(path, "r+b") as handle:
         handle.seek(MiB)
-        handle.write(random.Random(17).randbytes(MiB))
+        handle.write(random.Random(17).randbytes(3 * MiB))
     return path
 
 
@@ -622,3 +622,42 @@ def test_registries_are_reached_over_verified_tls_unless_the_class_says_plain_ht
         trusted = make(runner, disk, "trusted", url, tls)
         assert trusted.phase == "Ready", trusted.conditions
         assert trusted.path is not None and same_content(Path(trusted.path), qcow2)
+
+
+def test_http_basic_auth_with_the_class_credentials(
+    runner: LocalRunner, disk: Manifest, qcow2: Path, tmp_path: Path, settings: Settings
+) -> None:
+    """The registry's own htpasswd auth: a Basic challenge, answered with the Secret's login."""
+    with Registry(tmp_path / "registry", htpasswd={"puller": "secret"}) as registry:
+        layout = OciLayout(tmp_path / "layout")
+        layout.tag("t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH))
+        registry.push(layout, "t", "basic/disk:v1", creds="puller:secret")
+        url = registry.url("basic/disk:v1")
+        anonymous = make(runner, disk, "anon", url, oci_class(runner.store, registry, "anon"))
+        assert anonymous.conditions[-1].reason == "RegistryAuthFailed"
+        assert "needs credentials" in anonymous.conditions[-1].message
+        secret = settings.state_dir / "secrets" / settings.namespace / "basic"
+        secret.mkdir(parents=True)
+        pair = base64.b64encode(b"puller:secret").decode()
+        (secret / ".dockerconfigjson").write_text(
+            json.dumps({"auths": {registry.host: {"auth": pair}}})
+        )
+        creds = oci_class(runner.store, registry, "creds", registryCredentialsRef={"name": "basic"})
+        good = make(runner, disk, "good", url, creds)
+        assert good.phase == "Ready", good.conditions
+        assert good.path is not None and same_content(Path(good.path), qcow2)
+
+
+def test_a_pull_reports_progress_in_status(
+    runner: LocalRunner, disk: Manifest, front_of: tuple[ImageServer, str, str]
+) -> None:
+    blobs, url, _ = front_of
+    blobs.switches.stall_once_after = 300_000  # a pause mid-layer, past the 2 s publish throttle
+    blobs.switches.stall_seconds = 2.5
+    obj = disk("slow", "qcow2", source={"image": {"url": url}}, className=front_class(runner, url))
+    published: list[VMDiskStatus] = []
+    final = runner.engine.reconcile_disk(runner.store.apply(obj), runner.store, published.append)
+    assert final.phase == "Ready", final.conditions
+    shown = [int(s.progress.rstrip("%")) for s in published if s.progress]
+    assert any(0 < p < 100 for p in shown), shown  # the layer's bytes, while they arrive
+    assert shown == sorted(shown)

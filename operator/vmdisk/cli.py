@@ -8,27 +8,22 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from . import __version__
-from .api.common import dump
-from .api.crd import MIN_KUBERNETES
-from .api.quantity import format_bytes
-from .api.snapshot import DiskSnapshot
-from .api.vmdisk import VMDisk
-from .api.vmdiskclass import VMDiskClass
-from .backends.registry import PLUGINS
-from .config import Settings, parse_duration
-from .engine.reconcile import Engine
+from .api.kubernetes import MIN_KUBERNETES
 from .errors import VMDiskError
 from .host.files import host_error
-from .local.manifests import ManifestError, load
-from .local.runner import LocalRunner, default_workers
-from .local.store import CLUSTER_SCOPE, LocalStore, Plural, Stored
+from .local.problems import ManifestError
 
-KIND_ALIASES: dict[str, Plural] = {
+# Everything else is imported by the command that needs it: start-up is paid by
+# every command, and --help needs none of the models, backends or image code.
+if TYPE_CHECKING:
+    from .config import Settings
+    from .engine.reconcile import Engine
+    from .local.runner import LocalRunner
+    from .local.store import Plural, Stored
+
+KIND_ALIASES: dict[str, Plural] = {  # "Plural" is a Literal of these values
     "vmdisk": "vmdisks",
     "vmdisks": "vmdisks",
     "vmd": "vmdisks",
@@ -39,6 +34,15 @@ KIND_ALIASES: dict[str, Plural] = {
     "vmdiskclasses": "vmdiskclasses",
     "vmdc": "vmdiskclasses",
 }
+
+
+class _Version(argparse.Action):
+    """``--version``, reading the installed metadata only when asked."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        from . import __version__
+
+        parser.exit(message=f"vmdisk {__version__}\n")
 
 
 def _namespace_option(parser: argparse.ArgumentParser, what: str) -> None:
@@ -57,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     parser = argparse.ArgumentParser(prog="vmdisk", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"vmdisk {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, summary: str, *parents: argparse.ArgumentParser) -> Any:
@@ -152,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from .config import Settings
+
     return Settings.from_env(state_dir=args.state_dir, node_name=args.node)
 
 
@@ -163,12 +169,20 @@ def _positive(text: str) -> int:
 
 
 def _runner(settings: Settings, workers: int = 1) -> LocalRunner:
+    from .engine.reconcile import Engine
+    from .local.runner import LocalRunner
+    from .local.store import LocalStore
+
     engine = Engine.build(settings)
     return LocalRunner(settings, engine, LocalStore(engine.layout), workers)
 
 
 def _row(obj: Stored) -> tuple[list[str], list[str]]:
     """The table header and row of one object."""
+    from .api.quantity import format_bytes
+    from .api.snapshot import DiskSnapshot
+    from .api.vmdiskclass import VMDiskClass
+
     if isinstance(obj, VMDiskClass):
         default = str(obj.is_default).lower()
         return ["NAME", "BACKEND", "DEFAULT"], [obj.metadata.name, obj.spec.backend, default]
@@ -213,10 +227,14 @@ def _table(objects: Sequence[Stored]) -> str:
 
 
 def _print(objects: Sequence[Stored], fmt: str) -> None:
+    from .api.common import dump
+
     if fmt == "json":
         data = [dump(o) for o in objects]
         print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
     elif fmt == "yaml":
+        import yaml
+
         print(yaml.safe_dump_all([dump(o) for o in objects], sort_keys=False), end="")
     else:
         print(_table(objects))
@@ -224,6 +242,8 @@ def _print(objects: Sequence[Stored], fmt: str) -> None:
 
 def _not_ready(objects: Sequence[Stored]) -> list[str]:
     """One line per object that is not Ready, or whose last change was refused."""
+    from .api.vmdiskclass import VMDiskClass
+
     problems = []
     for obj in objects:
         if isinstance(obj, VMDiskClass):
@@ -244,6 +264,9 @@ def _not_ready(objects: Sequence[Stored]) -> list[str]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from .local.manifests import load
+    from .local.runner import default_workers
+
     settings = _settings(args)
     objects = load(args.filename, max_size=settings.max_virtual_size, namespace=args.namespace)
     runner = _runner(settings, args.workers or default_workers())
@@ -259,6 +282,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
+    from .engine.reconcile import Engine
+    from .local.store import CLUSTER_SCOPE, LocalStore
+
     settings = _settings(args)
     engine = Engine.build(settings)
     store = LocalStore(engine.layout)
@@ -283,6 +309,8 @@ def _checked(engine: Engine, obj: Stored) -> Stored:
     Shared stores (RBD) are not asked: that would be a network call per disk.
     Nothing is written: the next apply records what changed.
     """
+    from .api.vmdisk import VMDisk
+
     if not isinstance(obj, VMDisk) or obj.status is None or obj.status.shared:
         return obj
     status = engine.verify_disk(obj)
@@ -290,6 +318,9 @@ def _checked(engine: Engine, obj: Stored) -> Stored:
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
+    from .local.manifests import load
+    from .local.store import CLUSTER_SCOPE
+
     runner = _runner(_settings(args))
     if args.filename is not None:
         objects: list[Stored] = list(load(args.filename, namespace=args.namespace))
@@ -316,6 +347,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
 def _cmd_crds(args: argparse.Namespace) -> int:
     """Print (or --split into files) the CRDs; they need Kubernetes 1.29 or newer."""
     from .api.crd import crd_yaml, crds, write_crds
+    from .backends.registry import PLUGINS
 
     selectable = args.selectable_fields
     if args.split:
@@ -328,6 +360,10 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
+    from .api.quantity import format_bytes
+    from .config import parse_duration
+    from .engine.reconcile import Engine
+
     settings = _settings(args)
     engine = Engine.build(settings)
     in_use = engine.cache_in_use()
@@ -389,6 +425,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_orphans(args: argparse.Namespace) -> int:
     """Disks on this host that no object owns: the agent's last scan, else local mode's."""
+    from .engine.reconcile import Engine
+    from .local.store import LocalStore
+
     engine = Engine.build(_settings(args))
     report = engine.layout.root / "orphans.json"
     if report.exists():

@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel
 
 from .common import GROUP, VERSION
+from .kubernetes import MIN_KUBERNETES as MIN_KUBERNETES  # re-exported: its old home
 from .snapshot import DiskSnapshotSpec, DiskSnapshotStatus
 from .vmdisk import VMDiskSpec, VMDiskStatus
 from .vmdiskclass import DEFAULT_CLASS_ANNOTATION, VMDiskClassSpec
@@ -109,8 +110,6 @@ def _total_excludes_split(kind: str) -> str:
 # quantity() parses (string() of a string is itself).  isQuantity() guards keep a
 # malformed value down to the pattern error instead of adding an evaluation error.
 _QTY_SELF = "quantity(string(self))"
-# The oldest Kubernetes whose API server accepts these CRDs (CEL's quantity library).
-MIN_KUBERNETES = "1.29"
 _SOURCES = ("image", "blank", "disk", "snapshot")
 
 RULES: dict[str, dict[str, list[dict[str, str]]]] = {

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import zstandard
 
 from ..errors import DecompressedTooLarge, DecompressionFailed
-from .stream import BLOCK, Block, SparseFile, chunks
+from .stream import BLOCK, Block, SparseFile, Tee, chunks
 
 # Longest magic first is not needed: no magic is a prefix of another.
 _MAGIC = {
@@ -57,6 +57,10 @@ class Decompressing:
         self.decoded = 0  # read by the feeding thread for progress
 
     def consume(self, blocks: Iterator[Block]) -> None:
+        # Writing on a thread of its own: decompressing and writing overlap.
+        sink = Tee([self.out])
+        pieces: list[bytes] = []  # gathered into blocks: fewer, larger writes
+        held = 0
         try:
             for piece in _decode(self.kind, chunks(blocks)):
                 if self.decoded + len(piece) > self.limit:
@@ -65,13 +69,20 @@ class Decompressing:
                         f"{self.limit} bytes this disk may hold (its size plus a margin "
                         "for image metadata); refusing it"
                     )
-                self.out.write((piece,))
+                pieces.append(piece)
+                held += len(piece)
                 self.decoded += len(piece)
+                if held >= BLOCK:
+                    sink.put(tuple(pieces))
+                    pieces, held = [], 0
+            sink.put(tuple(pieces))
         except _Corrupt as exc:
             raise DecompressionFailed(
                 f"image {self.name} is not a valid {self.kind} stream after "
                 f"{self.decoded} decompressed bytes: {exc}"
             ) from None
+        finally:
+            sink.close()  # the output is complete (or abandoned) when consume returns
 
 
 class _Corrupt(Exception):

@@ -265,8 +265,10 @@ class _Partial:
         """Start the stages: hash, partial file and, for a compressed head, decompression."""
         fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self._fds.append(fd)
-        stages: list[Stage] = [self._hashing, SparseFile(fd, self.size, present=present)]
         kind = detect(head) if self.output is not None else None
+        # Compressed bytes are kept only for a resume and deleted once decompressed.
+        partial = SparseFile(fd, self.size, present=present, writeback=kind is None)
+        stages: list[Stage] = [self._hashing, partial]
         if kind is not None and self.output is not None:
             with suppress(FileNotFoundError):
                 self.output.unlink()

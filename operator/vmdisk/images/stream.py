@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from ..host.files import start_writeback
+from ..host.files import raise_if_no_space, start_writeback
 
 BLOCK = 8 * 1024 * 1024  # about this many bytes per block handed to the stages
 SPARSE_BLOCK = 64 * 1024  # all-zero pieces of this size, aligned in the file, become holes
@@ -67,10 +67,15 @@ class SparseFile:
     it to materialise a trailing hole.
     """
 
-    def __init__(self, fd: int, offset: int = 0, *, present: int = 0) -> None:
+    def __init__(
+        self, fd: int, offset: int = 0, *, present: int = 0, writeback: bool = True
+    ) -> None:
         self.fd = fd
         self.end = offset
         self.present = present  # bytes fed that the file already holds (a resumed partial)
+        # Start writing each block to disk at once: for a file that will be
+        # fsynced; a scratch file that is deleted soon is better left in memory.
+        self.writeback = writeback
 
     def consume(self, blocks: Iterator[Block]) -> None:
         for block in blocks:
@@ -86,8 +91,12 @@ class SparseFile:
                 if skip < len(chunk):
                     kept.append(chunk[skip:])
             block = tuple(kept)
-        size = write_sparse(self.fd, block, self.end)
-        if size:
+        try:
+            size = write_sparse(self.fd, block, self.end)
+        except OSError as exc:
+            raise_if_no_space(exc)  # on the writer's thread, typed like every other write
+            raise
+        if size and self.writeback:
             start_writeback(self.fd, self.end, size)  # the final fsync then has little to do
         self.end += size
 

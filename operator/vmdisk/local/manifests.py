@@ -29,7 +29,9 @@ from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
 from ..api.vmdiskclass import VMDiskClass
 from ..backends.registry import PLUGINS_BY_NAME
+from .problems import ManifestError
 
+__all__ = ["ManifestError", "load"]
 Object = VMDisk | DiskSnapshot | VMDiskClass
 KINDS: dict[str, type[VMDisk] | type[DiskSnapshot] | type[VMDiskClass]] = {
     "VMDisk": VMDisk,
@@ -43,14 +45,6 @@ MAX_DOCUMENTS = 1000
 MAX_DEPTH = 64
 MAX_NODES = 100_000  # after alias expansion, per document
 MAX_FILES = 10_000
-
-
-class ManifestError(Exception):
-    """One or more manifests are invalid; ``problems`` name file, object and field."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 class _Limits(Composer, SafeConstructor, Resolver):
