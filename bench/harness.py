@@ -195,10 +195,10 @@ class MemoryLookup:
     def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None:
         return None
 
-    def list_disks(self, namespace: str) -> list[VMDisk]:
+    def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
         return []
 
-    def list_snapshots(self, namespace: str) -> list[DiskSnapshot]:
+    def disks_from(self, namespace: str, kind: str, name: str) -> list[VMDisk]:
         return []
 
     def get_class(self, name: str) -> None:

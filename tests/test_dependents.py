@@ -40,3 +40,38 @@ def test_deletion_says_what_happened_to_the_data(
     removed = engine.delete_disk(gone, store)
     assert removed == f"disk data removed from {status_of(gone).path} (deletionPolicy: Delete)"
     assert not Path(status_of(gone).path or "").exists()
+
+
+def test_both_lookups_answer_the_dependents_queries_alike(store: LocalStore, disk: Manifest):
+    """The file store (local mode) and the agent's index lookup, over the same objects."""
+    from vmdisk.api.common import dump
+    from vmdisk.api.snapshot import DiskSnapshot
+    from vmdisk.operator.lookup import Indexed, IndexLookup
+
+    snap = DiskSnapshot.model_validate(
+        {"metadata": {"name": "s1", "namespace": "vms"}, "spec": {"diskName": "base"}}
+    )
+    objects = [
+        disk("base", "qcow2", source={"blank": {}}, size="1Mi"),
+        disk("clone", "qcow2", source={"disk": {"name": "base"}}, size="1Mi"),
+        disk("from-s1", "qcow2", source={"snapshot": {"name": "s1"}}, size="1Mi"),
+        disk("unrelated", "qcow2", source={"disk": {"name": "other"}}, size="1Mi"),
+        snap,
+    ]
+    stored = [store.apply(o) for o in objects]
+    disks = {("vms", o.metadata.name): [Indexed(dump(o))] for o in stored if o.kind == "VMDisk"}
+    snaps = {("vms", o.metadata.name): [dump(o)] for o in stored if o.kind == "DiskSnapshot"}
+    index = IndexLookup(disks, snaps)
+    for lookup in (store, index):
+        assert [s.metadata.name for s in lookup.snapshots_of("vms", "base")] == ["s1"]
+        assert [d.metadata.name for d in lookup.disks_from("vms", "disk", "base")] == ["clone"]
+        assert [d.metadata.name for d in lookup.disks_from("vms", "snapshot", "s1")] == ["from-s1"]
+        assert lookup.disks_from("vms", "disk", "clone") == []
+        assert lookup.snapshots_of("elsewhere", "base") == []
+
+    # The store's index follows its own writes and removals...
+    store.remove(stored[1])
+    assert store.disks_from("vms", "disk", "base") == []
+    # ...and another writer's (a second store is another process's view).
+    LocalStore(store.layout).apply(disk("late", "qcow2", source={"disk": {"name": "base"}}))
+    assert [d.metadata.name for d in store.disks_from("vms", "disk", "base")] == ["late"]

@@ -207,7 +207,7 @@ def test_a_dripping_server_is_given_up_on(
 def test_an_overall_deadline_bounds_a_fast_enough_but_long_fetch(
     tmp_path: Path, image_dir: Path, server: ImageServer
 ) -> None:
-    server.switches = Switches(drip=0.0005)  # ~2 KB/s, above a 1 KiB/s floor
+    server.switches = Switches(drip=0.0001)  # up to ~10 KB/s: well above a 1 KiB/s floor
     url = server.add("/long.raw", bytes(4 * MiB))
     limits = FetchLimits(timeout=2.0, retries=1, deadline=1.5, min_rate=1024, rate_window=0.5)
     h = Harness(tmp_path, image_dir, LOOPBACK_ONLY, limits)

@@ -29,6 +29,7 @@ from vmdisk.backends.base import (
     SupportsInventory,
     SupportsSnapshots,
 )
+from vmdisk.backends.copysnap import SnapshotMissing
 from vmdisk.backends.lvm import LvmBackend, LvmParameters, ThinPoolMissing
 from vmdisk.backends.lvm_names import crypt_mapping, disk_lv, dm_escape, snapshot_lv
 from vmdisk.backends.registry import Registry, default_registry
@@ -248,6 +249,39 @@ def test_thick_snapshot_survives_a_full_overwrite_and_rolls_back_by_merge(
     assert backend.snapshots(ref) == ("before",)  # taken again after the merge
     backend.delete(ref)
     assert backend.state(ref) is None and volume_group.lvm.volumes(volume_group.name) == []
+
+
+class Killed(Exception):
+    """Stands in for a kill -9 at one point of a rollback."""
+
+
+@in_vm
+def test_a_rollback_cut_off_after_its_merge_is_finished_by_the_next(
+    backend: LvmBackend, volume_group: VolumeGroup, image_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = DiskRef("vms", "cut", volume_group.name)
+    backend.create(ref, CreateRequest(24 * MiB, FromImage(image(image_dir))))
+    backend.create_snapshot(ref, "before")
+    device = backend.readable(ref).path
+    sh("dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=4", "oflag=direct",
+       "status=none")  # fmt: skip
+
+    def killed(*_: object) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "_take_snapshot", killed)  # the merge has run, nothing after
+        with pytest.raises(Killed):
+            backend.rollback(ref, "before")
+    assert backend.snapshots(ref) == ()  # consumed by the merge
+    state = backend.rollback(ref, "before")  # the retry the engine makes
+    assert state.restored_snapshot == "before"
+    assert same_content(image_dir / "base.qcow2", backend.readable(ref).path)
+    assert backend.snapshots(ref) == ("before",)
+    origin = volume_group.lvm.volume(volume_group.name, disk_lv(volume_group.name, "vms", "cut"))
+    assert origin is not None and origin.tag_value("vmdisk.merging") is None
+    with pytest.raises(SnapshotMissing):  # a snapshot that never was is still missing
+        backend.rollback(ref, "never")
 
 
 @in_vm

@@ -482,11 +482,11 @@ def test_the_agent_pulls_with_the_class_pull_secret(
 
 @pytest.fixture
 def noisy(tmp_path: Path) -> Path:
-    """A 4 MiB raw image with 1 MiB of random bytes: its layer stays ~1 MiB gzip'd."""
+    """A 4 MiB raw image with 3 MiB of random bytes: its layer stays ~3 MiB gzip'd."""
     path = raw_image(tmp_path, "noisy", b"")
     with open(path, "r+b") as handle:
         handle.seek(MiB)
-        handle.write(random.Random(17).randbytes(MiB))
+        handle.write(random.Random(17).randbytes(3 * MiB))
     return path
 
 
@@ -646,3 +646,18 @@ def test_http_basic_auth_with_the_class_credentials(
         good = make(runner, disk, "good", url, creds)
         assert good.phase == "Ready", good.conditions
         assert good.path is not None and same_content(Path(good.path), qcow2)
+
+
+def test_a_pull_reports_progress_in_status(
+    runner: LocalRunner, disk: Manifest, front_of: tuple[ImageServer, str, str]
+) -> None:
+    blobs, url, _ = front_of
+    blobs.switches.stall_once_after = 300_000  # a pause mid-layer, past the 2 s publish throttle
+    blobs.switches.stall_seconds = 2.5
+    obj = disk("slow", "qcow2", source={"image": {"url": url}}, className=front_class(runner, url))
+    published: list[VMDiskStatus] = []
+    final = runner.engine.reconcile_disk(runner.store.apply(obj), runner.store, published.append)
+    assert final.phase == "Ready", final.conditions
+    shown = [int(s.progress.rstrip("%")) for s in published if s.progress]
+    assert any(0 < p < 100 for p in shown), shown  # the layer's bytes, while they arrive
+    assert shown == sorted(shown)

@@ -83,6 +83,7 @@ LUKS2 = "vmdisk.luks2"
 FILESYSTEM = "vmdisk.fs"
 BASE = "vmdisk.base"
 RESTORED = "vmdisk.restored"
+MERGING = "vmdisk.merging"  # vmdisk.merging=<snapshot>: a rollback between merge and re-take
 DEFAULT_THIN_POOL = "vmdisk-thinpool"
 
 
@@ -468,33 +469,47 @@ class LvmBackend:
         """Merge the snapshot into the disk, then take it again under the same name.
 
         A merge consumes the snapshot; re-taking it right away keeps the
-        DiskSnapshot usable, with the same content.  The disk must not be in
-        use: an encrypted disk's mapping is closed here and reopened by the
-        engine's next ``unlock``.
+        DiskSnapshot usable, with the same content.  The origin carries a
+        ``vmdisk.merging`` tag from before the merge until the snapshot is
+        back, so a rollback cut off in between (a crash) is finished by the
+        next one rather than failing with the snapshot gone.  The disk must
+        not be in use: an encrypted disk's mapping is closed here and
+        reopened by the engine's next ``unlock``.
         """
         vg, lv = self._lv(ref)
         origin = self._volume(ref)
         if origin is None:
             raise SnapshotMissing(f"disk {ref} does not exist")
-        snap = self._snapshot(ref, name)
-        self.crypt.close(self._mapping(ref))
-        self.activation.open(vg, lv)  # active and not open: a thick merge runs now
-        self.lvm.merge(vg, snap)
-        if origin.segtype == "thin":
-            # A thin merge into an active origin waits for its next activation.
-            self.activation.close(vg, lv)
-            self.activation.open(vg, lv)
+        merging = origin.tag_value(MERGING)
+        snap = snapshot_lv(vg, ref.namespace, ref.name, name)
+        if self.lvm.volume(vg, snap) is not None or merging != name:
+            self._snapshot(ref, name)  # SnapshotMissing unless it is there
+            self.lvm.tag(vg, lv, remove=_tag(MERGING, merging), add=_tag(MERGING, name))
+            self.crypt.close(self._mapping(ref))
+            self.activation.open(vg, lv)  # active and not open: a thick merge runs now
+            self.lvm.merge(vg, snap)
+            if origin.segtype == "thin":
+                # A thin merge into an active origin waits for its next activation.
+                self.activation.close(vg, lv)
+                self.activation.open(vg, lv)
+        else:
+            log.warning(
+                "%s: finishing the rollback to %r a crash cut off after its merge", ref, name
+            )
         self._take_snapshot(ref, origin, name)
         previous = origin.tag_value(RESTORED)
         self.lvm.tag(
-            vg,
-            lv,
-            remove=[f"{RESTORED}={previous}"] if previous else [],
-            add=[f"{RESTORED}={name}"],
-        )
+            vg, lv, remove=[*_tag(RESTORED, previous), *_tag(MERGING, name)],
+            add=_tag(RESTORED, name),
+        )  # fmt: skip
         state = self.state(ref)
         assert state is not None
         return state
+
+
+def _tag(prefix: str, value: str | None) -> list[str]:
+    """``[<prefix>=<value>]``, or nothing when there is no value."""
+    return [f"{prefix}={value}"] if value else []
 
 
 def _build(settings: Settings, layout: StateLayout) -> DiskBackend | None:

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from ..host.files import start_writeback
+from ..host.files import raise_if_no_space, start_writeback
 
 BLOCK = 8 * 1024 * 1024  # about this many bytes per block handed to the stages
 SPARSE_BLOCK = 64 * 1024  # all-zero pieces of this size, aligned in the file, become holes
@@ -91,7 +91,11 @@ class SparseFile:
                 if skip < len(chunk):
                     kept.append(chunk[skip:])
             block = tuple(kept)
-        size = write_sparse(self.fd, block, self.end)
+        try:
+            size = write_sparse(self.fd, block, self.end)
+        except OSError as exc:
+            raise_if_no_space(exc)  # on the writer's thread, typed like every other write
+            raise
         if size and self.writeback:
             start_writeback(self.fd, self.end, size)  # the final fsync then has little to do
         self.end += size

@@ -173,14 +173,22 @@ class LocalStore:
             return sorted(n for p, n in index.owners.get((kind, name), set()) if p == plural)
 
     def _stamp(self, namespace: str) -> tuple[int, ...]:
+        """What changes when anyone writes in the namespace's directories.
+
+        The mtime alone has the clock's coarse tick: another process's new
+        object in the same tick as our own last write would go unseen, so the
+        number of entries is part of it too (a listing, no reads).
+        """
         stamp = []
         for plural in _REF_PLURALS:
+            directory = self.layout.objects_dir(plural) / namespace
             try:
-                st = os.stat(self.layout.objects_dir(plural) / namespace)
+                st = os.stat(directory)
+                entries = len(os.listdir(directory))
             except FileNotFoundError:
-                stamp += [0, 0]
+                stamp += [0, 0, 0]
             else:
-                stamp += [st.st_ino, st.st_mtime_ns]
+                stamp += [st.st_ino, st.st_mtime_ns, entries]
         return tuple(stamp)
 
     def _fresh_index(self, namespace: str) -> _RefIndex:
