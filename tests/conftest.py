@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from httpserver import ImageServer
 from vmdisk.api.vmdisk import VMDisk
 from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
@@ -57,6 +58,13 @@ def qemu_read(path: Path, fmt: str, offset: int, length: int, snapshot: str | No
         return read_at(out, offset, length)
     finally:
         out.unlink()
+
+
+@pytest.fixture
+def server() -> Iterator[ImageServer]:
+    """An image server on loopback for one test (tests/httpserver.py)."""
+    with ImageServer() as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,18 @@ def _extent_flags(path: Path) -> list[str]:
     return [row.split(":")[-1] for row in rows]
 
 
+def snapshot(disk_name: str) -> DiskSnapshot:
+    """DiskSnapshot ``s`` of ``disk_name``."""
+    return DiskSnapshot.model_validate(
+        {
+            "apiVersion": "vmdisk.io/v1alpha1",
+            "kind": "DiskSnapshot",
+            "metadata": {"name": "s", "namespace": "vms"},
+            "spec": {"diskName": disk_name},
+        }
+    )
+
+
 def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
@@ -65,14 +77,7 @@ def test_raw_full_preallocation_writes_zeroes_and_keeps_data(
         if content == "clone":
             source = {"disk": {"name": "origin"}}
         else:
-            snap = DiskSnapshot.model_validate(
-                {
-                    "apiVersion": "vmdisk.io/v1alpha1",
-                    "kind": "DiskSnapshot",
-                    "metadata": {"name": "s", "namespace": "vms"},
-                    "spec": {"diskName": "origin"},
-                }
-            )
+            snap = snapshot("origin")
             (done,) = apply(runner, snap)
             assert done.status is not None and done.status.phase == "Ready"
             source = {"snapshot": {"name": "s"}}
@@ -102,14 +107,7 @@ def test_raw_grow_and_restore_allocate_as_the_disk_was_made(
         return Path(status_of(obj).path or "")
 
     data = made("8Mi")
-    snap = DiskSnapshot.model_validate(
-        {
-            "apiVersion": "vmdisk.io/v1alpha1",
-            "kind": "DiskSnapshot",
-            "metadata": {"name": "s", "namespace": "vms"},
-            "spec": {"diskName": "pre"},
-        }
-    )
+    snap = snapshot("pre")
     (done,) = apply(runner, snap)
     assert done.status is not None and done.status.phase == "Ready"
     assert _allocated(data) >= 8 * MiB

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,12 +69,6 @@ def same_content(a: Path, fmt_a: str, b: Path, fmt_b: str) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
 
 
 @pytest.fixture

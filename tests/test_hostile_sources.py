@@ -43,12 +43,6 @@ def secret_server() -> Iterator[ImageServer]:
 
 
 @pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture
 def image_dir(tmp_path: Path) -> Path:
     path = tmp_path / "images"
     path.mkdir()

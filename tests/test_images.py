@@ -7,7 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,12 +40,6 @@ GiB = 1024 * MiB
 def loopback_policy(image_dir: Path) -> SourcePolicy:
     """The test server lives on loopback, which only an explicit CIDR allows."""
     return SourcePolicy(allowed_hosts=("127.0.0.1/32",), file_dirs=(image_dir,))
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
 
 
 @pytest.fixture
