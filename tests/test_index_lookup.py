@@ -18,7 +18,7 @@ import pytest
 from kopf._core.engines.indexing import OperatorIndexer
 
 from vmdisk.api.vmdisk import VMDisk
-from vmdisk.operator.lookup import Indexed, IndexLookup, LoopReads
+from vmdisk.operator.lookup import Indexed, IndexLookup, LoopReads, source_keys
 
 NS = "vms"
 
@@ -144,3 +144,52 @@ def test_an_invalid_body_is_skipped_not_raised() -> None:
     assert [d.metadata.name for d in lookup.list_disks(NS)] == ["good"]
     assert lookup.get_disk(NS, "bad") is None
     assert lookup.list_disks("elsewhere") == []
+
+
+class NoScan(dict[Any, Any]):
+    """An index that may be asked for keys but never walked (a walk is O(namespace))."""
+
+    def items(self) -> Any:
+        raise AssertionError("the whole index was walked")
+
+    def values(self) -> Any:
+        raise AssertionError("the whole index was walked")
+
+    def __iter__(self) -> Any:
+        raise AssertionError("the whole index was walked")
+
+
+def test_dependents_come_from_the_sources_indexes_without_a_scan() -> None:
+    """What a deletion asks (snapshots of a disk, disks made from it), through kopf's
+    real indexes of sources: only the dependents are read, never the namespace."""
+    clone = body("clone")
+    clone["spec"]["source"] = {"disk": {"name": "a"}}
+    snap = {
+        "apiVersion": "vmdisk.io/v1alpha1",
+        "kind": "DiskSnapshot",
+        "metadata": {"name": "s", "namespace": NS},
+        "spec": {"diskName": "a"},
+    }
+    disks = NoScan({(NS, "a"): [Indexed(body("a"))], (NS, "clone"): [Indexed(clone)]})
+    snapshots = NoScan({(NS, "s"): [Indexed(snap)]})
+    disk_sources, snapshot_sources = OperatorIndexer(), OperatorIndexer()
+    made = [
+        ("clone", clone, disk_sources),
+        ("s", snap, snapshot_sources),
+        ("a", body("a"), disk_sources),
+    ]
+    for key, obj, indexer in made:  # what kopf does on the loop for each watch event
+        spec = obj["spec"]
+        indexer.replace((NS, key, f"uid-{key}"), dict.fromkeys(source_keys(NS, spec), key))
+    lookup = IndexLookup(disks, snapshots, sources=(disk_sources.index, snapshot_sources.index))
+    assert [d.metadata.name for d in lookup.disks_from(NS, "disk", "a")] == ["clone"]
+    assert [s.metadata.name for s in lookup.snapshots_of(NS, "a")] == ["s"]
+    assert lookup.disks_from(NS, "snapshot", "a") == []
+    assert lookup.snapshots_of(NS, "clone") == []
+
+
+def test_malformed_specs_have_no_sources() -> None:
+    assert source_keys(NS, {"source": {"disk": ["x"]}}) == []
+    assert source_keys(NS, {"diskName": ["x"]}) == []
+    assert source_keys(NS, "not a spec") == []
+    assert source_keys(NS, {"source": {"snapshot": {"name": "s1"}}}) == [(NS, "snapshot", "s1")]

@@ -22,7 +22,7 @@ from ..engine.reconcile import Engine
 from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import S, failed_status, with_condition
 from ..errors import DiskInUse, HasDependents, InvalidSpec, VMDiskError
-from .lookup import Indexed, IndexLookup, LoopReads
+from .lookup import Indexed, IndexLookup, LoopReads, source_keys
 
 log = logging.getLogger(__name__)
 Status = VMDiskStatus | DiskSnapshotStatus
@@ -203,6 +203,15 @@ def register(
     def snapshots(*, namespace: Any, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): Indexed(body)}
 
+    # Who is made from what: a deletion asks for its dependents, not for every object.
+    @kopf.index(GROUP, VERSION, "vmdisks", when=on_this_node, id="disk_sources", registry=registry)
+    def disk_sources(*, namespace: Any, name: Any, spec: Any, **_: Any) -> dict[Any, Any]:
+        return dict.fromkeys(source_keys(namespace, spec), name)
+
+    @kopf.index(GROUP, VERSION, "disksnapshots", id="snapshot_sources", registry=registry)
+    def snapshot_sources(*, namespace: Any, name: Any, spec: Any, **_: Any) -> dict[Any, Any]:
+        return dict.fromkeys(source_keys(namespace, spec), name)
+
     @kopf.index(GROUP, VERSION, "vmdiskclasses", id="classes", registry=registry)
     def classes(*, name: Any, body: Any, **_: Any) -> dict[Any, Any]:
         return {name: Indexed(body)}
@@ -215,7 +224,10 @@ def register(
         reads.bind(asyncio.get_running_loop())
 
     def lookup(kwargs: dict[str, Any]) -> IndexLookup:
-        return IndexLookup(kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads)
+        sources = (kwargs["disk_sources"], kwargs["snapshot_sources"])
+        return IndexLookup(
+            kwargs["node_disks"], kwargs["snapshots"], kwargs["classes"], reads, sources
+        )
 
     @on_changes("vmdisks", on_this_node, "vmdisk_changed")
     def vmdisk_changed(

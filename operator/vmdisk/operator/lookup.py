@@ -5,15 +5,16 @@ threads, so a worker never walks an index itself: ``LoopReads`` runs each
 read on the loop (a copy of what is asked for comes back) and the models are
 parsed in the worker.  Every indexed value is an ``Indexed`` body that is
 parsed at most once; kopf replaces it when its object changes and drops it
-when the object goes, so a deletion's scan of the namespace costs dictionary
-walks, not a validation of every disk.
+when the object goes.  Who depends on a disk is asked of two more indexes,
+keyed by what an object is made from, so a deletion touches its dependents
+only, never every object of the namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -100,10 +101,31 @@ def _parse(model: type[M], raw: Any) -> M | None:
         return None  # its own handler reports the invalid spec
 
 
+SourceKey = tuple[str, str, str]  # (namespace, "disk" | "snapshot" | "diskName", name)
+
+
+def source_keys(namespace: Any, spec: Any) -> list[SourceKey]:
+    """What a raw VMDisk or DiskSnapshot ``spec`` is made from, as keys of the
+    by-source index (malformed specs have none: their own handler reports them)."""
+    if not isinstance(namespace, str) or not isinstance(spec, Mapping):
+        return []
+    if isinstance(spec.get("diskName"), str):  # a DiskSnapshot
+        return [(namespace, "diskName", spec["diskName"])]
+    source = spec.get("source")
+    keys = []
+    for kind in ("disk", "snapshot"):
+        ref = source.get(kind) if isinstance(source, Mapping) else None
+        if isinstance(ref, Mapping) and isinstance(ref.get("name"), str):
+            keys.append((namespace, kind, ref["name"]))
+    return keys
+
+
 class IndexLookup:
     """Reads VMDisks and DiskSnapshots from kopf indexes keyed by (namespace, name),
     and VMDiskClasses from one keyed by name; the index values are ``Indexed`` bodies
-    (plain bodies are parsed on every read)."""
+    (plain bodies are parsed on every read).  ``sources`` are indexes from
+    ``source_keys`` to object names; without them, dependents are found by
+    scanning the namespace."""
 
     def __init__(
         self,
@@ -111,11 +133,28 @@ class IndexLookup:
         snapshots: Mapping[Key, Iterable[Any]],
         classes: Mapping[str, Iterable[Any]] | None = None,
         reads: LoopReads | None = None,
+        sources: Sequence[Mapping[SourceKey, Iterable[str]]] = (),
     ) -> None:
         self.disks = disks
         self.snapshots = snapshots
         self.classes: Mapping[str, Iterable[Any]] = classes or {}
         self.reads = reads or LoopReads()
+        self.sources = sources
+
+    def _dependents(
+        self, model: type[M], index: Mapping[Key, Iterable[Any]], key: SourceKey
+    ) -> list[M] | None:
+        """The objects of ``index`` made from ``key``, or None without sources indexes."""
+        sources = self.sources
+        if not sources:
+            return None
+        namespace = key[0]
+
+        def read() -> list[Any]:
+            names = {n for source in sources for n in (source.get(key) or ())}
+            return [v for n in names for v in list(index.get((namespace, n)) or ())[:1]]
+
+        return _parsed(model, self.reads.run(read))
 
     def _one(self, model: type[M], index: Mapping[K, Iterable[Any]], key: K) -> M | None:
         values = self.reads.run(lambda: list(index.get(key) or ())[:1])
@@ -150,11 +189,14 @@ class IndexLookup:
         return self._namespace(DiskSnapshot, self.snapshots, namespace)
 
     def snapshots_of(self, namespace: str, disk: str) -> list[DiskSnapshot]:
-        # Indexed bodies are parsed once, so filtering the namespace's models is cheap.
-        return [s for s in self.list_snapshots(namespace) if s.spec.disk_name == disk]
+        found = self._dependents(DiskSnapshot, self.snapshots, (namespace, "diskName", disk))
+        candidates = self.list_snapshots(namespace) if found is None else found
+        return [s for s in candidates if s.spec.disk_name == disk]
 
     def disks_from(self, namespace: str, kind: SourceKind, name: str) -> list[VMDisk]:
-        return [d for d in self.list_disks(namespace) if _source_name(d, kind) == name]
+        found = self._dependents(VMDisk, self.disks, (namespace, kind, name))
+        candidates = self.list_disks(namespace) if found is None else found
+        return [d for d in candidates if _source_name(d, kind) == name]
 
 
 def _source_name(disk: VMDisk, kind: SourceKind) -> str | None:
