@@ -24,15 +24,15 @@ from urllib3.exceptions import HTTPError
 
 from ..errors import ChecksumMismatch, DownloadFailed, ImageTooLarge
 from .download import (  # the one set of fetch bounds and hop checks
-    _BACKOFF_BASE,
-    _BACKOFF_MAX,
-    _READ,
-    _RETRY_STATUS,
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    READ_SIZE,
+    RETRY_STATUS,
+    FetchClock,
     HttpOptions,
     Progress,
-    _Clock,
-    _open,
-    _Reporter,
+    ProgressReporter,
+    open_checked,
 )
 from .source import redact
 
@@ -49,8 +49,8 @@ class BlobStream:
         self.expected = digest  # sha256:<hex>
         self.size = size
         self.options = options
-        self.clock = _Clock(self.name, options.limits)
-        self.report = _Reporter(self.name, progress)
+        self.clock = FetchClock(self.name, options.limits)
+        self.report = ProgressReporter(self.name, progress)
         self.hasher = hashlib.sha256()
         self.done = 0
         self.failures = 0
@@ -65,7 +65,7 @@ class BlobStream:
                 if self.resp is None:
                     self._connect()
                     continue  # connected, or a retry status slept on
-                data = self.resp.read1(min(want, _READ), decode_content=False)
+                data = self.resp.read1(min(want, READ_SIZE), decode_content=False)
             except (HTTPError, ConnectionError, TimeoutError) as exc:
                 self._dropped(str(exc))
                 continue
@@ -81,7 +81,7 @@ class BlobStream:
 
     def finish(self) -> None:
         """Read what the unpacker left (tar padding), then verify size and digest."""
-        while self.read(_READ):
+        while self.read(READ_SIZE):
             pass
         if self.resp is not None and self.resp.read1(1, decode_content=False):
             raise ImageTooLarge(f"blob {self.name} is longer than its manifest's {self.size} bytes")
@@ -103,7 +103,7 @@ class BlobStream:
         headers = {"Accept-Encoding": "identity"}
         if self.done:
             headers["Range"] = f"bytes={self.done}-"
-        resp, pool = _open(self.url, headers, self.options, self.clock)
+        resp, pool = open_checked(self.url, headers, self.options, self.clock)
         self.resp, self.pool = resp, pool
         if resp.status == 206 and resp.headers.get("Content-Range", "").startswith(
             f"bytes {self.done}-"
@@ -114,7 +114,7 @@ class BlobStream:
             return
         status = resp.status
         self.close()
-        if status in _RETRY_STATUS:
+        if status in RETRY_STATUS:
             self._dropped(f"HTTP {status}")
             return
         raise DownloadFailed(f"GET {self.name} returned HTTP {status}")
@@ -122,7 +122,7 @@ class BlobStream:
     def _skip(self, count: int) -> None:
         assert self.resp is not None
         while count > 0:
-            data = self.resp.read1(min(count, _READ), decode_content=False)
+            data = self.resp.read1(min(count, READ_SIZE), decode_content=False)
             if not data:
                 raise DownloadFailed(f"GET {self.name}: the body ended before byte {self.done}")
             count -= len(data)
@@ -135,7 +135,7 @@ class BlobStream:
             raise DownloadFailed(
                 f"downloading {self.name} failed after {self.failures} attempts: {why}"
             )
-        delay = min(_BACKOFF_BASE * 2 ** (self.failures - 1), _BACKOFF_MAX, self.clock.remaining())
+        delay = min(BACKOFF_BASE * 2 ** (self.failures - 1), BACKOFF_MAX, self.clock.remaining())
         log.warning(
             "image %s: %s; continuing from byte %d in %.1fs", self.name, why, self.done, delay
         )

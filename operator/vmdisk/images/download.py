@@ -39,11 +39,11 @@ log = logging.getLogger("vmdisk.images")
 
 Progress = Callable[[int, int | None], None]
 
-_READ = 1024 * 1024  # the most one read1 returns: what the socket holds, often less
+READ_SIZE = 1024 * 1024  # the most one read1 returns: what the socket holds, often less
 _MAX_REDIRECTS = 5
-_BACKOFF_BASE = 0.25
-_BACKOFF_MAX = 8.0
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+BACKOFF_BASE = 0.25
+BACKOFF_MAX = 8.0
+RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -100,7 +100,7 @@ def max_fetch_bytes(disk_size: int | None, max_virtual_size: int) -> int:
     return virtual + virtual // 16 + 16 * 1024 * 1024
 
 
-class _Clock:
+class FetchClock:
     """The overall deadline and the minimum rate of one fetch."""
 
     def __init__(self, name: str, limits: FetchLimits) -> None:
@@ -144,7 +144,7 @@ class _Retry(Exception):
     """One attempt failed in a way worth retrying."""
 
 
-class _Reporter:
+class ProgressReporter:
     """Throttles progress: callback every ~1%, log line every 10% or 5 s."""
 
     def __init__(
@@ -347,10 +347,10 @@ def fetch_http(
     partial = _Partial(part, output=output, limit=options.max_bytes, name=name)
     try:
         partial.adopt(url, trust_content=expected is not None, limit=options.max_bytes)
-        clock = _Clock(name, options.limits)
+        clock = FetchClock(name, options.limits)
         for _ in range(2):
             digest = _download(
-                url, partial, options, clock, _Reporter(name, progress, partial.decoded)
+                url, partial, options, clock, ProgressReporter(name, progress, partial.decoded)
             )
             if expected is None or digest.sha256 == expected or not partial.resumed:
                 break
@@ -377,7 +377,7 @@ def fetch_http(
 
 
 def _download(
-    url: str, partial: _Partial, options: HttpOptions, clock: _Clock, report: _Reporter
+    url: str, partial: _Partial, options: HttpOptions, clock: FetchClock, report: ProgressReporter
 ) -> Digest:
     failures = 0
     while True:
@@ -391,20 +391,20 @@ def _download(
                     f"downloading {redact(url)} failed after {failures} attempts "
                     f"({partial.size} bytes kept for resume): {exc}"
                 ) from exc
-            delay = min(_BACKOFF_BASE * 2 ** (failures - 1), _BACKOFF_MAX, clock.remaining())
+            delay = min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX, clock.remaining())
             log.warning("image %s: %s; retrying in %.1fs", report.name, exc, delay)
             time.sleep(delay)
 
 
 def _attempt(
-    url: str, partial: _Partial, options: HttpOptions, clock: _Clock, report: _Reporter
+    url: str, partial: _Partial, options: HttpOptions, clock: FetchClock, report: ProgressReporter
 ) -> None:
     headers = {"Accept-Encoding": "identity"}
     if partial.size:
         headers["Range"] = f"bytes={partial.size}-"
         if partial.validator:
             headers["If-Range"] = partial.validator
-    resp, pool = _open(url, headers, options, clock)
+    resp, pool = open_checked(url, headers, options, clock)
     try:
         total, has_body = _start(resp, url, partial)
         if total is not None and total > options.max_bytes:
@@ -433,8 +433,8 @@ def _receive(
     resp: urllib3.BaseHTTPResponse,
     partial: _Partial,
     max_bytes: int,
-    clock: _Clock,
-    report: _Reporter,
+    clock: FetchClock,
+    report: ProgressReporter,
     total: int | None,
 ) -> None:
     """Hand the body to the stages in large blocks; every read is checked against the bounds."""
@@ -442,7 +442,7 @@ def _receive(
     held = 0
     try:
         # read1: whatever arrived, so a dripping server meets the rate check.
-        while chunk := resp.read1(_READ, decode_content=False):
+        while chunk := resp.read1(READ_SIZE, decode_content=False):
             if partial.size + held + len(chunk) > max_bytes:
                 raise ImageTooLarge(
                     f"image {report.name} sent more than the {max_bytes} bytes this disk "
@@ -483,13 +483,13 @@ def _start(resp: urllib3.BaseHTTPResponse, url: str, partial: _Partial) -> tuple
     if resp.status == 416:
         partial.restart(url, None)
         raise _Retry("server refused the resume range")
-    if resp.status in _RETRY_STATUS:
+    if resp.status in RETRY_STATUS:
         raise _Retry(f"HTTP {resp.status}")
     raise DownloadFailed(f"GET {redact(url)} returned HTTP {resp.status} {resp.reason or ''}")
 
 
-def _open(
-    url: str, headers: dict[str, str], options: HttpOptions, clock: _Clock
+def open_checked(
+    url: str, headers: dict[str, str], options: HttpOptions, clock: FetchClock
 ) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
     """GET ``url``, checking it and every redirect hop against the policy."""
     origin = _origin(url)
@@ -513,7 +513,7 @@ def _open(
 
 
 def _get(
-    url: str, headers: dict[str, str], options: HttpOptions, clock: _Clock
+    url: str, headers: dict[str, str], options: HttpOptions, clock: FetchClock
 ) -> tuple[urllib3.BaseHTTPResponse, urllib3.HTTPConnectionPool]:
     """One request to the address the policy approved for ``url``'s host (no second lookup)."""
     parts = urlsplit(url)
@@ -597,7 +597,7 @@ def copy_file(
             f"image file {name} is {info.st_size} bytes, over the {max_bytes} bytes this "
             "disk may read (its size plus a margin for image metadata)"
         )
-    clock = _Clock(name, limits)
+    clock = FetchClock(name, limits)
     kind = detect(os.pread(source, MAGIC_BYTES, 0)) if output is not None else None
     if kind is not None and output is not None:
         digest = _decompress_file(source, kind, name, output, max_bytes, clock, progress)
@@ -615,7 +615,7 @@ def copy_file(
 
 
 def _copy_and_hash(
-    source: int, size: int, name: str, part: Path, clock: _Clock, progress: Progress | None
+    source: int, size: int, name: str, part: Path, clock: FetchClock, progress: Progress | None
 ) -> Digest:
     with suppress(FileNotFoundError):
         part.unlink()
@@ -623,7 +623,7 @@ def _copy_and_hash(
     with os.fdopen(fd, "r+b", buffering=0) as out:
         method = sparse_copy_fd(source, out.fileno(), size)
         size = os.fstat(out.fileno()).st_size
-        report = _Reporter(name, progress)
+        report = ProgressReporter(name, progress)
         report(0, size)
         hashing = Hashing()
         tee = Tee([hashing])  # reading the next block overlaps hashing this one
@@ -647,7 +647,7 @@ def _decompress_file(
     name: str,
     output: Path,
     max_bytes: int,
-    clock: _Clock,
+    clock: FetchClock,
     progress: Progress | None,
 ) -> Digest:
     size = os.fstat(source).st_size
@@ -657,7 +657,9 @@ def _decompress_file(
     try:
         hashing = Hashing()
         decoding = Decompressing(kind, SparseFile(out), limit=max_bytes, name=name)
-        report = _Reporter(name, progress, lambda: f", {decoding.decoded} bytes after {kind}")
+        report = ProgressReporter(
+            name, progress, lambda: f", {decoding.decoded} bytes after {kind}"
+        )
         log.info("image %s is %s-compressed; decompressing while copying", name, kind)
         tee = Tee([hashing, decoding])
         done = 0
@@ -703,16 +705,18 @@ def get_small(url: str, headers: dict[str, str], options: HttpOptions, *, limit:
     any other status is returned to the caller.  A longer body raises ImageTooLarge.
     """
     name = redact(url)
-    clock = _Clock(name, options.limits)
+    clock = FetchClock(name, options.limits)
     failures = 0
     while True:
         try:
-            resp, pool = _open(url, {**headers, "Accept-Encoding": "identity"}, options, clock)
+            resp, pool = open_checked(
+                url, {**headers, "Accept-Encoding": "identity"}, options, clock
+            )
             try:
-                if resp.status in _RETRY_STATUS:
+                if resp.status in RETRY_STATUS:
                     raise _Retry(f"HTTP {resp.status}")
                 body = bytearray()
-                while chunk := resp.read1(_READ, decode_content=False):
+                while chunk := resp.read1(READ_SIZE, decode_content=False):
                     body += chunk
                     if len(body) > limit:
                         raise ImageTooLarge(f"{name} sent more than the {limit} bytes allowed")
@@ -727,4 +731,4 @@ def get_small(url: str, headers: dict[str, str], options: HttpOptions, *, limit:
             failures += 1
             if failures > options.limits.retries:
                 raise DownloadFailed(f"GET {name} failed after {failures} attempts: {exc}") from exc
-            time.sleep(min(_BACKOFF_BASE * 2 ** (failures - 1), _BACKOFF_MAX, clock.remaining()))
+            time.sleep(min(BACKOFF_BASE * 2 ** (failures - 1), BACKOFF_MAX, clock.remaining()))
