@@ -18,6 +18,7 @@ import pytest
 import imagefactory as factory
 from httpserver import ImageServer
 from test_cli import vmdisk, vmdisk_doc, write_manifests
+from test_images import cache_files
 from vmdisk.api.vmdisk import ImageSource
 from vmdisk.errors import (
     ChecksumMismatch,
@@ -94,13 +95,6 @@ def make_cache(tmp_path: Path, image_dir: Path) -> Callable[..., ImageCache]:
 @pytest.fixture
 def cache(make_cache: Callable[..., ImageCache]) -> ImageCache:
     return make_cache()
-
-
-def cache_files(cache: ImageCache) -> list[str]:
-    found = [p.name for p in cache.root.glob("sha256-*")]
-    if cache.tmp_dir.exists():
-        found += [f"tmp/{p.name}" for p in cache.tmp_dir.iterdir()]
-    return sorted(found)
 
 
 def checked(path: Path) -> ImageSource:
