@@ -626,16 +626,8 @@ def _copy_and_hash(
         report = ProgressReporter(name, progress)
         report(0, size)
         hashing = Hashing()
-        tee = Tee([hashing])  # reading the next block overlaps hashing this one
-        done = 0
-        try:
-            while chunk := out.read(BLOCK):
-                tee.put((chunk,), clock.remaining)
-                done += len(chunk)
-                report(done, size)
-                clock.remaining()
-        finally:
-            tee.close()
+        # Reading the next block overlaps hashing this one.
+        done = _feed(out.fileno(), size, Tee([hashing]), report, clock)
     report(done, size, final=True)
     log.debug("image %s copied (%s), %d bytes", name, method, size)
     return Digest(hashing.hexdigest(), size)
@@ -661,16 +653,7 @@ def _decompress_file(
             name, progress, lambda: f", {decoding.decoded} bytes after {kind}"
         )
         log.info("image %s is %s-compressed; decompressing while copying", name, kind)
-        tee = Tee([hashing, decoding])
-        done = 0
-        try:
-            while done < size and (chunk := os.pread(source, min(BLOCK, size - done), done)):
-                tee.put((chunk,), clock.remaining)
-                done += len(chunk)
-                report(done, size)
-                clock.remaining()
-        finally:
-            tee.close()
+        done = _feed(source, size, Tee([hashing, decoding]), report, clock)
         os.ftruncate(out, decoding.out.end)
     except BaseException:
         with suppress(FileNotFoundError):
@@ -683,6 +666,20 @@ def _decompress_file(
         "image %s: %d bytes decompressed (%s) from %d read", name, decoding.decoded, kind, done
     )
     return Digest(hashing.hexdigest(), done, kind, decoding.decoded)
+
+
+def _feed(fd: int, size: int, tee: Tee, report: ProgressReporter, clock: FetchClock) -> int:
+    """Feed the first ``size`` bytes of ``fd`` through ``tee`` in the clock's bounds."""
+    done = 0
+    try:
+        while done < size and (chunk := os.pread(fd, min(BLOCK, size - done), done)):
+            tee.put((chunk,), clock.remaining)
+            done += len(chunk)
+            report(done, size)
+            clock.remaining()
+    finally:
+        tee.close()
+    return done
 
 
 def _url_digest(url: str) -> str:
