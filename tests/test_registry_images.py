@@ -211,9 +211,9 @@ def test_multi_arch_index_picks_this_nodes_platform(
     assert f"linux/{OTHER_ARCH}" in status.conditions[-1].message
 
 
-def test_bearer_token_auth_with_the_class_credentials(
-    runner: LocalRunner, disk: Manifest, qcow2: Path, tmp_path: Path, settings: Settings
-) -> None:
+@pytest.fixture
+def private(tmp_path: Path, qcow2: Path) -> Iterator[tuple[Registry, TokenServer]]:
+    """A registry with token auth holding ``private/disk:v1``, pushed as ``puller``."""
     tokens = TokenServer(tmp_path, {"puller": "secret"})
     try:
         with Registry(tmp_path / "registry", token=tokens) as registry:
@@ -222,34 +222,43 @@ def test_bearer_token_auth_with_the_class_credentials(
                 "t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH)
             )
             registry.push(layout, "t", "private/disk:v1", creds="puller:secret")
-            url = registry.url("private/disk:v1")
-            anonymous = make(runner, disk, "anon", url, oci_class(runner.store, registry, "anon"))
-            assert (anonymous.phase, anonymous.conditions[-1].reason) == (
-                "Pending",  # retried: an administrator may fix the Secret
-                "RegistryAuthFailed",
-            )
-            assert "registryCredentialsRef" in anonymous.conditions[-1].message
-            assert "" in tokens.issued  # the challenge was followed, anonymously
-            secret = settings.state_dir / "secrets" / settings.namespace / "regcreds"
-            secret.mkdir(parents=True)
-            config = secret / ".dockerconfigjson"
-            pair = base64.b64encode(b"puller:wrong").decode()
-            config.write_text(json.dumps({"auths": {f"http://{registry.host}": {"auth": pair}}}))
-            creds = oci_class(
-                runner.store, registry, "creds", registryCredentialsRef={"name": "regcreds"}
-            )
-            wrong = make(runner, disk, "wrong", url, creds)
-            assert (wrong.phase, wrong.conditions[-1].reason) == ("Pending", "RegistryAuthFailed")
-            assert "regcreds" in wrong.conditions[-1].message
-            config.write_text(
-                json.dumps({"auths": {registry.host: {"username": "puller", "password": "secret"}}})
-            )
-            good = make(runner, disk, "good", url, creds)
-            assert good.phase == "Ready", good.conditions
-            assert good.path is not None and same_content(Path(good.path), qcow2)
-            assert tokens.issued.count("puller") >= 1
+            yield registry, tokens
     finally:
         tokens.close()
+
+
+def test_bearer_token_auth_with_the_class_credentials(
+    runner: LocalRunner,
+    disk: Manifest,
+    qcow2: Path,
+    settings: Settings,
+    private: tuple[Registry, TokenServer],
+) -> None:
+    registry, tokens = private
+    url = registry.url("private/disk:v1")
+    anonymous = make(runner, disk, "anon", url, oci_class(runner.store, registry, "anon"))
+    assert (anonymous.phase, anonymous.conditions[-1].reason) == (
+        "Pending",  # retried: an administrator may fix the Secret
+        "RegistryAuthFailed",
+    )
+    assert "registryCredentialsRef" in anonymous.conditions[-1].message
+    assert "" in tokens.issued  # the challenge was followed, anonymously
+    secret = settings.state_dir / "secrets" / settings.namespace / "regcreds"
+    secret.mkdir(parents=True)
+    config = secret / ".dockerconfigjson"
+    pair = base64.b64encode(b"puller:wrong").decode()
+    config.write_text(json.dumps({"auths": {f"http://{registry.host}": {"auth": pair}}}))
+    creds = oci_class(runner.store, registry, "creds", registryCredentialsRef={"name": "regcreds"})
+    wrong = make(runner, disk, "wrong", url, creds)
+    assert (wrong.phase, wrong.conditions[-1].reason) == ("Pending", "RegistryAuthFailed")
+    assert "regcreds" in wrong.conditions[-1].message
+    config.write_text(
+        json.dumps({"auths": {registry.host: {"username": "puller", "password": "secret"}}})
+    )
+    good = make(runner, disk, "good", url, creds)
+    assert good.phase == "Ready", good.conditions
+    assert good.path is not None and same_content(Path(good.path), qcow2)
+    assert tokens.issued.count("puller") >= 1
 
 
 def hostile(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
@@ -421,63 +430,48 @@ def test_class_policy_applies_to_the_registry_and_every_redirect_hop(
 
 
 def test_the_agent_pulls_with_the_class_pull_secret(
-    kube: Kube, agents: Callable[..., Agent], qcow2: Path, tmp_path: Path
+    kube: Kube, agents: Callable[..., Agent], qcow2: Path, private: tuple[Registry, TokenServer]
 ) -> None:
     """Cluster mode: the Secret comes through the API (ApiSecrets) with the chart's RBAC."""
-    tokens = TokenServer(tmp_path, {"puller": "secret"})
+    registry, tokens = private
+    config = {"auths": {registry.host: {"auth": base64.b64encode(b"puller:secret").decode()}}}
+    secret = f"pull-{kube.namespace}"
+    kube.request(
+        "POST",
+        kube.path("secrets", namespace=AGENT_NAMESPACE),
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret, "namespace": AGENT_NAMESPACE},
+            "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()},
+        },
+    )
     try:
-        with Registry(tmp_path / "registry", token=tokens) as registry:
-            layout = OciLayout(tmp_path / "layout")
-            layout.tag(
-                "t", layout.image(layer_tar({"disk/a.qcow2": qcow2.read_bytes()}), arch=ARCH)
-            )
-            registry.push(layout, "t", "private/disk:v1", creds="puller:secret")
-            config = {
-                "auths": {registry.host: {"auth": base64.b64encode(b"puller:secret").decode()}}
+        sources = {
+            "allowedHosts": ["127.0.0.1/32"],
+            "plainHttpRegistries": [registry.host],
+            "registryCredentialsRef": {"name": secret},
+        }
+        kube.create(
+            {
+                "apiVersion": "vmdisk.io/v1alpha1",
+                "kind": "VMDiskClass",
+                "metadata": {"name": secret},
+                "spec": {"backend": "qcow2", "imageSources": sources},
             }
-            secret = f"pull-{kube.namespace}"
-            kube.request(
-                "POST",
-                kube.path("secrets", namespace=AGENT_NAMESPACE),
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": secret, "namespace": AGENT_NAMESPACE},
-                    "type": "kubernetes.io/dockerconfigjson",
-                    "data": {
-                        ".dockerconfigjson": base64.b64encode(json.dumps(config).encode()).decode()
-                    },
-                },
-            )
-            try:
-                sources = {
-                    "allowedHosts": ["127.0.0.1/32"],
-                    "plainHttpRegistries": [registry.host],
-                    "registryCredentialsRef": {"name": secret},
-                }
-                kube.create(
-                    {
-                        "apiVersion": "vmdisk.io/v1alpha1",
-                        "kind": "VMDiskClass",
-                        "metadata": {"name": secret},
-                        "spec": {"backend": "qcow2", "imageSources": sources},
-                    }
-                )
-                agents("node-a")
-                url = registry.url("private/disk:v1")
-                kube.create(
-                    vmdisk("pulled", className=secret, size="32Mi", source={"image": {"url": url}})
-                )
-                ready = kube.wait_for("vmdisks", "pulled", phase("Ready"), timeout=90)
-                assert ready is not None
-                status = ready["status"]
-                assert status["imageDigest"] == registry.digest("private/disk:v1", "puller:secret")
-                assert status["baseImage"].startswith("sha256-")
-                assert "puller" in tokens.issued
-            finally:
-                kube.request("DELETE", kube.path("secrets", secret, namespace=AGENT_NAMESPACE))
+        )
+        agents("node-a")
+        url = registry.url("private/disk:v1")
+        kube.create(vmdisk("pulled", className=secret, size="32Mi", source={"image": {"url": url}}))
+        ready = kube.wait_for("vmdisks", "pulled", phase("Ready"), timeout=90)
+        assert ready is not None
+        status = ready["status"]
+        assert status["imageDigest"] == registry.digest("private/disk:v1", "puller:secret")
+        assert status["baseImage"].startswith("sha256-")
+        assert "puller" in tokens.issued
     finally:
-        tokens.close()
+        kube.request("DELETE", kube.path("secrets", secret, namespace=AGENT_NAMESPACE))
 
 
 @pytest.fixture
