@@ -62,7 +62,10 @@ class Decompressing:
         pieces: list[bytes] = []  # gathered into blocks: fewer, larger writes
         held = 0
         try:
-            for piece in _decode(self.kind, chunks(blocks)):
+            # A decoder may keep a slice of its input past the next block, so
+            # ring slots (memoryviews, reused) are copied first.
+            data = (bytes(c) if isinstance(c, memoryview) else c for c in chunks(blocks))
+            for piece in _decode(self.kind, data):
                 if self.decoded + len(piece) > self.limit:
                     raise DecompressedTooLarge(
                         f"image {self.name} ({self.kind}) decompresses to more than the "

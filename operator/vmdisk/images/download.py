@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
+import io
 import json
 import logging
 import os
@@ -25,7 +27,7 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
-from urllib3.exceptions import HTTPError
+from urllib3.exceptions import HTTPError, ProtocolError
 
 from ..config import Settings
 from ..errors import ChecksumMismatch, DownloadFailed, ImageTooLarge, SourceNotAllowed
@@ -33,7 +35,7 @@ from ..host.files import atomic_write, raise_if_no_space, sparse_copy_fd
 from .decompress import MAGIC_BYTES, Decompressing, detect
 from .policy import HopCheck
 from .source import check_redirect, redact
-from .stream import BLOCK, Block, Hashing, SparseFile, Stage, Tee
+from .stream import BLOCK, Block, BufferRing, Hashing, SparseFile, Stage, Tee
 
 log = logging.getLogger("vmdisk.images")
 
@@ -250,15 +252,23 @@ class _Partial:
             self.resumed = True
             log.info("image %s: resuming after %d bytes", redact(url), self.size)
 
-    def feed(self, block: Block, waiting: Callable[[], object] | None = None) -> None:
-        """Hand ``block`` (the bytes after the first ``size``) to the stages."""
+    def feed(
+        self,
+        block: Block,
+        waiting: Callable[[], object] | None = None,
+        done: Callable[[], object] | None = None,
+    ) -> None:
+        """Hand ``block`` (the bytes after the first ``size``) to the stages.
+
+        ``done`` is called when every stage is done with it (a ring slot's return).
+        """
         if self._tee is None:
             head = b""
             for chunk in block if self.size == 0 else ():
                 head += chunk[: MAGIC_BYTES - len(head)]
             self._begin(head, present=0)
         assert self._tee is not None
-        self._tee.put(block, waiting)
+        self._tee.put(block, waiting, done)
         self.size += sum(len(chunk) for chunk in block)
 
     def _begin(self, head: bytes, *, present: int) -> None:
@@ -438,6 +448,10 @@ def _receive(
     total: int | None,
 ) -> None:
     """Hand the body to the stages in large blocks; every read is checked against the bounds."""
+    readinto = body_readinto(resp)
+    if readinto is not None:
+        _receive_into(readinto, partial, max_bytes, clock, report, total)
+        return
     pending: list[bytes] = []
     held = 0
     try:
@@ -459,6 +473,78 @@ def _receive(
     finally:
         if pending:
             partial.feed(tuple(pending), clock.remaining)  # what arrived is kept for a resume
+
+
+def _receive_into(
+    readinto: Callable[[memoryview], int],
+    partial: _Partial,
+    max_bytes: int,
+    clock: FetchClock,
+    report: ProgressReporter,
+    total: int | None,
+) -> None:
+    """``_receive`` straight into reused aligned buffers, each handed whole to the stages."""
+    ring = BufferRing()
+    slot = ring.take(clock.remaining)
+    held = 0
+    try:
+        # One read at a time, whatever arrived, so a dripping server meets the rate check.
+        while count := readinto(slot[held:]):
+            if partial.size + held + count > max_bytes:
+                raise ImageTooLarge(
+                    f"image {report.name} sent more than the {max_bytes} bytes this disk "
+                    "may fetch (its size plus a margin for image metadata)"
+                )
+            held += count
+            if held == len(slot):
+                partial.feed((slot,), clock.remaining, _giver(ring, slot))
+                slot, held = ring.take(clock.remaining), 0
+            report(partial.size + held, total)
+            clock.tick(partial.size + held)
+    finally:
+        if held:  # what arrived is kept for a resume
+            partial.feed((slot[:held],), clock.remaining, _giver(ring, slot))
+
+
+def _giver(ring: BufferRing, slot: memoryview) -> Callable[[], None]:
+    return lambda: ring.give(slot)
+
+
+def body_readinto(resp: urllib3.BaseHTTPResponse) -> Callable[[memoryview], int] | None:
+    """One-read-at-a-time ``readinto`` for a plain Content-Length body, else None.
+
+    urllib3 offers ``read1`` (a new bytes object per read) and a
+    ``readinto`` that copies from it; receiving into reused buffers needs
+    the buffered socket reader underneath, which http.client keeps as
+    ``fp``.  Anything else (chunked, no length, bytes already buffered by
+    urllib3, another response class) reads through ``read1``.
+    """
+    inner = getattr(resp, "_fp", None)
+    if not isinstance(inner, http.client.HTTPResponse) or inner.chunked:
+        return None
+    reader = getattr(inner, "fp", None)
+    length = inner.length
+    if length is None or not isinstance(reader, io.BufferedReader):
+        return None
+    if getattr(resp, "_has_decoded_content", True) or len(getattr(resp, "_decoded_buffer", ())):
+        return None
+    left = [length]
+
+    def readinto(view: memoryview) -> int:
+        want = min(len(view), left[0])
+        if not want:
+            return 0
+        try:
+            count = reader.readinto1(view[:want])
+        except (ConnectionError, TimeoutError):
+            raise  # retried, like urllib3's own errors
+        except (OSError, http.client.HTTPException) as exc:  # a TLS error, say
+            raise ProtocolError(f"connection broken: {exc!r}") from exc
+        left[0] -= count
+        inner.length = left[0]  # http.client's own count stays right
+        return count
+
+    return readinto
 
 
 def _start(resp: urllib3.BaseHTTPResponse, url: str, partial: _Partial) -> tuple[int | None, bool]:
