@@ -169,12 +169,12 @@ def _positive(text: str) -> int:
 
 
 def _runner(settings: Settings, workers: int = 1) -> LocalRunner:
-    from .engine.reconcile import Engine
+    from .layout import StateLayout
     from .local.runner import LocalRunner
     from .local.store import LocalStore
 
-    engine = Engine.build(settings)
-    return LocalRunner(settings, engine, LocalStore(engine.layout), workers)
+    # The engine is built when a disk needs it: a no-op apply never loads it.
+    return LocalRunner(settings, None, LocalStore(StateLayout(settings.state_dir)), workers)
 
 
 def _row(obj: Stored) -> tuple[list[str], list[str]]:
@@ -276,7 +276,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     try:
         results = runner.apply(objects)
     finally:
-        runner.engine.close()
+        runner.close()
     _print(results, args.output)
     problems = _not_ready(results)
     for line in problems:
@@ -362,7 +362,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     try:
         problems = runner.delete(objects)
     finally:
-        runner.engine.close()
+        runner.close()
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0

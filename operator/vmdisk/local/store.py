@@ -3,7 +3,9 @@
 Objects live as JSON under ``<state>/objects/<plural>/<namespace>/<name>.json``
 and behave like the API server's: ``metadata.generation`` grows when the spec
 changes, status is written separately.  Writing what is already stored is
-skipped (no fsync, no rename), so a no-op reconcile only reads.
+skipped (no fsync, no rename), so a no-op reconcile only reads.  Beside a
+disk's status the file may keep the fingerprint of what that status was
+reconciled against (``settled``), so that a re-apply can skip the engine.
 
 Dependents (snapshots of a disk, disks made from a disk or snapshot) are
 answered from an index of each namespace, built from one read of its objects
@@ -49,6 +51,18 @@ def scope(obj: Stored) -> str:
 
 class CorruptObject(Exception):
     pass
+
+
+FINGERPRINT = "hostFingerprint"  # top-level key of an object file; never part of the object
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What ``put`` stored, and whether it was stored already (with its fingerprint)."""
+
+    obj: Stored
+    unchanged: bool
+    fingerprint: str | None
 
 
 RefKey = tuple[str, str]  # ("diskName" | "disk" | "snapshot", the name referred to)
@@ -110,6 +124,7 @@ class LocalStore:
         return data
 
     def _parse(self, data: dict[str, Any]) -> Stored:
+        data = {k: v for k, v in data.items() if k != FINGERPRINT}
         try:
             if data.get("kind") == "DiskSnapshot":
                 return DiskSnapshot.model_validate(data)
@@ -130,6 +145,14 @@ class LocalStore:
     def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None:
         obj = self.get("disksnapshots", namespace, name)
         return obj if isinstance(obj, DiskSnapshot) else None
+
+    def class_version(self, name: str) -> str:
+        """The stored class's uid and generation (no validation), or "none" when there is none."""
+        data = self._read("vmdiskclasses", CLUSTER_SCOPE, name)
+        if data is None:
+            return "none"
+        meta = data.get("metadata")
+        return f"{meta.get('uid')}:{meta.get('generation')}" if isinstance(meta, dict) else "?"
 
     def get_class(self, name: str) -> VMDiskClass | None:
         obj = self.get("vmdiskclasses", CLUSTER_SCOPE, name)
@@ -234,10 +257,15 @@ class LocalStore:
 
     def apply(self, obj: Stored) -> Stored:
         """Create or update from a manifest; generation grows only when the spec changes."""
+        return self.put(obj).obj
+
+    def put(self, obj: Stored) -> Applied:
+        """``apply``, saying whether the object was stored as it is already."""
         plural = PLURALS[obj.kind]
         namespace, name = scope(obj), obj.metadata.name
         with file_lock(self.layout.lock("object", plural, namespace, name)):
             old = self._read(plural, namespace, name)
+            kept = old.pop(FINGERPRINT, None) if old is not None else None
             new = dump(obj)
             new.pop("status", None)
             if old is None:
@@ -245,31 +273,42 @@ class LocalStore:
                     uid=str(uuid.uuid4()), generation=1, creationTimestamp=now_rfc3339()
                 )
             else:
-                kept = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
-                new["metadata"].update(kept)
+                stored = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+                new["metadata"].update(stored)
                 if old.get("spec") != new["spec"]:
-                    new["metadata"]["generation"] = kept["generation"] + 1
+                    new["metadata"]["generation"] = stored["generation"] + 1
                 if "status" in old:
                     new["status"] = old["status"]
             parsed = self._parse(new)
-            if new != old:
-                self._write(plural, parsed)
-            return parsed
+            if new == old:
+                return Applied(parsed, True, kept if isinstance(kept, str) else None)
+            self._write(plural, parsed)  # the fingerprint goes: what it vouched for changed
+            return Applied(parsed, False, None)
 
-    def save_status(self, obj: Resource, status: VMDiskStatus | DiskSnapshotStatus) -> Resource:
-        """Write ``status`` onto the stored object (which must still exist)."""
+    def save_status(
+        self,
+        obj: Resource,
+        status: VMDiskStatus | DiskSnapshotStatus,
+        fingerprint: str | None = None,
+    ) -> Resource:
+        """Write ``status`` onto the stored object (which must still exist).
+
+        ``fingerprint`` is what ``status`` was reconciled against (``settled``);
+        an object whose status and fingerprint are both as stored is not written.
+        """
         plural = PLURALS[obj.kind]
         meta = obj.metadata
         with file_lock(self.layout.lock("object", plural, meta.namespace, meta.name)):
             data = self._read(plural, meta.namespace, meta.name)
             if data is None:
                 return obj
-            unchanged = data.get("status") == (new := dump(status))
+            kept = data.pop(FINGERPRINT, None)
+            unchanged = data.get("status") == (new := dump(status)) and kept == fingerprint
             data["status"] = new
             updated = self._parse(data)
             assert not isinstance(updated, VMDiskClass)
             if not unchanged:
-                self._write(plural, updated)
+                self._write(plural, updated, fingerprint)
             return updated
 
     def remove(self, obj: Stored) -> None:
@@ -279,10 +318,12 @@ class LocalStore:
         if in_step:
             self._noted(namespace, (plural, name), None)
 
-    def _write(self, plural: Plural, obj: Stored) -> None:
+    def _write(self, plural: Plural, obj: Stored, fingerprint: str | None = None) -> None:
         namespace = scope(obj)
         path = self.layout.object_file(plural, namespace, obj.metadata.name)
         data = dump(obj)
+        if fingerprint is not None:
+            data[FINGERPRINT] = fingerprint
         with self._lock:
             sweep = path.parent not in self._swept
             self._swept.add(path.parent)
