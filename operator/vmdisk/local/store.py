@@ -30,7 +30,7 @@ from ..api.vmdiskclass import VMDiskClass
 from ..engine.ports import SourceKind
 from ..host.files import atomic_write, remove_path, remove_stale_temps
 from ..host.locks import file_lock
-from ..layout import StateLayout
+from ..layout import CLUSTER_SCOPE, StateLayout
 
 Plural = Literal["vmdisks", "disksnapshots", "vmdiskclasses"]
 Resource = VMDisk | DiskSnapshot
@@ -40,8 +40,6 @@ PLURALS: dict[str, Plural] = {
     "DiskSnapshot": "disksnapshots",
     "VMDiskClass": "vmdiskclasses",
 }
-# Cluster-scoped objects live under a directory no namespace can be called.
-CLUSTER_SCOPE = "_cluster"
 
 
 def scope(obj: Stored) -> str:
