@@ -8,6 +8,7 @@ whose blocks were never written.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from conftest import sha256_of
 from test_cli import VMDISK, vmdisk_doc, write_manifests
+from vmdisk.host import qemu_img
 
 # 1234 fdatasync(8</state/disks/default/.root.partial/disk>) = 0, or split in two lines:
 # 1234 fdatasync(8</…/disk> <unfinished ...>  then  1234 <... fdatasync resumed>) = 0
@@ -24,20 +26,23 @@ _RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. (?:fsync|fdatasync) resumed>\)\s
 _RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)".*=\s+0')
 
 
-def _apply_traced(tmp_path: Path, image_dir: Path, backend: str, image: str) -> list[str]:
+def _apply_traced(
+    tmp_path: Path, image_dir: Path, backend: str, image: str, names: tuple[str, ...] = ("root",)
+) -> list[str]:
     source = image_dir / image
-    manifest = write_manifests(
-        tmp_path / "disk.yaml",
+    docs = [
         vmdisk_doc(
-            "root",
+            name,
             backend=backend,
             size="32Mi",
             source={"image": {"url": f"file://{source}", "checksum": sha256_of(source)}},
-        ),
-    )
+        )
+        for name in names
+    ]
+    manifest = write_manifests(tmp_path / "disk.yaml", *docs)
     trace = tmp_path / "trace"
     argv = ["strace", "-f", "-y", "-qq", "-o", str(trace)]
-    argv += ["-e", "trace=fsync,fdatasync,rename,renameat,renameat2"]
+    argv += ["-e", "trace=fsync,fdatasync,rename,renameat,renameat2,execve"]
     env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_DIRS": str(image_dir)}
     result = subprocess.run(
         [*argv, *VMDISK, "apply", "-f", str(manifest), "--state-dir", str(tmp_path / "state")],
@@ -50,10 +55,10 @@ def _apply_traced(tmp_path: Path, image_dir: Path, backend: str, image: str) -> 
     return trace.read_text().splitlines()
 
 
-def _synced_before_rename(lines: list[str], state: Path) -> tuple[bool, bool]:
+def _synced_before_rename(lines: list[str], state: Path, name: str = "root") -> tuple[bool, bool]:
     """(data file synced before the rename, the rename seen at all)."""
     disks = state / "disks" / "default"
-    partial, final = str(disks / ".root.partial"), str(disks / "root")
+    partial, final = str(disks / f".{name}.partial"), str(disks / name)
     synced = False
     pending: set[str] = set()
     for line in lines:
@@ -83,6 +88,30 @@ def test_raw_disk_from_raw_is_synced_before_it_is_renamed(tmp_path: Path, image_
     lines = _apply_traced(tmp_path, image_dir, "raw", "base.raw")
     synced, renamed = _synced_before_rename(lines, tmp_path / "state")
     assert renamed and synced, "\n".join(lines)
+
+
+def test_qcow2_overlays_of_one_base_are_copies_made_once_and_synced(
+    tmp_path: Path, image_dir: Path
+):
+    """One ``qemu-img create`` for three overlays; each copy is the bytes qemu-img writes,
+    synced before its disk is renamed into place."""
+    names = ("a", "b", "c")
+    lines = _apply_traced(tmp_path, image_dir, "qcow2", "base.raw", names)
+    creates = [line for line in lines if "execve(" in line and '"create"' in line]
+    assert len(creates) == 1, "\n".join(creates)
+    state = tmp_path / "state"
+    for name in names:
+        assert _synced_before_rename(lines, state, name) == (True, True), name
+    disks = state / "disks" / "default"
+    base = json.loads((disks / "a" / "disk.json").read_text())["base_path"]
+    made = tmp_path / "made.qcow2"
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", str(made), "32M"]
+    subprocess.run(argv, check=True)
+    for name in names:
+        data = disks / name / "disk"
+        assert data.read_bytes() == made.read_bytes(), name
+        assert qemu_img.check(data, "qcow2") is None
+        assert qemu_img.info(data, "qcow2").backing_file == base
 
 
 _WRITES = (

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HostIOError, InsufficientSpace, VMDiskError
@@ -73,6 +74,63 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: boo
             tmp.unlink()
         raise_if_no_space(exc)
         raise
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """A small file held in memory: its length and its data extents (the rest are holes)."""
+
+    size: int
+    extents: tuple[tuple[int, bytes], ...]
+
+
+def read_copy(path: Path, limit: int) -> FileCopy | None:
+    """``path`` as a FileCopy, or None when it holds more than ``limit`` bytes of data."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        extents: list[tuple[int, bytes]] = []
+        held = 0
+        for start, end in _data_ranges(fd, size):
+            held += end - start
+            if held > limit:
+                return None
+            extents.append((start, os.pread(fd, end - start, start)))
+    return FileCopy(size, tuple(extents))
+
+
+def write_copy(path: Path, copy: FileCopy, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``copy``, flushed to stable storage."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+        try:
+            for offset, data in copy.extents:
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+            os.ftruncate(fd, copy.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[0, size)`` that hold data (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
 
 
 def remove_stale_temps(directory: Path) -> None:
