@@ -105,10 +105,15 @@ class LocalRunner:
             )
             return self.store.save_status(obj, status)
 
-        def publish(status: VMDiskStatus) -> None:
-            self.store.save_status(obj, status)
+        published: list[tuple[VMDiskStatus, Resource]] = []
 
-        return self.store.save_status(obj, self.engine.reconcile_disk(obj, self.store, publish))
+        def publish(status: VMDiskStatus) -> None:
+            published[:] = [(status, self.store.save_status(obj, status))]
+
+        result = self.engine.reconcile_disk(obj, self.store, publish)
+        if published and published[0][0] is result:
+            return published[0][1]  # saved under the disk's lock already: no second read
+        return self.store.save_status(obj, result)
 
     def apply(self, objects: Sequence[Stored]) -> list[Stored]:
         """Store and reconcile ``objects``; dependencies are retried until nothing moves.
