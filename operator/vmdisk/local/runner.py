@@ -109,6 +109,10 @@ class LocalRunner:
         if self._engine is not None:
             self._engine.close()
 
+    def _fingerprint_of(self, disk: VMDisk, status: VMDiskStatus) -> str | None:
+        """The fingerprint ``status`` would be saved with (None unless it is a settled Ready)."""
+        return self._fingerprint(disk.model_copy(update={"status": status}))
+
     def _fingerprint(self, disk: VMDisk, classes: dict[str, str] | None = None) -> str | None:
         """The disk's fingerprint now (``settled``), or None when it can have none.
 
@@ -144,12 +148,16 @@ class LocalRunner:
             )
             return self.store.save_status(obj, status)
 
-        def publish(status: VMDiskStatus) -> None:
-            self.store.save_status(obj, status)
+        published: list[tuple[VMDiskStatus, Resource]] = []
 
-        status = self.engine.reconcile_disk(obj, self.store, publish)
-        done = self._fingerprint(obj.model_copy(update={"status": status}))
-        return self.store.save_status(obj, status, done)
+        def publish(status: VMDiskStatus) -> None:
+            saved = self.store.save_status(obj, status, self._fingerprint_of(obj, status))
+            published[:] = [(status, saved)]
+
+        result = self.engine.reconcile_disk(obj, self.store, publish)
+        if published and published[0][0] is result:
+            return published[0][1]  # saved under the disk's lock already: no second read
+        return self.store.save_status(obj, result, self._fingerprint_of(obj, result))
 
     def apply(self, objects: Sequence[Stored]) -> list[Stored]:
         """Store and reconcile ``objects``; dependencies are retried until nothing moves.
