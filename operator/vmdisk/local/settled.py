@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from pathlib import Path
 
 from ..api.vmdisk import VMDisk
 
@@ -40,26 +39,30 @@ def fingerprint(disk: VMDisk, around: str) -> str | None:
         or any(c.type == "ChangeRefused" for c in status.conditions)
     ):
         return None
-    data = Path(status.path)
+    directory, _, name = status.path.rpartition("/")
+    data_seen = False
     try:
-        info = os.lstat(data)
-        seen = [_stamp(data.parent, os.lstat(data.parent))]
-        with os.scandir(data.parent) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
+        seen = [_stamp(".", os.lstat(directory))]
+        with os.scandir(directory) as entries:
+            for entry in entries:  # in the directory's order: it is unchanged, or so is mtime
                 found = entry.stat(follow_symlinks=False)
                 if not stat.S_ISREG(found.st_mode):
                     return None
-                seen.append(_stamp(Path(entry.path), found))
+                if entry.name == name:
+                    if found.st_blocks * 512 != status.actual_size:
+                        return None
+                    data_seen = True
+                seen.append(_stamp(entry.name, found))
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_blocks * 512 != status.actual_size:
+    if not data_seen:
         return None
     seen.append(f"{disk.metadata.uid}:{status.observed_generation}")
     return hashlib.sha256("\n".join([around, *seen]).encode()).hexdigest()
 
 
-def _stamp(path: Path, info: os.stat_result) -> str:
+def _stamp(name: str, info: os.stat_result) -> str:
     return (
-        f"{path.name}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_blocks}:"
+        f"{name}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_blocks}:"
         f"{info.st_mtime_ns}:{info.st_ctime_ns}"
     )
