@@ -19,7 +19,6 @@ from .local.problems import ManifestError
 # every command, and --help needs none of the models, backends or image code.
 if TYPE_CHECKING:
     from .config import Settings
-    from .engine.reconcile import Engine
     from .local.runner import LocalRunner
     from .local.store import Plural, Stored
 
@@ -318,26 +317,32 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 
 def _checked(settings: Settings, objects: list[Stored]) -> list[Stored]:
-    """Ready disks as the host has them now (a cheap header read each), not as last saved.
+    """Ready disks as the host has them now, not as last saved.
 
-    Shared stores (RBD) are not asked: that would be a network call per disk.
-    Nothing is written: the next apply records what changed.  The engine is
-    built only when there is a disk to check.
+    A disk whose stored fingerprint holds is as saved (a stat of its files);
+    others get a header read through the engine, built only then.  Shared
+    stores (RBD) are not asked: that would be a network call per disk.
+    Nothing is written: the next apply records what changed.
     """
     from .api.vmdisk import VMDisk
 
-    engine: Engine | None = None
+    runner = _runner(settings)
     checked: list[Stored] = []
-    for obj in objects:
-        status = obj.status if isinstance(obj, VMDisk) else None
-        if isinstance(obj, VMDisk) and status and status.phase == "Ready" and not status.shared:
-            if engine is None:
-                from .engine.reconcile import Engine
-
-                engine = Engine.build(settings)
-            fresh = engine.verify_disk(obj)
-            obj = obj if fresh is None else obj.model_copy(update={"status": fresh})
-        checked.append(obj)
+    try:
+        for obj in objects:
+            status = obj.status if isinstance(obj, VMDisk) else None
+            if (
+                isinstance(obj, VMDisk)
+                and status
+                and status.phase == "Ready"
+                and not status.shared
+                and not runner.settled(obj, runner.store.fingerprint(obj))
+            ):
+                fresh = runner.engine.verify_disk(obj)
+                obj = obj if fresh is None else obj.model_copy(update={"status": fresh})
+            checked.append(obj)
+    finally:
+        runner.close()
     return checked
 
 

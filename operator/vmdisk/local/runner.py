@@ -18,7 +18,7 @@ from ..config import Settings
 from ..engine.status import with_condition
 from ..errors import DiskInUse, HasDependents
 from .settled import fingerprint
-from .store import PLURALS, Applied, LocalStore, Plural, Resource, Stored, scope
+from .store import PLURALS, LocalStore, Plural, Resource, Stored, scope
 
 if TYPE_CHECKING:
     from ..engine.reconcile import Engine
@@ -190,7 +190,7 @@ class LocalRunner:
             if not isinstance(obj, VMDiskClass):
                 saved = self.store.put(obj, durable=False)  # durable with its pin, or by sync
                 assert not isinstance(saved.obj, VMDiskClass)
-                if self._settled(saved, versions):
+                if saved.unchanged and self.settled(saved.obj, saved.fingerprint, versions):
                     results[len(stored)] = saved.obj  # nothing it depends on moved
                 stored.append(saved.obj)
         todo = [i for i in range(len(stored)) if i not in results]
@@ -216,12 +216,14 @@ class LocalRunner:
             pending = waiting
         return [*classes, *(results[i] for i in range(len(stored)))]
 
-    def _settled(self, applied: Applied, classes: dict[str, str]) -> bool:
-        """Whether a stored disk needs no reconcile: unchanged, and its fingerprint holds."""
-        disk = applied.obj
-        if not (isinstance(disk, VMDisk) and applied.unchanged and applied.fingerprint):
+    def settled(
+        self, obj: Stored, recorded: str | None, classes: dict[str, str] | None = None
+    ) -> bool:
+        """Whether a stored disk is as its status says: ``recorded`` (its stored
+        fingerprint) still holds, so neither a reconcile nor a check would change it."""
+        if not isinstance(obj, VMDisk) or recorded is None:
             return False
-        return self._fingerprint(disk, classes) == applied.fingerprint
+        return self._fingerprint(obj, classes) == recorded
 
     def delete(self, objects: Sequence[Stored]) -> list[str]:
         """Delete objects, snapshots first, classes last; returns the problems (none: all went)."""

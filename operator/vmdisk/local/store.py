@@ -147,6 +147,12 @@ class LocalStore:
         obj = self.get("disksnapshots", namespace, name)
         return obj if isinstance(obj, DiskSnapshot) else None
 
+    def fingerprint(self, obj: Stored) -> str | None:
+        """The fingerprint stored beside ``obj``'s status, if any (``settled``)."""
+        data = self._read(PLURALS[obj.kind], scope(obj), obj.metadata.name)
+        found = data.get(FINGERPRINT) if data is not None else None
+        return found if isinstance(found, str) else None
+
     def class_version(self, name: str) -> str:
         """The stored class's uid and generation (no validation), or "none" when there is none."""
         data = self._read("vmdiskclasses", CLUSTER_SCOPE, name)
