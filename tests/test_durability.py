@@ -21,9 +21,8 @@ from vmdisk.host import qemu_img
 # 1234 fdatasync(8</state/disks/default/.root.partial/disk>) = 0, or split in two lines:
 # 1234 fdatasync(8</…/disk> <unfinished ...>  then  1234 <... fdatasync resumed>) = 0
 _SYNC = re.compile(r"^(?P<pid>\d+)\s+(?:fsync|fdatasync)\(\d+<(?P<path>[^>]*)>(?P<rest>.*)$")
-_RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. (?:fsync|fdatasync) resumed>\)\s+=\s+0")
-# 1234 rename("/…/.root.partial", "/…/root") = 0
-_RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)".*=\s+0')
+# 1234 rename("/…/.root.partial", "/…/root") = 0, or split like the syncs
+_RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)"')
 
 
 def _apply_traced(
@@ -59,19 +58,12 @@ def _synced_before_rename(lines: list[str], state: Path, name: str = "root") -> 
     """(data file synced before the rename, the rename seen at all)."""
     disks = state / "disks" / "default"
     partial, final = str(disks / f".{name}.partial"), str(disks / name)
-    synced = False
-    pending: set[str] = set()
-    for line in lines:
-        if (m := _SYNC.match(line)) and m["path"] == f"{partial}/disk":
-            if re.match(r"\)\s+=\s+0", m["rest"]):
-                synced = True
-            elif "unfinished" in m["rest"]:
-                pending.add(m["pid"])
-        if (m := _RESUMED.match(line)) and m["pid"] in pending:
-            synced = True
-        if (m := _RENAME.match(line)) and m["src"] == partial and m["dst"] == final:
-            return synced, True
-    return synced, False
+    events = _events(lines)
+    synced = ("sync", f"{partial}/disk", "")
+    for index, event in enumerate(events):
+        if event == ("rename", partial, final):
+            return synced in events[:index], True
+    return synced in events, False
 
 
 def test_raw_disk_from_qcow2_is_synced_before_it_is_renamed(tmp_path: Path, image_dir: Path):
@@ -126,7 +118,7 @@ def _events(lines: list[str]) -> list[tuple[str, str, str]]:
                 pending[pid] = event
             elif re.match(r"\)\s+=\s+0", m["rest"]):
                 events.append(event)
-        elif (m := _RENAME_ANY.match(line)) is not None:
+        elif (m := _RENAME.match(line)) is not None:
             event = ("rename", m["src"], m["dst"])
             if "unfinished" in line:
                 pending[pid] = event
@@ -135,9 +127,6 @@ def _events(lines: list[str]) -> list[tuple[str, str, str]]:
         elif "resumed>" in line and re.search(r"=\s+0$", line) and pid in pending:
             events.append(pending.pop(pid))
     return events
-
-
-_RENAME_ANY = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)"')
 
 
 def test_a_pin_is_durable_before_its_disk_and_every_object_before_apply_returns(

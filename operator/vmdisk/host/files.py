@@ -131,6 +131,11 @@ def write_copy(path: Path, copy: FileCopy, mode: int = 0o644) -> None:
         raise
 
 
+def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``data``, flushed to stable storage."""
+    write_copy(path, FileCopy(len(data), ((0, data),) if data else ()), mode)
+
+
 def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """The ranges of ``[0, size)`` that hold data (SEEK_DATA/SEEK_HOLE)."""
     pos = 0
