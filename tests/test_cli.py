@@ -16,12 +16,18 @@ from conftest import sha256_of
 VMDISK = [sys.executable, "-m", "vmdisk.cli"]
 
 
-def vmdisk(
-    *args: str, state: Path, image_dir: Path | None = None
-) -> subprocess.CompletedProcess[str]:
+def cli_env(image_dir: Path | None = None) -> dict[str, str]:
+    """The environment every ``vmdisk`` command of these tests runs in."""
     env = {**os.environ, "VMDISK_NODE_NAME": "node-a", "VMDISK_IMAGE_HOSTS": "127.0.0.1/32"}
     if image_dir is not None:
         env["VMDISK_IMAGE_DIRS"] = str(image_dir)
+    return env
+
+
+def vmdisk(
+    *args: str, state: Path, image_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = cli_env(image_dir)
     return subprocess.run(
         [*VMDISK, *args, "--state-dir", str(state)],
         capture_output=True,

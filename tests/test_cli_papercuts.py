@@ -5,12 +5,16 @@ run as a separate process on a real state directory with real qemu-img disks.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import shutil
+import textwrap
 from pathlib import Path
 
+import pytest
+
 from conftest import sha256_of
-from test_cli import vmdisk, vmdisk_doc, write_manifests
+from test_cli import cli_env, vmdisk, vmdisk_doc, write_manifests
 from vmdisk.cli import _parser
 
 SNAPSHOT = {
@@ -117,15 +121,64 @@ def test_apply_namespace_flag_places_objects_and_refuses_conflicts(tmp_path: Pat
     assert not (state / "disks" / "team" / "d").exists()
 
 
-def test_commands_without_images_do_not_import_the_image_inspector(tmp_path: Path):
-    """Start-up cost is measured by ``make bench``; this keeps the heaviest import off the path."""
+# What a command that has nothing to reconcile must not load (start-up is
+# measured by ``make bench``; this keeps the heavy imports off its path).
+HEAVY = (
+    "pydantic",
+    "oslo_utils",
+    "libvirt",
+    "urllib3",
+    "vmdisk.engine.reconcile",
+    "vmdisk.backends",
+)
+
+
+def _loaded_after(argv: list[str]) -> list[str]:
+    """The heavy modules loaded by ``vmdisk ARGV`` run in a fresh interpreter."""
     import subprocess
     import sys
 
-    probe = (
-        "import sys; from vmdisk import cli; "
-        f"cli.main(['get', '--state-dir', {str(tmp_path)!r}]); "
-        "print(sorted(m for m in sys.modules if m.startswith('oslo_utils')))"
+    probe = textwrap.dedent(
+        f"""
+        import contextlib, sys
+        from vmdisk import cli
+        with contextlib.suppress(SystemExit):
+            cli.main({argv!r})
+        heavy = {HEAVY!r}
+        print(sorted(h for h in heavy if any(m == h or m.startswith(h + ".") for m in sys.modules)))
+        """
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert out.stdout.splitlines()[-1] == "[]"
+    argv = [sys.executable, "-c", probe]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=cli_env())
+    return list(ast.literal_eval(out.stdout.splitlines()[-1]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["get"], ["get", "vmdiskclass"], ["get", "vmdisk", "nope"], ["cache", "list"]],
+    ids=" ".join,
+)
+def test_commands_with_nothing_to_check_load_no_models_engine_or_images(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    state = ["--state-dir", str(tmp_path)] if argv != ["--help"] else []
+    assert _loaded_after([*argv, *state]) == []
+
+
+def test_get_loads_the_engine_once_a_disk_changed_behind_its_status(tmp_path: Path) -> None:
+    """The probe above can fail: a Ready disk written since its status was saved is
+    checked against the host by the engine; an untouched one only by a stat."""
+    manifest = write_manifests(
+        tmp_path / "d.yaml", vmdisk_doc("d", backend="raw", size="1Mi", source={"blank": {}})
+    )
+    state = tmp_path / "state"
+    assert vmdisk("apply", "-f", str(manifest), state=state).returncode == 0
+    untouched = set(_loaded_after(["get", "--state-dir", str(state)]))
+    assert "pydantic" in untouched and "vmdisk.engine.reconcile" not in untouched
+
+    with (state / "disks" / "default" / "d" / "disk").open("r+b") as data:
+        data.write(b"\1" * 65536)  # a guest's write: the allocation no longer matches
+    changed = set(_loaded_after(["get", "--state-dir", str(state)]))
+    assert {"pydantic", "vmdisk.engine.reconcile", "vmdisk.backends"} <= changed
+    shown = vmdisk("get", "vmdisk", "d", "-o", "json", state=state)
+    assert json.loads(shown.stdout)["status"]["actualSize"] >= 65536

@@ -26,7 +26,7 @@ from vmdisk.errors import (
     DecompressionFailed,
     ImageUnsafe,
 )
-from vmdisk.images import ImageCache
+from vmdisk.images.cache import ImageCache
 from vmdisk.images.download import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 
@@ -147,7 +147,7 @@ def test_a_plain_image_named_like_a_compressed_one_is_not_decompressed(
     url = server.add("/a.raw.xz", img.read_bytes())
     got = cache.get(ImageSource(url=url, checksum=factory.checksum(img)), disk_size=None)
     assert factory.sha256(got.path) == factory.sha256(img)
-    assert cache.entries(set())[0].source_kind == "http"
+    assert cache.index.entries(set())[0].source_kind == "http"
 
 
 def test_decompressed_image_goes_through_the_safety_checks(

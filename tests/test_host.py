@@ -15,7 +15,14 @@ import pytest
 from conftest import loop_mounted_ext4
 from vmdisk.errors import InsufficientSpace
 from vmdisk.host import qemu_img
-from vmdisk.host.files import allocated_bytes, atomic_write, remove_on_error, sparse_copy
+from vmdisk.host.files import (
+    allocated_bytes,
+    atomic_write,
+    read_copy,
+    remove_on_error,
+    sparse_copy,
+    write_copy,
+)
 from vmdisk.host.headers import HeaderMismatch, parallels_virtual_size, qcow2_virtual_size
 from vmdisk.host.locks import LockTimeout, file_lock
 from vmdisk.host.run import CommandError, CommandTimeout, Limits, run
@@ -151,3 +158,21 @@ def test_header_readers_refuse_other_formats(tmp_path: Path):
     for read in (qcow2_virtual_size, parallels_virtual_size):
         with pytest.raises(HeaderMismatch):
             read(raw)
+
+
+def test_a_file_copy_keeps_bytes_and_holes_and_refuses_to_overwrite(tmp_path: Path):
+    source = tmp_path / "source"
+    with open(source, "wb") as handle:
+        handle.write(b"head" * 1024)
+        handle.seek(1024 * 1024)
+        handle.write(b"tail" * 1024)
+        handle.truncate(4 * 1024 * 1024)
+    assert read_copy(source, limit=4096) is None  # 8 KiB of data is over the limit
+    copy = read_copy(source, limit=64 * 1024)
+    assert copy is not None and copy.size == 4 * 1024 * 1024
+    target = tmp_path / "target"
+    write_copy(target, copy)
+    assert target.read_bytes() == source.read_bytes()
+    assert allocated_bytes(target) == allocated_bytes(source) < 64 * 1024
+    with pytest.raises(FileExistsError):
+        write_copy(target, copy)

@@ -26,7 +26,7 @@ from vmdisk.config import Settings
 from vmdisk.errors import DownloadFailed, ImageTooLarge, SourceNotAllowed, VMDiskError
 from vmdisk.host import safeopen
 from vmdisk.host.locks import file_lock
-from vmdisk.images import ImageCache
+from vmdisk.images.cache import ImageCache
 from vmdisk.images.download import FetchLimits, max_fetch_bytes
 from vmdisk.images.policy import SourcePolicy
 

@@ -29,7 +29,7 @@ from vmdisk.errors import (
     SourceNotAllowed,
 )
 from vmdisk.host import qemu_img
-from vmdisk.images import ImageCache
+from vmdisk.images.cache import ImageCache
 from vmdisk.images.download import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 
@@ -360,7 +360,7 @@ _CHILD = """
 import sys
 from pathlib import Path
 from vmdisk.api.vmdisk import ImageSource
-from vmdisk.images import ImageCache
+from vmdisk.images.cache import ImageCache
 from vmdisk.images.download import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 policy = SourcePolicy(allowed_hosts=("127.0.0.1/32",))
@@ -415,7 +415,7 @@ def test_entries_and_prune_respect_in_use_and_age(
     stale_partial.write_bytes(b"half")
     os.utime(stale_partial, (1000, 1000))
 
-    listed = {e.id: e for e in cache.entries(in_use={used.id})}
+    listed = {e.id: e for e in cache.index.entries(in_use={used.id})}
     assert set(listed) == {old.id, used.id, fresh.id}
     assert listed[used.id].in_use and not listed[old.id].in_use
     assert listed[old.id].last_used == 1000
@@ -423,12 +423,12 @@ def test_entries_and_prune_respect_in_use_and_age(
     assert listed[old.id].format == "raw" and listed[old.id].virtual_size == MiB
     assert 0 < listed[old.id].size <= MiB
 
-    removed = cache.prune(max_age=3600, in_use={used.id})
+    removed = cache.index.prune(max_age=3600, in_use={used.id})
     assert [e.id for e in removed] == [old.id]
     assert cache.lookup(old.id) is None and not old.path.exists()
     assert cache.lookup(used.id) == used and cache.lookup(fresh.id) == fresh
     assert not stale_partial.exists()
-    assert cache.prune(max_age=0, in_use={used.id, fresh.id}) == []
+    assert cache.index.prune(max_age=0, in_use={used.id, fresh.id}) == []
 
 
 def test_qemu_img_agrees_with_cached_entry(cache: ImageCache, image_dir: Path) -> None:

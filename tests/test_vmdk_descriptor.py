@@ -16,7 +16,7 @@ import pytest
 
 from vmdisk.api.vmdisk import ImageSource
 from vmdisk.errors import ImageUnsafe
-from vmdisk.images import ImageCache
+from vmdisk.images.cache import ImageCache
 from vmdisk.images.policy import SourcePolicy
 
 MiB = 1024 * 1024

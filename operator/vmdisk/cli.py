@@ -19,7 +19,6 @@ from .local.problems import ManifestError
 # every command, and --help needs none of the models, backends or image code.
 if TYPE_CHECKING:
     from .config import Settings
-    from .engine.reconcile import Engine
     from .local.runner import LocalRunner
     from .local.store import Plural, Stored
 
@@ -169,12 +168,12 @@ def _positive(text: str) -> int:
 
 
 def _runner(settings: Settings, workers: int = 1) -> LocalRunner:
-    from .engine.reconcile import Engine
+    from .layout import StateLayout
     from .local.runner import LocalRunner
     from .local.store import LocalStore
 
-    engine = Engine.build(settings)
-    return LocalRunner(settings, engine, LocalStore(engine.layout), workers)
+    # The engine is built when a disk needs it: a no-op apply never loads it.
+    return LocalRunner(settings, None, LocalStore(StateLayout(settings.state_dir)), workers)
 
 
 def _row(obj: Stored) -> tuple[list[str], list[str]]:
@@ -227,17 +226,20 @@ def _table(objects: Sequence[Stored]) -> str:
 
 
 def _print(objects: Sequence[Stored], fmt: str) -> None:
-    from .api.common import dump
+    if fmt == "table":
+        print(_table(objects))
+        return
+    data: list[dict[str, Any]] = []
+    if objects:  # the models' serialiser, only when there is something to serialise
+        from .api.common import dump
 
-    if fmt == "json":
         data = [dump(o) for o in objects]
+    if fmt == "json":
         print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
-    elif fmt == "yaml":
+    else:
         import yaml
 
-        print(yaml.safe_dump_all([dump(o) for o in objects], sort_keys=False), end="")
-    else:
-        print(_table(objects))
+        print(yaml.safe_dump_all(data, sort_keys=False), end="")
 
 
 def _not_ready(objects: Sequence[Stored]) -> list[str]:
@@ -273,7 +275,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     try:
         results = runner.apply(objects)
     finally:
-        runner.engine.close()
+        runner.close()
     _print(results, args.output)
     problems = _not_ready(results)
     for line in problems:
@@ -282,15 +284,26 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
-    from .engine.reconcile import Engine
-    from .local.store import CLUSTER_SCOPE, LocalStore
+    from .layout import CLUSTER_SCOPE, StateLayout
 
     settings = _settings(args)
-    engine = Engine.build(settings)
-    store = LocalStore(engine.layout)
+    layout = StateLayout(settings.state_dir)
     plural = KIND_ALIASES[args.kind]
-    objects: list[Stored]
     namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
+    if args.name:
+        present = layout.object_file(plural, namespace or "default", args.name).exists()
+    else:
+        present = layout.has_objects(plural, namespace)
+    if not present:  # answered from the directory alone: no models, no engine
+        if args.name:
+            print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
+            return 1
+        _print([], args.output)
+        return 0
+    from .local.store import LocalStore
+
+    store = LocalStore(layout)
+    objects: list[Stored]
     if args.name:
         found = store.get(plural, namespace or "default", args.name)
         if found is None:
@@ -299,27 +312,43 @@ def _cmd_get(args: argparse.Namespace) -> int:
         objects = [found]
     else:
         objects = store.list_objects(plural, namespace)
-    _print([_checked(engine, obj) for obj in objects], args.output)
+    _print(_checked(settings, objects), args.output)
     return 0
 
 
-def _checked(engine: Engine, obj: Stored) -> Stored:
-    """A Ready disk as the host has it now (a cheap header read), not as last saved.
+def _checked(settings: Settings, objects: list[Stored]) -> list[Stored]:
+    """Ready disks as the host has them now, not as last saved.
 
-    Shared stores (RBD) are not asked: that would be a network call per disk.
+    A disk whose stored fingerprint holds is as saved (a stat of its files);
+    others get a header read through the engine, built only then.  Shared
+    stores (RBD) are not asked: that would be a network call per disk.
     Nothing is written: the next apply records what changed.
     """
     from .api.vmdisk import VMDisk
 
-    if not isinstance(obj, VMDisk) or obj.status is None or obj.status.shared:
-        return obj
-    status = engine.verify_disk(obj)
-    return obj if status is None else obj.model_copy(update={"status": status})
+    runner = _runner(settings)
+    checked: list[Stored] = []
+    try:
+        for obj in objects:
+            status = obj.status if isinstance(obj, VMDisk) else None
+            if (
+                isinstance(obj, VMDisk)
+                and status
+                and status.phase == "Ready"
+                and not status.shared
+                and not runner.settled(obj, runner.store.fingerprint(obj))
+            ):
+                fresh = runner.engine.verify_disk(obj)
+                obj = obj if fresh is None else obj.model_copy(update={"status": fresh})
+            checked.append(obj)
+    finally:
+        runner.close()
+    return checked
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
+    from .layout import CLUSTER_SCOPE
     from .local.manifests import load
-    from .local.store import CLUSTER_SCOPE
 
     runner = _runner(_settings(args))
     if args.filename is not None:
@@ -338,7 +367,7 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     try:
         problems = runner.delete(objects)
     finally:
-        runner.engine.close()
+        runner.close()
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0
@@ -360,15 +389,18 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
+    # Only the cache's own index and the images' headers: no engine, no models.
     from .api.quantity import format_bytes
     from .config import parse_duration
-    from .engine.reconcile import Engine
+    from .images.entries import CacheEntries
+    from .layout import StateLayout
 
     settings = _settings(args)
-    engine = Engine.build(settings)
-    in_use = engine.cache_in_use()
+    layout = StateLayout(settings.state_dir)
+    cache = CacheEntries(layout.cache_dir, layout.cache_tmp)
+    in_use = cache.in_use((layout.disks_dir, layout.exports_dir))
     if args.action == "list":
-        entries = engine.cache.entries(in_use)
+        entries = cache.entries(in_use)
         if args.output == "json":
             fields = (
                 "id",
@@ -383,7 +415,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             items = [{k: getattr(e, k) for k in fields} for e in entries]
             for item in items:
                 item["allocated_bytes"] = item.pop("size")
-                item["path"] = str(engine.cache.root / str(item["id"]))
+                item["path"] = str(cache.root / str(item["id"]))
             print(json.dumps({"items": items}, indent=2))
             return 0
         print(
@@ -400,7 +432,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             )
         return 0
     max_age = parse_duration(args.max_age) if args.max_age else settings.cache_max_age
-    for e in engine.cache.prune(max_age, in_use):
+    for e in cache.prune(max_age, in_use):
         print(f"removed {e.id} ({format_bytes(e.size)} allocated)")
     return 0
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 NAME_MAX = 255  # bytes per path component on every Linux filesystem we run on
 _PARTIAL = ".partial"
+# Cluster-scoped objects live under a directory no namespace can be called.
+CLUSTER_SCOPE = "_cluster"
 
 
 class OutsideStateDir(ValueError):
@@ -67,6 +69,14 @@ class StateLayout:
 
     def objects_dir(self, plural: str) -> Path:
         return self._inside("objects", plural)
+
+    def has_objects(self, plural: str, namespace: str | None) -> bool:
+        """Whether any object of ``plural`` is stored (in ``namespace``, or in any)."""
+        if namespace is not None:
+            found = self._inside("objects", plural, namespace).glob("*.json")
+        else:
+            found = self.objects_dir(plural).glob("*/*.json")
+        return next(found, None) is not None
 
     def export_file(self, namespace: str, name: str, fmt: str) -> Path:
         return self._inside("exports", namespace, f"{name}.{fmt}")

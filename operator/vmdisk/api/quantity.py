@@ -45,9 +45,12 @@ def parse_bytes(value: str | int) -> int:
             f"invalid quantity {value!r}: use a number with an optional suffix "
             "(Ki, Mi, Gi, Ti, Pi, Ei, k, M, G, T, P, E), e.g. 10Gi"
         )
-    number = Fraction(match.group("num"))
-    if match.group("exp") is not None:
-        exponent = int(match.group("exp"))
+    digits, exp = match.group("num"), match.group("exp")
+    if exp is None and digits.isdigit():  # the common case, in integers (Fraction is slow)
+        return int(digits) * _SUFFIXES[match.group("suffix") or ""]
+    number = Fraction(digits)
+    if exp is not None:
+        exponent = int(exp)
         if abs(exponent) > 30:
             raise ValueError(f"quantity {value!r} is out of range")
         number *= Fraction(10) ** exponent

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from ..errors import DiskExists, FormatConflict, InvalidSpec, UnsupportedOperation
-from ..host.files import allocate, allocated_bytes, fsync_dir, remove_on_error, remove_path
+from ..host.files import (
+    allocate,
+    allocated_bytes,
+    fsync_dir,
+    raise_if_no_space,
+    remove_on_error,
+    remove_path,
+)
 from ..host.imagelocks import qemu_lock_held
 from ..host.mkfs import make_filesystem
 from ..host.safeopen import ensure_dir
@@ -121,12 +128,18 @@ class FileBackend(ABC):
                 "or choose another name"
             )
         partial = self.layout.partial_disk_dir(ref.namespace, ref.name)
-        ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
-        remove_path(partial)  # leftovers of a crashed attempt
-        partial.mkdir(mode=0o700)
+        try:
+            ensure_dir(partial.parent)  # refuses a planted symlink (UnsafePath)
+            remove_path(partial)  # leftovers of a crashed attempt
+            partial.mkdir(mode=0o700)
+        except OSError as exc:
+            raise_if_no_space(exc)  # a full filesystem is a condition, not a traceback
+            raise
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
-            write_record(partial, replace(record, preallocation=request.preallocation))
+            record = replace(record, preallocation=request.preallocation)
+            write_record(partial, record, new=True)
+            fsync_dir(partial)  # the data's and the record's entries, before the rename
             os.rename(partial, final)
             fsync_dir(final.parent)
         state = self.state(ref)

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from ..host import qemu_img
 from ..host.files import remove_path
 from ..host.headers import qcow2_virtual_size
+from ..layout import StateLayout
 from .base import (
     BackendPlugin,
     Blank,
@@ -22,6 +23,7 @@ from .base import (
 from .copysnap import SnapshotMissing
 from .filebase import FileBackend
 from .record import DiskRecord
+from .templates import ImageTemplates
 
 
 def _create_options(preallocation: str, *, with_backing: bool) -> dict[str, str]:
@@ -40,28 +42,47 @@ class Qcow2Backend(FileBackend):
     fs_driver: ClassVar[Literal["loop", "nbd", "ploop"]] = "nbd"
     preallocations: ClassVar[frozenset[str]] = frozenset({"none", "metadata", "falloc", "full"})
 
+    def __init__(self, layout: StateLayout) -> None:
+        super().__init__(layout)
+        self._templates = ImageTemplates()
+
+    def _make_image(
+        self,
+        data: Path,
+        size: int,
+        preallocation: str,
+        backing: tuple[Path, str] | None = None,
+    ) -> None:
+        """``qemu-img create`` of a plain qcow2 (an overlay of ``backing``), or a copy of one."""
+        path, fmt = backing if backing is not None else (None, None)
+        options = _create_options(preallocation, with_backing=backing is not None)
+
+        def create(target: Path) -> None:
+            qemu_img.create(
+                target, "qcow2", size, backing=path, backing_format=fmt, options=options
+            )
+
+        if options:
+            create(data)  # preallocated: the allocation is the point, never a copy
+        else:
+            self._templates.make((path, fmt, size), data, create)
+
     def _populate(self, directory: Path, data: Path, request: CreateRequest) -> DiskRecord:
         content = request.content
         if isinstance(content, Blank):
-            options = _create_options(request.preallocation, with_backing=False)
             scratch = self._blank_filesystem(directory, content, request.size)
             if scratch is None:
-                qemu_img.create(data, "qcow2", request.size, options=options)
+                self._make_image(data, request.size, request.preallocation)
             else:
+                options = _create_options(request.preallocation, with_backing=False)
                 qemu_img.convert(scratch, "raw", data, "qcow2", options=options)
                 remove_path(scratch)
             return DiskRecord(backend=self.name, format="qcow2")
         if isinstance(content, FromImage):
             # O(1) in the image size: only an overlay is written.
             image = content.image
-            qemu_img.create(
-                data,
-                "qcow2",
-                max(request.size, image.virtual_size),
-                backing=image.path,
-                backing_format=image.format,
-                options=_create_options(request.preallocation, with_backing=True),
-            )
+            size = max(request.size, image.virtual_size)
+            self._make_image(data, size, request.preallocation, (image.path, image.format))
             return DiskRecord(
                 backend=self.name, format="qcow2", base_image=image.id, base_path=str(image.path)
             )

@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
-from ..images.cache import CacheObserver
+from ..images.entries import CacheObserver
 
 Publish = Callable[[VMDiskStatus], None]
 SourceKind = Literal["disk", "snapshot"]

@@ -42,11 +42,11 @@ from ..errors import (
 )
 from ..host.domains import Hypervisor
 from ..host.files import host_error
-from ..host.headers import backing_files
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
-from ..images.cache import NO_CACHE_OBSERVER, ImageCache
+from ..images.cache import ImageCache
 from ..images.download import FetchLimits
+from ..images.entries import NO_CACHE_OBSERVER
 from ..images.policy import default_policy
 from ..images.registry import DOCKER_CONFIG_KEY, RegistryAuth
 from ..layout import StateLayout
@@ -435,15 +435,6 @@ class Engine:
                 backend.close()
         if self.hypervisor is not None:
             self.hypervisor.close()
-
-    def cache_in_use(self) -> set[str]:
-        """Cache entries that images in the state directory name as backing files.
-
-        Read from the images' headers, never from records: a disk whose
-        ``disk.json`` is lost, half-made disks and exports keep their base.
-        """
-        named = backing_files((self.layout.disks_dir, self.layout.exports_dir))
-        return self.cache.named_by(named)
 
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.

@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import HostIOError, InsufficientSpace, VMDiskError
@@ -40,13 +41,25 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: bool = True) -> None:
+def atomic_write(
+    path: Path,
+    data: bytes | str,
+    mode: int = 0o644,
+    *,
+    sweep: bool = True,
+    sync_dir: bool = True,
+) -> None:
     """Write ``path`` so that readers see the old or the new content, never half.
 
     ``sweep`` removes this target's temp files left by dead writers first; a
     caller writing many files into one directory passes False and calls
     ``remove_stale_temps`` on the directory once instead (a sweep per write
     lists the whole directory each time).
+
+    The content is on stable storage before the rename; ``sync_dir`` False
+    leaves the rename itself to the caller's later ``fsync_dir`` (one for a
+    batch of writes into one directory): until then a power loss may bring
+    back the old content, whole.
     """
     payload = data.encode() if isinstance(data, str) else data
     try:
@@ -67,12 +80,75 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: boo
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except OSError as exc:
         with suppress(FileNotFoundError):
             tmp.unlink()
         raise_if_no_space(exc)
         raise
+
+
+@dataclass(frozen=True)
+class FileCopy:
+    """A small file held in memory: its length and its data extents (the rest are holes)."""
+
+    size: int
+    extents: tuple[tuple[int, bytes], ...]
+
+
+def read_copy(path: Path, limit: int) -> FileCopy | None:
+    """``path`` as a FileCopy, or None when it holds more than ``limit`` bytes of data."""
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        extents: list[tuple[int, bytes]] = []
+        held = 0
+        for start, end in _data_ranges(fd, size):
+            held += end - start
+            if held > limit:
+                return None
+            extents.append((start, os.pread(fd, end - start, start)))
+    return FileCopy(size, tuple(extents))
+
+
+def write_copy(path: Path, copy: FileCopy, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``copy``, flushed to stable storage."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, mode)
+        try:
+            for offset, data in copy.extents:
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], offset + written)
+            os.ftruncate(fd, copy.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise_if_no_space(exc)
+        raise
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``data``, flushed to stable storage."""
+    write_copy(path, FileCopy(len(data), ((0, data),) if data else ()), mode)
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of ``[0, size)`` that hold data (SEEK_DATA/SEEK_HOLE)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        yield start, end
+        pos = end
 
 
 def remove_stale_temps(directory: Path) -> None:

@@ -25,6 +25,7 @@ _SYS_OPENAT2 = {"x86_64": 437, "aarch64": 437, "ppc64le": 437, "s390x": 437}.get
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
+_AT_FDCWD = -100
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -70,10 +71,34 @@ def open_dir(path: Path, *, create: bool = False, mode: int = 0o700) -> int:
     """
     if not path.is_absolute():
         path = path.absolute()
+    found = _open_dir_at_once(path)
+    if found is not None:
+        return found
     fd = os.open("/", _DIR_FLAGS)
     for part in path.parts[1:]:
         fd = _step(fd, part, path, create=create, mode=mode)  # consumes the parent's fd
     return fd
+
+
+def _open_dir_at_once(path: Path) -> int | None:
+    """``path`` opened by one openat2 refusing every symlink, or None: walk it instead.
+
+    The walk below gives the same answer in one syscall per component; it
+    also creates what is missing and names the offending component, so any
+    failure here (missing, a link, no openat2) is left to it.
+    """
+    global _openat2_works
+    if _openat2_works is False:
+        return None
+    how = _OpenHow(flags=_DIR_FLAGS, mode=0, resolve=_RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+    raw = os.fsencode(path)
+    fd = _libc.syscall(_SYS_OPENAT2, _AT_FDCWD, raw, ctypes.byref(how), ctypes.sizeof(how))
+    if fd >= 0:
+        _openat2_works = True
+        return int(fd)
+    if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM) and _openat2_works is None:
+        _openat2_works = False  # old kernel or a seccomp filter
+    return None
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> None:

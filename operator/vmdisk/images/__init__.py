@@ -1,5 +1,1 @@
-"""Base images: sources, download with checksum and resume, safety checks, the cache."""
-
-from .cache import CacheEntry, ImageCache
-
-__all__ = ["CacheEntry", "ImageCache"]
+"""Base images: sources, fetching, verification and the node-local cache."""

@@ -11,7 +11,7 @@ Layout under ``root``::
 
 Every entry passed the safety checks in ``inspect`` before it was renamed
 into place; its mtime is the last time a disk was made from it (touched on
-every use, as Nova does) and drives ``prune``.
+every use, as Nova does) and drives ``prune`` (``entries``).
 """
 
 from __future__ import annotations
@@ -20,18 +20,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
 
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
 from ..errors import ChecksumMismatch, DownloadFailed, ImageFormatMismatch
 from ..host.files import atomic_write, fsync_dir
-from ..host.locks import LockTimeout, file_lock
 from ..host.safeopen import ensure_dir
 from .containerdisk import extract_disk
 from .download import (
@@ -43,6 +40,7 @@ from .download import (
     fetch_http,
     max_fetch_bytes,
 )
+from .entries import NO_CACHE_OBSERVER, CacheEntries, CacheObserver
 from .inspect import check_size, inspect_image
 from .policy import DEFAULT_CLUSTER_CIDRS, HopCheck, Resolver, SourcePolicy
 from .registry import Layer, Platform, RegistryAuth, RegistryClient, host_platform
@@ -51,42 +49,6 @@ from .source import FileSource, OciSource, Source, open_file, parse_source, reda
 log = logging.getLogger("vmdisk.images")
 
 DEFAULT_LIMITS = FetchLimits()
-
-_ID = re.compile(r"^sha256-[0-9a-f]{64}$")
-_URL_KEY = re.compile(r"^(url|layer)-[0-9a-f]{64}$")
-_MAPS = ("urls", "layers")
-
-
-class CacheObserver(Protocol):
-    """Told about cache use and fetches (the operator's metrics)."""
-
-    def cache_lookup(self, hit: bool) -> None: ...
-
-    def image_fetched(self, scheme: str, size: int, seconds: float) -> None: ...
-
-
-class _NoCacheObserver:
-    def cache_lookup(self, hit: bool) -> None:
-        pass
-
-    def image_fetched(self, scheme: str, size: int, seconds: float) -> None:
-        pass
-
-
-NO_CACHE_OBSERVER: CacheObserver = _NoCacheObserver()
-
-
-@dataclass(frozen=True)
-class CacheEntry:
-    id: str
-    path: Path
-    format: str
-    virtual_size: int
-    size: int  # bytes allocated on disk
-    last_used: float
-    source_url: str | None
-    in_use: bool
-    source_kind: str | None = None  # https, file, https+xz, ...; None for old entries
 
 
 class ImageCache:
@@ -116,7 +78,8 @@ class ImageCache:
         self.limits = limits
         self.cluster_cidrs = cluster_cidrs
         self.resolve = resolve
-        self.tmp_dir = tmp_dir if tmp_dir is not None else root / "tmp"
+        self.index = CacheEntries(root, tmp_dir)
+        self.tmp_dir = self.index.tmp_dir
         self.platform = platform or host_platform()  # what a multi-arch index is narrowed to
 
     def get(
@@ -158,7 +121,7 @@ class ImageCache:
         if source.checksum is not None:
             expected = source.checksum.removeprefix("sha256:")
             image_id = f"sha256-{expected}"
-            with self._lock(image_id):
+            with self.index.lock(image_id):
                 image = self.lookup(image_id)
                 self.observer.cache_lookup(hit=image is not None)
                 if image is None:
@@ -166,9 +129,9 @@ class ImageCache:
                     image = self._verify_and_place(part, image_id, source, disk_size)
                 return self._use(image, source, disk_size)
         key = "url-" + hashlib.sha256(source.url.encode()).hexdigest()
-        with self._lock(key):
-            known = self._read_url_key(key)
-            with self._lock(known) if known else nullcontext():
+        with self.index.lock(key):
+            known = self.index.read_map("urls", key)
+            with self.index.lock(known) if known else nullcontext():
                 image = self.lookup(known) if known else None
                 if image is not None:
                     self.observer.cache_lookup(hit=True)
@@ -176,7 +139,7 @@ class ImageCache:
             self.observer.cache_lookup(hit=False)
             part = self._fetch(fetch, key, None)
             image_id = f"sha256-{part.digest.sha256}"
-            with self._lock(image_id):
+            with self.index.lock(image_id):
                 image = self.lookup(image_id)
                 if image is None:
                     image = self._verify_and_place(part, image_id, source, disk_size)
@@ -196,8 +159,8 @@ class ImageCache:
         """
         resolved = client.resolve(self.platform)
         key = f"layer-{resolved.layer.hex}"
-        with self._lock(key):
-            known = self._read_map("layers", key)
+        with self.index.lock(key):
+            known = self.index.read_map("layers", key)
             image = self.lookup(known) if known else None
             self.observer.cache_lookup(hit=image is not None)
             if image is not None:
@@ -249,7 +212,7 @@ class ImageCache:
                 f"expected sha256:{expected}"
             )
         image_id = f"sha256-{digest.sha256}"
-        with self._lock(image_id):
+        with self.index.lock(image_id):
             image = self.lookup(image_id)
             if image is not None:
                 _remove_partial(disk)
@@ -260,85 +223,10 @@ class ImageCache:
 
     def lookup(self, image_id: str) -> BaseImage | None:
         """The verified entry ``image_id``, or None when it is not (fully) cached."""
-        meta = self._read_meta(image_id)
+        meta = self.index.meta(image_id)
         if meta is None:
             return None
         return BaseImage(image_id, self.root / image_id, meta.format, meta.virtual_size)
-
-    def named_by(self, backing_files: set[Path]) -> set[str]:
-        """Ids of the entries among ``backing_files`` (resolved paths images name)."""
-        root = Path(os.path.realpath(self.root))
-        return {p.name for p in backing_files if p.parent == root and _ID.match(p.name)}
-
-    def entries(self, in_use: set[str]) -> list[CacheEntry]:
-        """Every complete entry; ``in_use`` holds ids that disks use as backing files."""
-        found = []
-        for path in sorted(self.root.glob("sha256-*.json")):
-            image_id = path.name.removesuffix(".json")
-            meta = self._read_meta(image_id)
-            if meta is None:
-                continue
-            try:
-                stat = os.stat(self.root / image_id)
-            except FileNotFoundError:
-                continue
-            found.append(
-                CacheEntry(
-                    id=image_id,
-                    path=self.root / image_id,
-                    format=meta.format,
-                    virtual_size=meta.virtual_size,
-                    size=stat.st_blocks * 512,
-                    last_used=stat.st_mtime,
-                    source_url=meta.source_url,
-                    in_use=image_id in in_use,
-                    source_kind=meta.source_kind,
-                )
-            )
-        return found
-
-    def prune(self, max_age: float, in_use: set[str]) -> list[CacheEntry]:
-        """Remove entries not in ``in_use`` and unused for over ``max_age`` seconds.
-
-        Stale partial downloads, half-placed entries and dangling URL mappings
-        of the same age go too.  Entries busy in another call are skipped.
-        """
-        cutoff = time.time() - max_age
-        removed = []
-        for entry in self.entries(in_use):
-            if entry.in_use or entry.last_used >= cutoff:
-                continue
-            with suppress(LockTimeout), self._lock(entry.id, timeout=0.0):
-                # Re-read under the lock: a concurrent get may have just used it.
-                if os.stat(entry.path).st_mtime >= cutoff:
-                    continue
-                (self.root / f"{entry.id}.json").unlink()
-                entry.path.unlink()
-                removed.append(entry)
-                log.info("pruned cached image %s (%s)", entry.id, entry.source_url)
-        self._prune_leftovers(cutoff, in_use)
-        if removed:
-            fsync_dir(self.root)
-        return removed
-
-    def _prune_leftovers(self, cutoff: float, in_use: set[str]) -> None:
-        candidates = [(p, p.name.split(".")[0]) for p in self.root.glob("sha256-*")]
-        if self.tmp_dir.is_dir():
-            candidates += [(p, p.name.split(".")[0]) for p in self.tmp_dir.iterdir()]
-        for path, key in candidates:
-            if key in in_use or not (_ID.match(key) or _URL_KEY.match(key)):
-                continue
-            with suppress(LockTimeout, FileNotFoundError), self._lock(key, timeout=0.0):
-                if path.parent == self.root and self.lookup(key) is not None:
-                    continue  # complete entry, handled by prune itself
-                if os.stat(path).st_mtime < cutoff:
-                    path.unlink()
-        for kind in _MAPS:
-            maps = self.root / kind
-            for mapping in maps.iterdir() if maps.is_dir() else ():
-                image_id = self._read_map(kind, mapping.name)
-                if image_id is None or self.lookup(image_id) is None:
-                    mapping.unlink(missing_ok=True)
 
     def _fetch(self, fetch: _Fetch, key: str, expected: str | None) -> _Part:
         """Fetch into tmp/<key>.part; a refused or broken fetch leaves no file.
@@ -444,45 +332,6 @@ class ImageCache:
         )
         os.utime(image.path)
         return image
-
-    def _read_meta(self, image_id: str) -> _Meta | None:
-        if not _ID.match(image_id) or not (self.root / image_id).is_file():
-            return None
-        try:
-            meta = json.loads((self.root / f"{image_id}.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(meta, dict):
-            return None
-        fmt, size, url = meta.get("format"), meta.get("virtual_size"), meta.get("source_url")
-        if fmt not in ("raw", "qcow2") or not isinstance(size, int):
-            return None
-        url = url if isinstance(url, str) else None
-        kind = meta.get("source_kind")
-        if not isinstance(kind, str):  # entries made before the kind was recorded
-            kind = url.partition(":")[0].lower() if url and ":" in url else None
-        return _Meta(str(fmt), size, url, kind)
-
-    def _read_url_key(self, key: str) -> str | None:
-        return self._read_map("urls", key)
-
-    def _read_map(self, kind: str, key: str) -> str | None:
-        try:
-            image_id = (self.root / kind / key).read_text().strip()
-        except OSError:
-            return None
-        return image_id if _ID.match(image_id) else None
-
-    def _lock(self, key: str, *, timeout: float | None = None) -> AbstractContextManager[None]:
-        return file_lock(self.root / "locks" / f"{key}.lock", timeout=timeout)
-
-
-@dataclass(frozen=True)
-class _Meta:
-    format: str
-    virtual_size: int
-    source_url: str | None
-    source_kind: str | None
 
 
 @dataclass(frozen=True)

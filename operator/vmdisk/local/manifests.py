@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 from yaml.composer import Composer
 from yaml.constructor import ConstructorError, SafeConstructor
+from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.parser import Parser
 from yaml.reader import Reader
@@ -28,7 +29,6 @@ from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
 from ..api.vmdiskclass import VMDiskClass
-from ..backends.registry import PLUGINS_BY_NAME
 from .problems import ManifestError
 
 __all__ = ["ManifestError", "load"]
@@ -51,19 +51,28 @@ class _Limits(Composer, SafeConstructor, Resolver):
     """Safe loading with depth, expansion and duplicate-key limits (over any parser)."""
 
     _depth = 0
+    _nodes = 0  # composed in this document
+    _aliased = False  # this document has an alias: its expansion must be walked
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         self._depth += 1
+        self._nodes += 1
         try:
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark  # type: ignore[attr-defined]
                 raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(mark)}")
+            if self._nodes > MAX_NODES:
+                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
+                raise _Limit(f"more than {MAX_NODES} nodes{_at(mark)}")
+            self._aliased = self._aliased or self.check_event(AliasEvent)  # type: ignore[attr-defined]
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
 
     def construct_document(self, node: Node) -> Any:
-        _check_expansion(node)
+        aliased, self._aliased, self._nodes = self._aliased, False, 0
+        if aliased:  # without aliases every node was counted as it was composed
+            _check_expansion(node)
         return super().construct_document(node)
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -230,6 +239,8 @@ def parse(
 
 def _check_class(obj: VMDiskClass) -> None:
     """A class's parameters, by its backend's own model (as the CRD schema does)."""
+    from ..backends.registry import PLUGINS_BY_NAME  # every backend: only for classes
+
     plugin = PLUGINS_BY_NAME.get(obj.spec.backend)
     if plugin is None:
         raise ValueError(

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
+from .. import __version__
 from ..api.common import Condition
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
 from ..config import Settings
-from ..engine.reconcile import Engine
-from ..engine.snapshots import delete_snapshot, reconcile_snapshot
 from ..engine.status import with_condition
 from ..errors import DiskInUse, HasDependents
+from .settled import fingerprint
 from .store import PLURALS, LocalStore, Plural, Resource, Stored, scope
+
+if TYPE_CHECKING:
+    from ..engine.reconcile import Engine
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +84,54 @@ def waves(objects: Sequence[Resource]) -> list[list[int]]:
 
 class LocalRunner:
     def __init__(
-        self, settings: Settings, engine: Engine, store: LocalStore, workers: int = 1
+        self, settings: Settings, engine: Engine | None, store: LocalStore, workers: int = 1
     ) -> None:
+        """``engine`` None: built from ``settings`` when first needed (a no-op apply never is)."""
         self.settings = settings
-        self.engine = engine
+        self._engine = engine
+        self._building = threading.Lock()
         self.store = store
         self.workers = max(1, workers)
+        # What every fingerprint includes: a new version or new settings reconcile all.
+        self._around = f"{__version__}\n{settings!r}"
+
+    @property
+    def engine(self) -> Engine:
+        with self._building:
+            if self._engine is None:
+                from ..engine.reconcile import Engine
+
+                self._engine = Engine.build(self.settings)
+            return self._engine
+
+    def close(self) -> None:
+        """Close the engine's connections, if it was ever built."""
+        if self._engine is not None:
+            self._engine.close()
+
+    def _fingerprint_of(self, disk: VMDisk, status: VMDiskStatus) -> str | None:
+        """The fingerprint ``status`` would be saved with (None unless it is a settled Ready)."""
+        return self._fingerprint(disk.model_copy(update={"status": status}))
+
+    def _fingerprint(self, disk: VMDisk, classes: dict[str, str] | None = None) -> str | None:
+        """The disk's fingerprint now (``settled``), or None when it can have none.
+
+        ``classes`` caches class versions across one batch (disks share a few classes).
+        """
+        pinned = disk.status.pinned_class if disk.status else None
+        version = "none"
+        if pinned is not None:
+            known = classes if classes is not None else {}
+            if pinned.name not in known:
+                known[pinned.name] = self.store.class_version(pinned.name)
+            version = known[pinned.name]
+        return fingerprint(disk, f"{self._around}\n{version}")
 
     def reconcile(self, obj: Resource) -> Resource:
         """Reconcile one stored object and save its status."""
         if isinstance(obj, DiskSnapshot):
+            from ..engine.snapshots import reconcile_snapshot
+
             return self.store.save_status(obj, reconcile_snapshot(self.engine, obj, self.store))
         node = obj.spec.node_name
         if node and node != self.settings.node_name:
@@ -105,30 +148,59 @@ class LocalRunner:
             )
             return self.store.save_status(obj, status)
 
-        def publish(status: VMDiskStatus) -> None:
-            self.store.save_status(obj, status)
+        published: list[tuple[VMDiskStatus, Resource]] = []
+        pinned = [obj.status.pinned_class if obj.status else None]
 
-        return self.store.save_status(obj, self.engine.reconcile_disk(obj, self.store, publish))
+        def publish(status: VMDiskStatus) -> None:
+            # A new pin is durable before anything is made with it: a power cut
+            # must not forget where a disk is (or is half made).  Any other
+            # status the host proves again; ``apply`` syncs it with the batch.
+            durable = status.pinned_class != pinned[0]
+            pinned[0] = status.pinned_class
+            fingerprint = self._fingerprint_of(obj, status)
+            saved = self.store.save_status(obj, status, fingerprint, durable=durable)
+            published[:] = [(status, saved)]
+
+        result = self.engine.reconcile_disk(obj, self.store, publish)
+        if published and published[0][0] is result:
+            return published[0][1]  # saved under the disk's lock already: no second read
+        durable = result.pinned_class != pinned[0]
+        return self.store.save_status(
+            obj, result, self._fingerprint_of(obj, result), durable=durable
+        )
 
     def apply(self, objects: Sequence[Stored]) -> list[Stored]:
         """Store and reconcile ``objects``; dependencies are retried until nothing moves.
 
         Classes are stored first (they have nothing to reconcile), so disks of
-        the same batch find them.
+        the same batch find them.  Every write is durable when this returns: the
+        renames that need not be durable one by one are synced once, at the end.
         """
+        try:
+            return self._apply(objects)
+        finally:
+            self.store.sync()
+
+    def _apply(self, objects: Sequence[Stored]) -> list[Stored]:
         classes: list[Stored] = [self.store.apply(o) for o in objects if isinstance(o, VMDiskClass)]
         stored: list[Resource] = []
+        results: dict[int, Resource] = {}
+        versions: dict[str, str] = {}  # of the classes, read once for the batch
         for obj in objects:
             if not isinstance(obj, VMDiskClass):
-                saved = self.store.apply(obj)
-                assert not isinstance(saved, VMDiskClass)
-                stored.append(saved)
-        results: dict[int, Resource] = {}
+                saved = self.store.put(obj, durable=False)  # durable with its pin, or by sync
+                assert not isinstance(saved.obj, VMDiskClass)
+                if saved.unchanged and self.settled(saved.obj, saved.fingerprint, versions):
+                    results[len(stored)] = saved.obj  # nothing it depends on moved
+                stored.append(saved.obj)
+        todo = [i for i in range(len(stored)) if i not in results]
         # Independent objects concurrently, each round after the one it is made from;
         # the loop below then retries whatever still waits, one at a time.
         with ThreadPoolExecutor(self.workers, thread_name_prefix="vmdisk") as pool:
-            for indexes in waves(stored):
-                done = pool.map(lambda i: (i, self.reconcile(stored[i])), indexes)
+            for indexes in waves([stored[i] for i in todo]):
+                done = pool.map(
+                    lambda i: (i, self.reconcile(stored[i])), [todo[i] for i in indexes]
+                )
                 results.update(done)
         pending = [i for i in range(len(stored)) if _waiting(results[i])]
         while pending:
@@ -144,8 +216,19 @@ class LocalRunner:
             pending = waiting
         return [*classes, *(results[i] for i in range(len(stored)))]
 
+    def settled(
+        self, obj: Stored, recorded: str | None, classes: dict[str, str] | None = None
+    ) -> bool:
+        """Whether a stored disk is as its status says: ``recorded`` (its stored
+        fingerprint) still holds, so neither a reconcile nor a check would change it."""
+        if not isinstance(obj, VMDisk) or recorded is None:
+            return False
+        return self._fingerprint(obj, classes) == recorded
+
     def delete(self, objects: Sequence[Stored]) -> list[str]:
         """Delete objects, snapshots first, classes last; returns the problems (none: all went)."""
+        from ..engine.snapshots import delete_snapshot
+
         problems = []
         ordered: list[Stored] = [o for o in objects if isinstance(o, DiskSnapshot)]
         ordered += [o for o in reversed(objects) if isinstance(o, VMDisk)]

@@ -3,7 +3,9 @@
 Objects live as JSON under ``<state>/objects/<plural>/<namespace>/<name>.json``
 and behave like the API server's: ``metadata.generation`` grows when the spec
 changes, status is written separately.  Writing what is already stored is
-skipped (no fsync, no rename), so a no-op reconcile only reads.
+skipped (no fsync, no rename), so a no-op reconcile only reads.  Beside a
+disk's status the file may keep the fingerprint of what that status was
+reconciled against (``settled``), so that a re-apply can skip the engine.
 
 Dependents (snapshots of a disk, disks made from a disk or snapshot) are
 answered from an index of each namespace, built from one read of its objects
@@ -28,9 +30,9 @@ from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
 from ..engine.ports import SourceKind
-from ..host.files import atomic_write, remove_path, remove_stale_temps
+from ..host.files import atomic_write, fsync_dir, remove_path, remove_stale_temps
 from ..host.locks import file_lock
-from ..layout import StateLayout
+from ..layout import CLUSTER_SCOPE, StateLayout
 
 Plural = Literal["vmdisks", "disksnapshots", "vmdiskclasses"]
 Resource = VMDisk | DiskSnapshot
@@ -40,8 +42,6 @@ PLURALS: dict[str, Plural] = {
     "DiskSnapshot": "disksnapshots",
     "VMDiskClass": "vmdiskclasses",
 }
-# Cluster-scoped objects live under a directory no namespace can be called.
-CLUSTER_SCOPE = "_cluster"
 
 
 def scope(obj: Stored) -> str:
@@ -51,6 +51,18 @@ def scope(obj: Stored) -> str:
 
 class CorruptObject(Exception):
     pass
+
+
+FINGERPRINT = "hostFingerprint"  # top-level key of an object file; never part of the object
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What ``put`` stored, and whether it was stored already (with its fingerprint)."""
+
+    obj: Stored
+    unchanged: bool
+    fingerprint: str | None
 
 
 RefKey = tuple[str, str]  # ("diskName" | "disk" | "snapshot", the name referred to)
@@ -99,7 +111,8 @@ class LocalStore:
         self.layout = layout
         self._index: dict[str, _RefIndex] = {}
         self._swept: set[Path] = set()  # object directories cleaned of dead writers' temps
-        self._lock = threading.Lock()  # the index and _swept, for the runner's workers
+        self._unsynced: set[Path] = set()  # directories of renames not yet made durable
+        self._lock = threading.Lock()  # the index, _swept and _unsynced, for the runner's workers
 
     def _read(self, plural: Plural, namespace: str, name: str) -> dict[str, Any] | None:
         path = self.layout.object_file(plural, namespace, name)
@@ -112,6 +125,7 @@ class LocalStore:
         return data
 
     def _parse(self, data: dict[str, Any]) -> Stored:
+        data = {k: v for k, v in data.items() if k != FINGERPRINT}
         try:
             if data.get("kind") == "DiskSnapshot":
                 return DiskSnapshot.model_validate(data)
@@ -132,6 +146,20 @@ class LocalStore:
     def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None:
         obj = self.get("disksnapshots", namespace, name)
         return obj if isinstance(obj, DiskSnapshot) else None
+
+    def fingerprint(self, obj: Stored) -> str | None:
+        """The fingerprint stored beside ``obj``'s status, if any (``settled``)."""
+        data = self._read(PLURALS[obj.kind], scope(obj), obj.metadata.name)
+        found = data.get(FINGERPRINT) if data is not None else None
+        return found if isinstance(found, str) else None
+
+    def class_version(self, name: str) -> str:
+        """The stored class's uid and generation (no validation), or "none" when there is none."""
+        data = self._read("vmdiskclasses", CLUSTER_SCOPE, name)
+        if data is None:
+            return "none"
+        meta = data.get("metadata")
+        return f"{meta.get('uid')}:{meta.get('generation')}" if isinstance(meta, dict) else "?"
 
     def get_class(self, name: str) -> VMDiskClass | None:
         obj = self.get("vmdiskclasses", CLUSTER_SCOPE, name)
@@ -236,10 +264,18 @@ class LocalStore:
 
     def apply(self, obj: Stored) -> Stored:
         """Create or update from a manifest; generation grows only when the spec changes."""
+        return self.put(obj).obj
+
+    def put(self, obj: Stored, *, durable: bool = True) -> Applied:
+        """``apply``, saying whether the object was stored as it is already.
+
+        ``durable`` False: the write's rename is made durable by ``sync`` (see ``_write``).
+        """
         plural = PLURALS[obj.kind]
         namespace, name = scope(obj), obj.metadata.name
         with file_lock(self.layout.lock("object", plural, namespace, name)):
             old = self._read(plural, namespace, name)
+            kept = old.pop(FINGERPRINT, None) if old is not None else None
             new = dump(obj)
             new.pop("status", None)
             if old is None:
@@ -247,31 +283,46 @@ class LocalStore:
                     uid=str(uuid.uuid4()), generation=1, creationTimestamp=now_rfc3339()
                 )
             else:
-                kept = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
-                new["metadata"].update(kept)
+                stored = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+                new["metadata"].update(stored)
                 if old.get("spec") != new["spec"]:
-                    new["metadata"]["generation"] = kept["generation"] + 1
+                    new["metadata"]["generation"] = stored["generation"] + 1
                 if "status" in old:
                     new["status"] = old["status"]
             parsed = self._parse(new)
-            if new != old:
-                self._write(plural, parsed)
-            return parsed
+            if new == old:
+                return Applied(parsed, True, kept if isinstance(kept, str) else None)
+            # The fingerprint goes: what it vouched for changed.
+            self._write(plural, parsed, durable=durable)
+            return Applied(parsed, False, None)
 
-    def save_status(self, obj: Resource, status: VMDiskStatus | DiskSnapshotStatus) -> Resource:
-        """Write ``status`` onto the stored object (which must still exist)."""
+    def save_status(
+        self,
+        obj: Resource,
+        status: VMDiskStatus | DiskSnapshotStatus,
+        fingerprint: str | None = None,
+        *,
+        durable: bool = True,
+    ) -> Resource:
+        """Write ``status`` onto the stored object (which must still exist).
+
+        ``fingerprint`` is what ``status`` was reconciled against (``settled``);
+        an object whose status and fingerprint are both as stored is not written.
+        ``durable`` False: the write's rename is made durable by ``sync``.
+        """
         plural = PLURALS[obj.kind]
         meta = obj.metadata
         with file_lock(self.layout.lock("object", plural, meta.namespace, meta.name)):
             data = self._read(plural, meta.namespace, meta.name)
             if data is None:
                 return obj
-            unchanged = data.get("status") == (new := dump(status))
+            kept = data.pop(FINGERPRINT, None)
+            unchanged = data.get("status") == (new := dump(status)) and kept == fingerprint
             data["status"] = new
             updated = self._parse(data)
             assert not isinstance(updated, VMDiskClass)
             if not unchanged:
-                self._write(plural, updated)
+                self._write(plural, updated, fingerprint, durable=durable)
             return updated
 
     def remove(self, obj: Stored) -> None:
@@ -281,19 +332,46 @@ class LocalStore:
         if in_step:
             self._noted(namespace, (plural, name), None)
 
-    def _write(self, plural: Plural, obj: Stored) -> None:
+    def sync(self) -> None:
+        """Make the renames of every write made with ``durable`` False durable: one
+        directory fsync for each directory written, for the whole batch."""
+        with self._lock:
+            directories, self._unsynced = self._unsynced, set()
+        for directory in sorted(directories):
+            fsync_dir(directory)
+
+    def _write(
+        self,
+        plural: Plural,
+        obj: Stored,
+        fingerprint: str | None = None,
+        *,
+        durable: bool = True,
+    ) -> None:
+        """Write ``obj``: its content always on stable storage before the rename.
+
+        ``durable`` False defers the directory's fsync to ``sync``, for a write
+        whose loss in a power cut leaves a state the next reconcile finishes from
+        (a spec about to be pinned, a Ready that the host's disk proves again).
+        """
         namespace = scope(obj)
         path = self.layout.object_file(plural, namespace, obj.metadata.name)
         data = dump(obj)
+        if fingerprint is not None:
+            data[FINGERPRINT] = fingerprint
         with self._lock:
             sweep = path.parent not in self._swept
             self._swept.add(path.parent)
         if sweep:
             remove_stale_temps(path.parent)  # once per directory, not on every write
-        # Specs may carry credentials (image URLs): root only.
-        text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+        # Specs may carry credentials (image URLs): root only.  One line: json's
+        # C encoder (with indent, json encodes in Python, a third of a status write).
+        text = json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n"
         in_step = self._in_step(plural, namespace)
-        atomic_write(path, text, mode=0o600, sweep=False)
+        atomic_write(path, text, mode=0o600, sweep=False, sync_dir=durable)
+        if not durable:
+            with self._lock:
+                self._unsynced.add(path.parent)
         if in_step:
             self._noted(namespace, (plural, obj.metadata.name), data)
 

@@ -162,7 +162,7 @@ class _EngineCollector(Collector):
         for phase, count in sorted(self.metrics.phase_counts().items()):
             disks.add_metric([phase], count)
         yield disks
-        entries = self.engine.cache.entries(set()) if self.engine.cache.root.is_dir() else []
+        entries = self.engine.cache.index.entries(set()) if self.engine.cache.root.is_dir() else []
         yield GaugeMetricFamily(
             "vmdisk_image_cache_bytes",
             "Bytes the base image cache occupies on disk.",
