@@ -21,24 +21,23 @@ from vmdisk.host import qemu_img
 # 1234 fdatasync(8</state/disks/default/.root.partial/disk>) = 0, or split in two lines:
 # 1234 fdatasync(8</…/disk> <unfinished ...>  then  1234 <... fdatasync resumed>) = 0
 _SYNC = re.compile(r"^(?P<pid>\d+)\s+(?:fsync|fdatasync)\(\d+<(?P<path>[^>]*)>(?P<rest>.*)$")
-_RESUMED = re.compile(r"^(?P<pid>\d+)\s+<\.\.\. (?:fsync|fdatasync) resumed>\)\s+=\s+0")
-# 1234 rename("/…/.root.partial", "/…/root") = 0
-_RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)".*=\s+0')
+# 1234 rename("/…/.root.partial", "/…/root") = 0, or split like the syncs
+_RENAME = re.compile(r'^\d+\s+rename(?:at2?)?\(.*?"(?P<src>[^"]+)",.*?"(?P<dst>[^"]+)"')
 
 
 def _apply_traced(
-    tmp_path: Path, image_dir: Path, backend: str, image: str, names: tuple[str, ...] = ("root",)
+    tmp_path: Path,
+    image_dir: Path,
+    backend: str,
+    image: str | None,
+    names: tuple[str, ...] = ("root",),
 ) -> list[str]:
-    source = image_dir / image
-    docs = [
-        vmdisk_doc(
-            name,
-            backend=backend,
-            size="32Mi",
-            source={"image": {"url": f"file://{source}", "checksum": sha256_of(source)}},
-        )
-        for name in names
-    ]
+    """strace lines of one ``vmdisk apply`` of disks ``names`` (from ``image``, else blank)."""
+    source: dict[str, object] = {"blank": {}}
+    if image is not None:
+        path = image_dir / image
+        source = {"image": {"url": f"file://{path}", "checksum": sha256_of(path)}}
+    docs = [vmdisk_doc(name, backend=backend, size="32Mi", source=source) for name in names]
     manifest = write_manifests(tmp_path / "disk.yaml", *docs)
     trace = tmp_path / "trace"
     argv = ["strace", "-f", "-y", "-qq", "-o", str(trace)]
@@ -59,19 +58,12 @@ def _synced_before_rename(lines: list[str], state: Path, name: str = "root") -> 
     """(data file synced before the rename, the rename seen at all)."""
     disks = state / "disks" / "default"
     partial, final = str(disks / f".{name}.partial"), str(disks / name)
-    synced = False
-    pending: set[str] = set()
-    for line in lines:
-        if (m := _SYNC.match(line)) and m["path"] == f"{partial}/disk":
-            if re.match(r"\)\s+=\s+0", m["rest"]):
-                synced = True
-            elif "unfinished" in m["rest"]:
-                pending.add(m["pid"])
-        if (m := _RESUMED.match(line)) and m["pid"] in pending:
-            synced = True
-        if (m := _RENAME.match(line)) and m["src"] == partial and m["dst"] == final:
-            return synced, True
-    return synced, False
+    events = _events(lines)
+    synced = ("sync", f"{partial}/disk", "")
+    for index, event in enumerate(events):
+        if event == ("rename", partial, final):
+            return synced in events[:index], True
+    return synced in events, False
 
 
 def test_raw_disk_from_qcow2_is_synced_before_it_is_renamed(tmp_path: Path, image_dir: Path):
@@ -112,6 +104,51 @@ def test_qcow2_overlays_of_one_base_are_copies_made_once_and_synced(
         assert data.read_bytes() == made.read_bytes(), name
         assert qemu_img.check(data, "qcow2") is None
         assert qemu_img.info(data, "qcow2").backing_file == base
+
+
+def _events(lines: list[str]) -> list[tuple[str, str, str]]:
+    """("rename", src, dst) and ("sync", path, "") in the order the calls returned."""
+    events: list[tuple[str, str, str]] = []
+    pending: dict[str, tuple[str, str, str]] = {}
+    for line in lines:
+        pid = line.split(None, 1)[0]
+        if (m := _SYNC.match(line)) is not None:
+            event = ("sync", m["path"], "")
+            if "unfinished" in m["rest"]:
+                pending[pid] = event
+            elif re.match(r"\)\s+=\s+0", m["rest"]):
+                events.append(event)
+        elif (m := _RENAME.match(line)) is not None:
+            event = ("rename", m["src"], m["dst"])
+            if "unfinished" in line:
+                pending[pid] = event
+            elif re.search(r"=\s+0$", line):
+                events.append(event)
+        elif "resumed>" in line and re.search(r"=\s+0$", line) and pid in pending:
+            events.append(pending.pop(pid))
+    return events
+
+
+def test_a_pin_is_durable_before_its_disk_and_every_object_before_apply_returns(
+    tmp_path: Path, image_dir: Path
+):
+    """Object renames may share one directory fsync, except the status that pins a
+    disk's class: it is synced before the disk is renamed into place (a power cut
+    must not forget where a disk is), and nothing is left unsynced at the end."""
+    names = ("a", "b", "c", "d")
+    # Blank disks: no download whose progress would be written between pin and disk.
+    events = _events(_apply_traced(tmp_path, image_dir, "qcow2", None, names))
+    state = tmp_path / "state"
+    objects = str(state / "objects" / "vmdisks" / "default")
+    disks = str(state / "disks" / "default")
+    for name in names:
+        made = events.index(("rename", f"{disks}/.{name}.partial", f"{disks}/{name}"))
+        obj = f"{objects}/{name}.json"
+        pin = max(i for i, e in enumerate(events[:made]) if e[0] == "rename" and e[2] == obj)
+        assert ("sync", objects, "") in events[pin:made], name
+        assert ("sync", disks, "") in events[made:], name
+    last = max(i for i, e in enumerate(events) if e[0] == "rename" and e[2].startswith(objects))
+    assert ("sync", objects, "") in events[last:]
 
 
 _WRITES = (

@@ -137,7 +137,9 @@ class FileBackend(ABC):
             raise
         with remove_on_error(partial):
             record = self._populate(partial, partial / self.data_name, request)
-            write_record(partial, replace(record, preallocation=request.preallocation))
+            record = replace(record, preallocation=request.preallocation)
+            write_record(partial, record, new=True)
+            fsync_dir(partial)  # the data's and the record's entries, before the rename
             os.rename(partial, final)
             fsync_dir(final.parent)
         state = self.state(ref)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..host.files import atomic_write
+from ..host.files import atomic_write, write_new
 from ..layout import StateLayout
 from .base import DiskRef
 
@@ -42,8 +42,15 @@ def read_record(directory: Path) -> DiskRecord | None:
     return DiskRecord(**data)
 
 
-def write_record(directory: Path, record: DiskRecord) -> None:
-    atomic_write(directory / RECORD_NAME, json.dumps(asdict(record), indent=1, sort_keys=True))
+def write_record(directory: Path, record: DiskRecord, *, new: bool = False) -> None:
+    """Replace the record atomically; ``new``: create it in a directory no reader sees yet
+    (a disk's partial directory), flushed, its entry made durable by the caller's
+    fsync of ``directory``."""
+    text = json.dumps(asdict(record), indent=1, sort_keys=True)
+    if new:
+        write_new(directory / RECORD_NAME, text.encode())
+    else:
+        atomic_write(directory / RECORD_NAME, text)
 
 
 def disks_on_host(disks_dir: Path, backend: str) -> Iterator[DiskRef]:

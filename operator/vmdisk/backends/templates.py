@@ -19,9 +19,10 @@ from pathlib import Path
 from ..host.files import FileCopy, read_copy, write_copy
 
 # An overlay of a 1 GiB disk holds 192 KiB; its L1 table grows with the size
-# (1 MiB more at 64 TiB).  Larger images are made by qemu-img every time.
-TEMPLATE_LIMIT = 4 * 1024 * 1024
-TEMPLATES_KEPT = 16
+# (1 MiB more at 64 TiB).  Larger images are made by qemu-img every time, and
+# the kept copies stay under 16 MiB however large the disks.
+TEMPLATE_LIMIT = 2 * 1024 * 1024
+TEMPLATES_KEPT = 8
 
 
 class ImageTemplates:

@@ -41,13 +41,25 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: bool = True) -> None:
+def atomic_write(
+    path: Path,
+    data: bytes | str,
+    mode: int = 0o644,
+    *,
+    sweep: bool = True,
+    sync_dir: bool = True,
+) -> None:
     """Write ``path`` so that readers see the old or the new content, never half.
 
     ``sweep`` removes this target's temp files left by dead writers first; a
     caller writing many files into one directory passes False and calls
     ``remove_stale_temps`` on the directory once instead (a sweep per write
     lists the whole directory each time).
+
+    The content is on stable storage before the rename; ``sync_dir`` False
+    leaves the rename itself to the caller's later ``fsync_dir`` (one for a
+    batch of writes into one directory): until then a power loss may bring
+    back the old content, whole.
     """
     payload = data.encode() if isinstance(data, str) else data
     try:
@@ -68,7 +80,8 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sweep: boo
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if sync_dir:
+            fsync_dir(path.parent)
     except OSError as exc:
         with suppress(FileNotFoundError):
             tmp.unlink()
@@ -116,6 +129,11 @@ def write_copy(path: Path, copy: FileCopy, mode: int = 0o644) -> None:
     except OSError as exc:
         raise_if_no_space(exc)
         raise
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Create ``path`` (never an existing one) holding ``data``, flushed to stable storage."""
+    write_copy(path, FileCopy(len(data), ((0, data),) if data else ()), mode)
 
 
 def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:

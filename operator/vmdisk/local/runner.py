@@ -149,29 +149,46 @@ class LocalRunner:
             return self.store.save_status(obj, status)
 
         published: list[tuple[VMDiskStatus, Resource]] = []
+        pinned = [obj.status.pinned_class if obj.status else None]
 
         def publish(status: VMDiskStatus) -> None:
-            saved = self.store.save_status(obj, status, self._fingerprint_of(obj, status))
+            # A new pin is durable before anything is made with it: a power cut
+            # must not forget where a disk is (or is half made).  Any other
+            # status the host proves again; ``apply`` syncs it with the batch.
+            durable = status.pinned_class != pinned[0]
+            pinned[0] = status.pinned_class
+            fingerprint = self._fingerprint_of(obj, status)
+            saved = self.store.save_status(obj, status, fingerprint, durable=durable)
             published[:] = [(status, saved)]
 
         result = self.engine.reconcile_disk(obj, self.store, publish)
         if published and published[0][0] is result:
             return published[0][1]  # saved under the disk's lock already: no second read
-        return self.store.save_status(obj, result, self._fingerprint_of(obj, result))
+        durable = result.pinned_class != pinned[0]
+        return self.store.save_status(
+            obj, result, self._fingerprint_of(obj, result), durable=durable
+        )
 
     def apply(self, objects: Sequence[Stored]) -> list[Stored]:
         """Store and reconcile ``objects``; dependencies are retried until nothing moves.
 
         Classes are stored first (they have nothing to reconcile), so disks of
-        the same batch find them.
+        the same batch find them.  Every write is durable when this returns: the
+        renames that need not be durable one by one are synced once, at the end.
         """
+        try:
+            return self._apply(objects)
+        finally:
+            self.store.sync()
+
+    def _apply(self, objects: Sequence[Stored]) -> list[Stored]:
         classes: list[Stored] = [self.store.apply(o) for o in objects if isinstance(o, VMDiskClass)]
         stored: list[Resource] = []
         results: dict[int, Resource] = {}
         versions: dict[str, str] = {}  # of the classes, read once for the batch
         for obj in objects:
             if not isinstance(obj, VMDiskClass):
-                saved = self.store.put(obj)
+                saved = self.store.put(obj, durable=False)  # durable with its pin, or by sync
                 assert not isinstance(saved.obj, VMDiskClass)
                 if saved.unchanged and self.settled(saved.obj, saved.fingerprint, versions):
                     results[len(stored)] = saved.obj  # nothing it depends on moved

@@ -30,7 +30,7 @@ from ..api.snapshot import DiskSnapshot, DiskSnapshotStatus
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
 from ..engine.ports import SourceKind
-from ..host.files import atomic_write, remove_path, remove_stale_temps
+from ..host.files import atomic_write, fsync_dir, remove_path, remove_stale_temps
 from ..host.locks import file_lock
 from ..layout import CLUSTER_SCOPE, StateLayout
 
@@ -111,7 +111,8 @@ class LocalStore:
         self.layout = layout
         self._index: dict[str, _RefIndex] = {}
         self._swept: set[Path] = set()  # object directories cleaned of dead writers' temps
-        self._lock = threading.Lock()  # the index and _swept, for the runner's workers
+        self._unsynced: set[Path] = set()  # directories of renames not yet made durable
+        self._lock = threading.Lock()  # the index, _swept and _unsynced, for the runner's workers
 
     def _read(self, plural: Plural, namespace: str, name: str) -> dict[str, Any] | None:
         path = self.layout.object_file(plural, namespace, name)
@@ -265,8 +266,11 @@ class LocalStore:
         """Create or update from a manifest; generation grows only when the spec changes."""
         return self.put(obj).obj
 
-    def put(self, obj: Stored) -> Applied:
-        """``apply``, saying whether the object was stored as it is already."""
+    def put(self, obj: Stored, *, durable: bool = True) -> Applied:
+        """``apply``, saying whether the object was stored as it is already.
+
+        ``durable`` False: the write's rename is made durable by ``sync`` (see ``_write``).
+        """
         plural = PLURALS[obj.kind]
         namespace, name = scope(obj), obj.metadata.name
         with file_lock(self.layout.lock("object", plural, namespace, name)):
@@ -288,7 +292,8 @@ class LocalStore:
             parsed = self._parse(new)
             if new == old:
                 return Applied(parsed, True, kept if isinstance(kept, str) else None)
-            self._write(plural, parsed)  # the fingerprint goes: what it vouched for changed
+            # The fingerprint goes: what it vouched for changed.
+            self._write(plural, parsed, durable=durable)
             return Applied(parsed, False, None)
 
     def save_status(
@@ -296,11 +301,14 @@ class LocalStore:
         obj: Resource,
         status: VMDiskStatus | DiskSnapshotStatus,
         fingerprint: str | None = None,
+        *,
+        durable: bool = True,
     ) -> Resource:
         """Write ``status`` onto the stored object (which must still exist).
 
         ``fingerprint`` is what ``status`` was reconciled against (``settled``);
         an object whose status and fingerprint are both as stored is not written.
+        ``durable`` False: the write's rename is made durable by ``sync``.
         """
         plural = PLURALS[obj.kind]
         meta = obj.metadata
@@ -314,7 +322,7 @@ class LocalStore:
             updated = self._parse(data)
             assert not isinstance(updated, VMDiskClass)
             if not unchanged:
-                self._write(plural, updated, fingerprint)
+                self._write(plural, updated, fingerprint, durable=durable)
             return updated
 
     def remove(self, obj: Stored) -> None:
@@ -324,7 +332,28 @@ class LocalStore:
         if in_step:
             self._noted(namespace, (plural, name), None)
 
-    def _write(self, plural: Plural, obj: Stored, fingerprint: str | None = None) -> None:
+    def sync(self) -> None:
+        """Make the renames of every write made with ``durable`` False durable: one
+        directory fsync for each directory written, for the whole batch."""
+        with self._lock:
+            directories, self._unsynced = self._unsynced, set()
+        for directory in sorted(directories):
+            fsync_dir(directory)
+
+    def _write(
+        self,
+        plural: Plural,
+        obj: Stored,
+        fingerprint: str | None = None,
+        *,
+        durable: bool = True,
+    ) -> None:
+        """Write ``obj``: its content always on stable storage before the rename.
+
+        ``durable`` False defers the directory's fsync to ``sync``, for a write
+        whose loss in a power cut leaves a state the next reconcile finishes from
+        (a spec about to be pinned, a Ready that the host's disk proves again).
+        """
         namespace = scope(obj)
         path = self.layout.object_file(plural, namespace, obj.metadata.name)
         data = dump(obj)
@@ -339,7 +368,10 @@ class LocalStore:
         # C encoder (with indent, json encodes in Python, a third of a status write).
         text = json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n"
         in_step = self._in_step(plural, namespace)
-        atomic_write(path, text, mode=0o600, sweep=False)
+        atomic_write(path, text, mode=0o600, sweep=False, sync_dir=durable)
+        if not durable:
+            with self._lock:
+                self._unsynced.add(path.parent)
         if in_step:
             self._noted(namespace, (plural, obj.metadata.name), data)
 
