@@ -157,3 +157,26 @@ def test_two_processes_racing_with_conflicting_backends(tmp_path: Path) -> None:
     record = json.loads((state / "disks" / "default" / "shared" / "disk.json").read_text())
     assert record["backend"] == winner["status"]["backend"]
     assert sorted(p.name for p in (state / "disks" / "default").iterdir()) == ["shared"]
+
+
+def test_a_status_of_an_older_generation_is_not_verified(
+    runner: LocalRunner, disk: Manifest
+) -> None:
+    """What the agent's verify timer may hold: the body of the new spec with the status of
+    the old one (the reconcile's own status is still on its way).  Verifying it would
+    write the old status back over the new one, so it is left to the reconcile."""
+    phase, *_ = outcome(runner, disk("app", "qcow2", source={"blank": {}}, size="16Mi"))
+    assert phase == "Ready"
+    grown = outcome(runner, disk("app", "qcow2", source={"blank": {}}, size="32Mi"))
+    assert grown[0] == "Ready"
+    stored = runner.store.get_disk("vms", "app")
+    assert stored is not None and stored.status is not None
+    assert stored.status.virtual_size == 32 * 1024 * 1024
+    stale = stored.status.model_copy(
+        update={"virtual_size": 16 * 1024 * 1024, "observed_generation": 1}
+    )
+    assert runner.engine.verify_disk(stored.model_copy(update={"status": stale})) is None
+    # The same status at the current generation disagrees with the host: a new one.
+    current = stale.model_copy(update={"observed_generation": stored.metadata.generation})
+    fresh = runner.engine.verify_disk(stored.model_copy(update={"status": current}))
+    assert fresh is not None and fresh.virtual_size == 32 * 1024 * 1024

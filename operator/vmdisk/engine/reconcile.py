@@ -439,10 +439,15 @@ class Engine:
     def verify_disk(self, disk: VMDisk) -> VMDiskStatus | None:
         """Compare a Ready disk with the host; a new status when they disagree, else None.
 
-        Never changes data: a vanished disk turns Failed with DiskMissing.
+        Never changes data: a vanished disk turns Failed with DiskMissing.  A
+        status of an older generation is left alone: a reconcile of the new
+        spec owns it (the agent's verify timer may hold a body from before
+        that reconcile published, and would otherwise write the old status back).
         """
         status = disk.status
         if status is None or status.phase != "Ready" or status.backend is None:
+            return None
+        if status.observed_generation != disk.metadata.generation:
             return None
         try:
             ref = self.disk_ref(disk)
