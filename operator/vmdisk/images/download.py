@@ -42,6 +42,7 @@ log = logging.getLogger("vmdisk.images")
 Progress = Callable[[int, int | None], None]
 
 READ_SIZE = 1024 * 1024  # the most one read1 returns: what the socket holds, often less
+FIRST_BLOCK = 1024 * 1024  # the first block of a received body
 _MAX_REDIRECTS = 5
 BACKOFF_BASE = 0.25
 BACKOFF_MAX = 8.0
@@ -487,18 +488,21 @@ def _receive_into(
     ring = BufferRing()
     slot = ring.take(clock.remaining)
     held = 0
+    # The first block is short so hashing starts early; an aligned size keeps
+    # every later block aligned in the file (written straight from its slot).
+    fill = FIRST_BLOCK
     try:
         # One read at a time, whatever arrived, so a dripping server meets the rate check.
-        while count := readinto(slot[held:]):
+        while count := readinto(slot[held:fill]):
             if partial.size + held + count > max_bytes:
                 raise ImageTooLarge(
                     f"image {report.name} sent more than the {max_bytes} bytes this disk "
                     "may fetch (its size plus a margin for image metadata)"
                 )
             held += count
-            if held == len(slot):
-                partial.feed((slot,), clock.remaining, _giver(ring, slot))
-                slot, held = ring.take(clock.remaining), 0
+            if held == fill:
+                partial.feed((slot[:held],), clock.remaining, _giver(ring, slot))
+                slot, held, fill = ring.take(clock.remaining), 0, len(slot)
             report(partial.size + held, total)
             clock.tick(partial.size + held)
     finally:

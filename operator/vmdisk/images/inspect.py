@@ -32,18 +32,25 @@ _RAW_LIKE = frozenset({"raw", "gpt", "iso"})
 # system area is 32 KiB, a boot loader gap 1 MiB) and accept more spellings.
 _PROBE_BYTES = 1024 * 1024
 _VMDK_PATTERNS = tuple(
-    re.compile(pattern, re.IGNORECASE | re.MULTILINE)
-    for pattern in (
-        rb"#\s*disk\s*descriptor\s*file",
-        rb"\bcreate\s*type\s*=",
-        rb"^[ \t]*version[ \t]*=[ \t]*[0-9][ \t]*\r?$",  # qemu's probe: a version= line
+    (re.compile(pattern, re.IGNORECASE | re.MULTILINE), needles)
+    for pattern, needles in (
+        (rb"#\s*disk\s*descriptor\s*file", (b"descriptor",)),
+        (rb"\bcreate\s*type\s*=", (b"create",)),
+        # qemu's probe: a version= line
+        (rb"^[ \t]*version[ \t]*=[ \t]*[0-9][ \t]*\r?$", (b"version",)),
         # An extent line: access, size in sectors, type, then the file it names.
-        rb"^[ \t]*(?:rw|rdonly|noaccess)[ \t]+[0-9]+[ \t]+"
-        rb"(?:flat|sparse|zero|vmfs\w*|sesparse)\b",
-        rb"\bddb\.(?:adaptertype|geometry|virtualhwversion)\b",
-        rb"\bparentfilenamehint\s*=",
+        (
+            rb"^[ \t]*(?:rw|rdonly|noaccess)[ \t]+[0-9]+[ \t]+"
+            rb"(?:flat|sparse|zero|vmfs\w*|sesparse)\b",
+            (b"flat", b"sparse", b"zero", b"vmfs"),
+        ),
+        (rb"\bddb\.(?:adaptertype|geometry|virtualhwversion)\b", (b"ddb.",)),
+        (rb"\bparentfilenamehint\s*=", (b"parentfilenamehint",)),
     )
 )
+"""Each pattern with the words a match must contain (lower case): a pattern
+anchored by ``^`` or ``\b`` is tried at every byte (~10 ms per MiB), a word
+is looked for with memchr-speed ``in`` first."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,10 @@ def check_no_vmdk_descriptor(path: Path, name: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as handle:
         head = handle.read(_PROBE_BYTES)
-    for pattern in _VMDK_PATTERNS:
+    lowered = head.lower()  # ASCII only, like IGNORECASE on bytes
+    for pattern, needles in _VMDK_PATTERNS:
+        if not any(needle in lowered for needle in needles):
+            continue  # it cannot match
         match = pattern.search(head)
         if match is not None:
             raise ImageUnsafe(

@@ -11,8 +11,9 @@ slow stage still holds the receiver back instead of piling up memory.
 A file that will be fsynced is written with O_DIRECT where the filesystem
 allows it: the bytes go from an aligned staging buffer to the device
 without a copy into the page cache and without writeback work afterwards,
-which leaves the CPU to the receiver and the hash (profiled: the page-cache
-copy and its writeback were a third of a download's CPU).
+which leaves the CPU to the receiver and the hash (profiled on 1 GiB: the
+page-cache copy and its writeback took about 0.4 s of 2.2 s CPU, while the
+hash, the critical path, needs 0.9 s of a core to itself).
 """
 
 from __future__ import annotations
