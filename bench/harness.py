@@ -229,6 +229,17 @@ def require_ready(status: VMDiskStatus, what: str) -> None:
         raise RuntimeError(f"{what}: phase {status.phase} ({detail})")
 
 
+# -- a real libvirtd -----------------------------------------------------------------
+@contextmanager
+def system_libvirtd(workdir: Path) -> Iterator[None]:
+    """The suite's libvirtd on ``qemu:///system`` (tests/libvirtd.py), started if none answers."""
+    sys.path.insert(0, str(TESTS))
+    from libvirtd import system_libvirtd as running
+
+    with running(workdir):
+        yield
+
+
 # -- the real API server -------------------------------------------------------------
 @contextmanager
 def real_api_server(workdir: Path, namespace: str = "bench") -> Iterator[Any]:

@@ -31,6 +31,7 @@ from .harness import (
     ratio,
     require_ready,
     sh,
+    system_libvirtd,
     timed,
     write_image,
 )
@@ -42,6 +43,13 @@ OVERHEAD = 0.05  # seconds the engine may add to a bare blockResize (holder look
 
 
 def run(scratch: Path) -> list[Row]:
+    logs = scratch / "libvirtd"
+    logs.mkdir()
+    with system_libvirtd(logs):
+        return _run(scratch)
+
+
+def _run(scratch: Path) -> list[Row]:
     import libvirt
 
     images = scratch / "images"

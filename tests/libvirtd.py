@@ -85,12 +85,36 @@ def _wait_until(check: Any, proc: subprocess.Popen[bytes], log: Path, what: str)
     deadline = time.monotonic() + START_TIMEOUT
     while not check():
         if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
         if time.monotonic() > deadline:
-            pytest.fail(
+            raise RuntimeError(
                 f"{what} did not answer in {START_TIMEOUT:.0f} s:\n{log.read_text()[-2000:]}"
             )
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def system_libvirtd(logs: Path) -> Iterator[None]:
+    """A libvirtd answering on ``qemu:///system`` (and its virtlogd) while inside.
+
+    Reuses daemons that already answer, starts the others (logging under
+    ``logs``) and stops only those.  Also used by ``make bench``.
+    """
+    libvirt.registerErrorHandler(_quiet, None)
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        if not _socket_answers(VIRTLOGD_SOCKET):
+            log = logs / "virtlogd.log"
+            started.append(_start("virtlogd", log))
+            _wait_until(lambda: _socket_answers(VIRTLOGD_SOCKET), started[-1], log, "virtlogd")
+        if not _answers(SYSTEM_URI):
+            log = logs / "libvirtd.log"
+            started.append(_start("libvirtd", log))
+            _wait_until(lambda: _answers(SYSTEM_URI), started[-1], log, "libvirtd")
+        yield
+    finally:
+        for proc in reversed(started):
+            _stop(proc)
 
 
 @pytest.fixture(scope="session")
@@ -103,25 +127,16 @@ def libvirt_system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         for binary in ("libvirtd", "virtlogd"):
             if shutil.which(binary) is None:
                 pytest.fail(f"{binary} is not installed: scripts/setup.sh installs libvirt-daemon")
-    logs = tmp_path_factory.mktemp("libvirtd")
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        if not _socket_answers(VIRTLOGD_SOCKET):
-            log = logs / "virtlogd.log"
-            started.append(_start("virtlogd", log))
-            _wait_until(lambda: _socket_answers(VIRTLOGD_SOCKET), started[-1], log, "virtlogd")
-        if not _answers(SYSTEM_URI):
-            log = logs / "libvirtd.log"
-            started.append(_start("libvirtd", log))
-            _wait_until(lambda: _answers(SYSTEM_URI), started[-1], log, "libvirtd")
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(system_libvirtd(tmp_path_factory.mktemp("libvirtd")))
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
         conn = libvirt.open(SYSTEM_URI)
         try:
             yield conn
         finally:
             conn.close()
-    finally:
-        for proc in reversed(started):
-            _stop(proc)
 
 
 def _kvm_usable() -> bool:
