@@ -19,6 +19,7 @@ from .local.problems import ManifestError
 # every command, and --help needs none of the models, backends or image code.
 if TYPE_CHECKING:
     from .config import Settings
+    from .layout import StateLayout
     from .local.runner import LocalRunner
     from .local.store import Plural, Stored
 
@@ -290,34 +291,23 @@ def _cmd_get(args: argparse.Namespace) -> int:
     layout = StateLayout(settings.state_dir)
     plural = KIND_ALIASES[args.kind]
     namespace = CLUSTER_SCOPE if plural == "vmdiskclasses" else args.namespace
+    # Asked of the directory first: an empty answer needs no models and no engine.
     if args.name:
         present = layout.object_file(plural, namespace or "default", args.name).exists()
     else:
         present = layout.has_objects(plural, namespace)
-    if not present:  # answered from the directory alone: no models, no engine
-        if args.name:
-            print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
-            return 1
-        _print([], args.output)
-        return 0
-    from .local.store import LocalStore
-
-    store = LocalStore(layout)
-    objects: list[Stored]
-    if args.name:
-        found = store.get(plural, namespace or "default", args.name)
-        if found is None:
-            print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
-            return 1
-        objects = [found]
-    else:
-        objects = store.list_objects(plural, namespace)
-    _print(_checked(settings, objects), args.output)
+    objects = _checked(settings, layout, plural, namespace, args.name) if present else []
+    if args.name and not objects:
+        print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
+        return 1
+    _print(objects, args.output)
     return 0
 
 
-def _checked(settings: Settings, objects: list[Stored]) -> list[Stored]:
-    """Ready disks as the host has them now, not as last saved.
+def _checked(
+    settings: Settings, layout: StateLayout, plural: Plural, namespace: str | None, name: str | None
+) -> list[Stored]:
+    """The stored objects, Ready disks as the host has them now rather than as last saved.
 
     A disk whose stored fingerprint holds is as saved (a stat of its files);
     others get a header read through the engine, built only then.  Shared
@@ -325,18 +315,26 @@ def _checked(settings: Settings, objects: list[Stored]) -> list[Stored]:
     Nothing is written: the next apply records what changed.
     """
     from .api.vmdisk import VMDisk
+    from .local.runner import LocalRunner
+    from .local.store import LocalStore
 
-    runner = _runner(settings)
+    runner = LocalRunner(settings, None, LocalStore(layout))
+    if name is not None:
+        one = runner.store.get_recorded(plural, namespace or "default", name)
+        recorded = [one] if one is not None else []
+    else:
+        recorded = runner.store.list_recorded(plural, namespace)
+    versions: dict[str, str] = {}  # of the classes, read once
     checked: list[Stored] = []
     try:
-        for obj in objects:
+        for obj, fingerprint in recorded:
             status = obj.status if isinstance(obj, VMDisk) else None
             if (
                 isinstance(obj, VMDisk)
                 and status
                 and status.phase == "Ready"
                 and not status.shared
-                and not runner.settled(obj, runner.store.fingerprint(obj))
+                and not runner.settled(obj, fingerprint, versions)
             ):
                 fresh = runner.engine.verify_disk(obj)
                 obj = obj if fresh is None else obj.model_copy(update={"status": fresh})

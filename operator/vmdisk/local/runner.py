@@ -111,20 +111,17 @@ class LocalRunner:
 
     def _fingerprint_of(self, disk: VMDisk, status: VMDiskStatus) -> str | None:
         """The fingerprint ``status`` would be saved with (None unless it is a settled Ready)."""
-        return self._fingerprint(disk.model_copy(update={"status": status}))
+        return self._fingerprint(disk.model_copy(update={"status": status}), {})
 
-    def _fingerprint(self, disk: VMDisk, classes: dict[str, str] | None = None) -> str | None:
+    def _fingerprint(self, disk: VMDisk, classes: dict[str, str]) -> str | None:
         """The disk's fingerprint now (``settled``), or None when it can have none.
 
-        ``classes`` caches class versions across one batch (disks share a few classes).
+        ``classes`` caches class versions across a batch (disks share a few classes).
         """
         pinned = disk.status.pinned_class if disk.status else None
-        version = "none"
-        if pinned is not None:
-            known = classes if classes is not None else {}
-            if pinned.name not in known:
-                known[pinned.name] = self.store.class_version(pinned.name)
-            version = known[pinned.name]
+        if pinned is not None and pinned.name not in classes:
+            classes[pinned.name] = self.store.class_version(pinned.name)
+        version = classes[pinned.name] if pinned is not None else "none"
         return fingerprint(disk, f"{self._around}\n{version}")
 
     def reconcile(self, obj: Resource) -> Resource:
@@ -216,9 +213,7 @@ class LocalRunner:
             pending = waiting
         return [*classes, *(results[i] for i in range(len(stored)))]
 
-    def settled(
-        self, obj: Stored, recorded: str | None, classes: dict[str, str] | None = None
-    ) -> bool:
+    def settled(self, obj: Stored, recorded: str | None, classes: dict[str, str]) -> bool:
         """Whether a stored disk is as its status says: ``recorded`` (its stored
         fingerprint) still holds, so neither a reconcile nor a check would change it."""
         if not isinstance(obj, VMDisk) or recorded is None:

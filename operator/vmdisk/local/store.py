@@ -54,6 +54,7 @@ class CorruptObject(Exception):
 
 
 FINGERPRINT = "hostFingerprint"  # top-level key of an object file; never part of the object
+Recorded = tuple[Stored, str | None]  # an object and the fingerprint stored beside it
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,18 @@ class LocalStore:
         except ValidationError as exc:
             raise CorruptObject(str(exc)) from exc
 
+    def _recorded(self, data: dict[str, Any]) -> Recorded:
+        found = data.get(FINGERPRINT)
+        return self._parse(data), found if isinstance(found, str) else None
+
     def get(self, plural: Plural, namespace: str, name: str) -> Stored | None:
+        found = self.get_recorded(plural, namespace, name)
+        return None if found is None else found[0]
+
+    def get_recorded(self, plural: Plural, namespace: str, name: str) -> Recorded | None:
+        """``get``, with the fingerprint stored beside the status (``settled``), if any."""
         data = self._read(plural, namespace, name)
-        return None if data is None else self._parse(data)
+        return None if data is None else self._recorded(data)
 
     def get_disk(self, namespace: str, name: str) -> VMDisk | None:
         obj = self.get("vmdisks", namespace, name)
@@ -146,12 +156,6 @@ class LocalStore:
     def get_snapshot(self, namespace: str, name: str) -> DiskSnapshot | None:
         obj = self.get("disksnapshots", namespace, name)
         return obj if isinstance(obj, DiskSnapshot) else None
-
-    def fingerprint(self, obj: Stored) -> str | None:
-        """The fingerprint stored beside ``obj``'s status, if any (``settled``)."""
-        data = self._read(PLURALS[obj.kind], scope(obj), obj.metadata.name)
-        found = data.get(FINGERPRINT) if data is not None else None
-        return found if isinstance(found, str) else None
 
     def class_version(self, name: str) -> str:
         """The stored class's uid and generation (no validation), or "none" when there is none."""
@@ -170,9 +174,13 @@ class LocalStore:
         return [o for o in found if isinstance(o, VMDiskClass)]
 
     def list_objects(self, plural: Plural, namespace: str | None = None) -> list[Stored]:
+        return [obj for obj, _ in self.list_recorded(plural, namespace)]
+
+    def list_recorded(self, plural: Plural, namespace: str | None = None) -> list[Recorded]:
+        """``list_objects``, each with its stored fingerprint (``settled``), if any."""
         root = self.layout.objects_dir(plural)
         pattern = f"{namespace}/*.json" if namespace else "*/*.json"
-        return [self._parse(json.loads(p.read_text())) for p in sorted(root.glob(pattern))]
+        return [self._recorded(json.loads(p.read_text())) for p in sorted(root.glob(pattern))]
 
     def list_disks(self, namespace: str) -> list[VMDisk]:
         return [o for o in self.list_objects("vmdisks", namespace) if isinstance(o, VMDisk)]
