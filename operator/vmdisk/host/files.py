@@ -146,6 +146,8 @@ def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
             if exc.errno == errno.ENXIO:  # only a hole remains
                 return
             raise
+        if start >= size:  # data past ``size`` (a longer file) is not asked for
+            return
         end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         yield start, end
         pos = end
@@ -265,19 +267,8 @@ def sparse_copy_fd(sfd: int, dfd: int, size: int) -> str:
             os.fsync(dfd)
             return "reflink"
         os.ftruncate(dfd, size)
-        offset = 0
-        while offset < size:
-            try:
-                start = os.lseek(sfd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # only a hole remains
-                    break
-                raise
-            if start >= size:
-                break
-            end = min(os.lseek(sfd, start, os.SEEK_HOLE), size)
+        for start, end in _data_ranges(sfd, size):
             _copy_range(sfd, dfd, start, end)
-            offset = end
         os.fsync(dfd)
         return "sparse"
     except OSError as exc:

@@ -91,6 +91,14 @@ class HttpOptions:
     origin_headers: tuple[tuple[str, str], ...] = ()
 
 
+def over_fetch_limit(subject: str, max_bytes: int) -> ImageTooLarge:
+    """The refusal of a fetch past ``max_bytes``; ``subject`` says what went over."""
+    return ImageTooLarge(
+        f"{subject} the {max_bytes} bytes this disk may fetch "
+        "(its size plus a margin for image metadata)"
+    )
+
+
 def max_fetch_bytes(disk_size: int | None, max_virtual_size: int) -> int:
     """The most bytes a fetch may bring for a disk of ``disk_size`` (None: size from the image).
 
@@ -419,10 +427,7 @@ def _attempt(
     try:
         total, has_body = _start(resp, url, partial)
         if total is not None and total > options.max_bytes:
-            raise ImageTooLarge(
-                f"image {report.name} is {total} bytes, over the {options.max_bytes} bytes "
-                "this disk may fetch (its size plus a margin for image metadata)"
-            )
+            raise over_fetch_limit(f"image {report.name} is {total} bytes, over", options.max_bytes)
         report(partial.size, total)
         clock.restart_window(partial.size)
         if has_body:
@@ -459,10 +464,7 @@ def _receive(
         # read1: whatever arrived, so a dripping server meets the rate check.
         while chunk := resp.read1(READ_SIZE, decode_content=False):
             if partial.size + held + len(chunk) > max_bytes:
-                raise ImageTooLarge(
-                    f"image {report.name} sent more than the {max_bytes} bytes this disk "
-                    "may fetch (its size plus a margin for image metadata)"
-                )
+                raise over_fetch_limit(f"image {report.name} sent more than", max_bytes)
             pending.append(chunk)
             held += len(chunk)
             if held >= BLOCK:
@@ -495,10 +497,7 @@ def _receive_into(
         # One read at a time, whatever arrived, so a dripping server meets the rate check.
         while count := readinto(slot[held:fill]):
             if partial.size + held + count > max_bytes:
-                raise ImageTooLarge(
-                    f"image {report.name} sent more than the {max_bytes} bytes this disk "
-                    "may fetch (its size plus a margin for image metadata)"
-                )
+                raise over_fetch_limit(f"image {report.name} sent more than", max_bytes)
             held += count
             if held == fill:
                 partial.feed((slot[:held],), clock.remaining, _giver(ring, slot))

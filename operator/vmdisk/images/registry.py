@@ -36,7 +36,7 @@ from ..errors import (
     SourceNotAllowed,
 )
 from .blobstream import BlobStream
-from .download import HttpOptions, Progress, Reply, get_small
+from .download import HttpOptions, Progress, Reply, get_small, over_fetch_limit
 from .reference import DIGEST, Reference
 from .source import HTTP_SCHEMES, redact
 
@@ -391,8 +391,5 @@ def _layer(layers: list[_Descriptor], ref: Reference, max_bytes: int) -> Layer:
     if not DIGEST.match(layer.digest):
         raise ContainerDiskInvalid(f"image {ref}: layer digest {layer.digest!r} is not sha256")
     if layer.size > max_bytes:
-        raise ImageTooLarge(
-            f"image {ref}: its layer is {layer.size} bytes, over the {max_bytes} bytes "
-            "this disk may fetch (its size plus a margin for image metadata)"
-        )
+        raise over_fetch_limit(f"image {ref}: its layer is {layer.size} bytes, over", max_bytes)
     return Layer(layer.digest, layer.size, layer.media_type)
