@@ -126,15 +126,17 @@ def test_apply_namespace_flag_places_objects_and_refuses_conflicts(tmp_path: Pat
 HEAVY = (
     "pydantic",
     "oslo_utils",
-    "libvirt",
+    "libvirtmod",  # the bindings' C part: "libvirt" itself may be a lazy module
     "urllib3",
     "vmdisk.engine.reconcile",
     "vmdisk.backends",
 )
 
 
-def _loaded_after(argv: list[str]) -> list[str]:
-    """The heavy modules loaded by ``vmdisk ARGV`` run in a fresh interpreter."""
+def _loaded_after(
+    argv: list[str], heavy: tuple[str, ...] = HEAVY, image_dir: Path | None = None
+) -> list[str]:
+    """The ``heavy`` modules loaded by ``vmdisk ARGV`` run in a fresh interpreter."""
     import subprocess
     import sys
 
@@ -144,12 +146,13 @@ def _loaded_after(argv: list[str]) -> list[str]:
         from vmdisk import cli
         with contextlib.suppress(SystemExit):
             cli.main({argv!r})
-        heavy = {HEAVY!r}
+        heavy = {heavy!r}
         print(sorted(h for h in heavy if any(m == h or m.startswith(h + ".") for m in sys.modules)))
         """
     )
     argv = [sys.executable, "-c", probe]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=cli_env())
+    env = cli_env(image_dir)
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
     return list(ast.literal_eval(out.stdout.splitlines()[-1]))
 
 
@@ -182,3 +185,31 @@ def test_get_loads_the_engine_once_a_disk_changed_behind_its_status(tmp_path: Pa
     assert {"pydantic", "vmdisk.engine.reconcile", "vmdisk.backends"} <= changed
     shown = vmdisk("get", "vmdisk", "d", "-o", "json", state=state)
     assert json.loads(shown.stdout)["status"]["actualSize"] >= 65536
+
+
+FETCHING = ("urllib3", "libvirtmod", "vmdisk.images.download", "vmdisk.images.registry")
+
+
+def test_a_disk_from_a_cached_image_loads_no_http_registry_or_libvirt_code(
+    tmp_path: Path, image_dir: Path
+) -> None:
+    """The first apply fetches (and loads the fetching code); the second disk of the
+    same image is made from the cache, a new disk has no domain to ask libvirt
+    about, and neither loads that code."""
+    image = image_dir / "base.qcow2"
+    source = {"image": {"url": f"file://{image}", "checksum": sha256_of(image)}}
+    state = ["--state-dir", str(tmp_path / "state")]
+    for name in ("first", "second"):
+        write_manifests(
+            tmp_path / f"{name}.yaml", vmdisk_doc(name, backend="qcow2", size="64Mi", source=source)
+        )
+    first = _loaded_after(
+        ["apply", "-f", str(tmp_path / "first.yaml"), *state], FETCHING, image_dir
+    )
+    assert "vmdisk.images.download" in first  # the probe sees a fetch when there is one
+    second = _loaded_after(
+        ["apply", "-f", str(tmp_path / "second.yaml"), *state], FETCHING, image_dir
+    )
+    assert second == []
+    shown = vmdisk("get", "vmdisk", "second", "-o", "json", state=tmp_path / "state")
+    assert json.loads(shown.stdout)["status"]["phase"] == "Ready"

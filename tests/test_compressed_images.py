@@ -27,7 +27,7 @@ from vmdisk.errors import (
     ImageUnsafe,
 )
 from vmdisk.images.cache import ImageCache
-from vmdisk.images.download import FetchLimits
+from vmdisk.images.fetchbounds import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 
 MiB = factory.MiB

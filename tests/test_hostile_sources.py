@@ -27,7 +27,7 @@ from vmdisk.errors import DownloadFailed, ImageTooLarge, SourceNotAllowed, VMDis
 from vmdisk.host import safeopen
 from vmdisk.host.locks import file_lock
 from vmdisk.images.cache import ImageCache
-from vmdisk.images.download import FetchLimits, max_fetch_bytes
+from vmdisk.images.fetchbounds import FetchLimits, max_fetch_bytes
 from vmdisk.images.policy import SourcePolicy
 
 MiB = factory.MiB

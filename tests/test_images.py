@@ -32,7 +32,7 @@ from vmdisk.errors import (
 )
 from vmdisk.host import qemu_img
 from vmdisk.images.cache import ImageCache
-from vmdisk.images.download import FetchLimits
+from vmdisk.images.fetchbounds import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 from vmdisk.images.stream import BufferRing, SparseFile, Tee
 
@@ -433,7 +433,7 @@ import sys
 from pathlib import Path
 from vmdisk.api.vmdisk import ImageSource
 from vmdisk.images.cache import ImageCache
-from vmdisk.images.download import FetchLimits
+from vmdisk.images.fetchbounds import FetchLimits
 from vmdisk.images.policy import SourcePolicy
 policy = SourcePolicy(allowed_hosts=("127.0.0.1/32",))
 cache = ImageCache(Path(sys.argv[1]), policy=policy, max_virtual_size=2**30)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..api.common import Condition
 from ..api.vmdisk import LibvirtSpec, VMDisk, VMDiskStatus
@@ -45,10 +46,9 @@ from ..host.files import host_error
 from ..host.locks import file_lock
 from ..host.secrets import FileSecrets
 from ..images.cache import ImageCache
-from ..images.download import FetchLimits
 from ..images.entries import NO_CACHE_OBSERVER
+from ..images.fetchbounds import FetchLimits
 from ..images.policy import default_policy
-from ..images.registry import DOCKER_CONFIG_KEY, RegistryAuth
 from ..layout import StateLayout
 from ..libvirt import check_device, container_filesystem, render_disk
 from .classes import ResolvedClass, resolve_class
@@ -64,6 +64,9 @@ from .status import (
     still_creating,
     with_condition,
 )
+
+if TYPE_CHECKING:
+    from ..images.registry import RegistryAuth
 
 log = logging.getLogger(__name__)
 
@@ -497,6 +500,8 @@ class Engine:
             return None
         if self.secrets is None:
             raise UnsupportedOperation("registryCredentialsRef: no Secret reader is configured")
+        from ..images.registry import DOCKER_CONFIG_KEY, RegistryAuth  # oci:// sources only
+
         config = self.secrets.get(self.settings.namespace, name, DOCKER_CONFIG_KEY)
         return RegistryAuth(f"{self.settings.namespace}/{name}", config)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..api.vmdisk import VMDisk
 from ..backends.base import (
@@ -21,8 +22,10 @@ from ..errors import DependencyNotReady
 from ..images.cache import ImageCache
 from ..images.policy import SourcePolicy
 from ..images.reference import REGISTRY_SCHEMES
-from ..images.registry import RegistryAuth
 from .ports import Lookup
+
+if TYPE_CHECKING:
+    from ..images.registry import RegistryAuth
 
 
 @dataclass(frozen=True)

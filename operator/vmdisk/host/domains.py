@@ -15,8 +15,10 @@ a live backup by its own deadline): a libvirtd that hangs is
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -26,9 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import libvirt
-
 from ..errors import TemporaryError
+
+
+def _lazy_import(name: str) -> Any:
+    """``import name``, executed on first attribute access (importlib's LazyLoader)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The bindings load on first use, not with this module: a command that never
+# asks libvirt (a new disk has no domain to check) does not pay for them.
+libvirt = _lazy_import("libvirt")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

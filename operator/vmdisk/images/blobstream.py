@@ -29,11 +29,10 @@ from .download import (  # the one set of fetch bounds and hop checks
     READ_SIZE,
     RETRY_STATUS,
     FetchClock,
-    HttpOptions,
-    Progress,
     ProgressReporter,
     open_checked,
 )
+from .fetchbounds import HttpOptions, Progress
 from .source import redact
 
 log = logging.getLogger("vmdisk.images")

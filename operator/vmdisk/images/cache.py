@@ -24,27 +24,23 @@ import time
 from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..api.vmdisk import ImageSource
 from ..backends.base import BaseImage
 from ..errors import ChecksumMismatch, DownloadFailed, ImageFormatMismatch
 from ..host.files import atomic_write, fsync_dir
 from ..host.safeopen import ensure_dir
-from .containerdisk import extract_disk
-from .download import (
-    Digest,
-    FetchLimits,
-    HttpOptions,
-    Progress,
-    copy_file,
-    fetch_http,
-    max_fetch_bytes,
-)
 from .entries import NO_CACHE_OBSERVER, CacheEntries, CacheObserver
+from .fetchbounds import Digest, FetchLimits, HttpOptions, Progress, max_fetch_bytes
 from .inspect import check_size, inspect_image
 from .policy import DEFAULT_CLUSTER_CIDRS, HopCheck, Resolver, SourcePolicy
-from .registry import Layer, Platform, RegistryAuth, RegistryClient, host_platform
 from .source import FileSource, OciSource, Source, open_file, parse_source, redact
+
+# The fetching code (HTTP client, registry, containerDisk unpacking) is imported
+# by the fetch that needs it: a disk made from a cached image loads none of it.
+if TYPE_CHECKING:
+    from .registry import Layer, Platform, RegistryAuth, RegistryClient
 
 log = logging.getLogger("vmdisk.images")
 
@@ -80,7 +76,7 @@ class ImageCache:
         self.resolve = resolve
         self.index = CacheEntries(root, tmp_dir)
         self.tmp_dir = self.index.tmp_dir
-        self.platform = platform or host_platform()  # what a multi-arch index is narrowed to
+        self.platform = platform  # what a multi-arch index is narrowed to (None: this host's)
 
     def get(
         self,
@@ -111,6 +107,8 @@ class ImageCache:
         )
         name = redact(source.url)
         if isinstance(src, OciSource):
+            from .registry import RegistryClient
+
             client = RegistryClient(
                 src.reference,
                 fetch.options,
@@ -157,7 +155,9 @@ class ImageCache:
         Entries are found by layer digest, so any number of tags, digests and
         disks that come to one layer share one pull per node.
         """
-        resolved = client.resolve(self.platform)
+        from .registry import host_platform
+
+        resolved = client.resolve(self.platform or host_platform())
         key = f"layer-{resolved.layer.hex}"
         with self.index.lock(key):
             known = self.index.read_map("layers", key)
@@ -184,6 +184,8 @@ class ImageCache:
 
         One write of the bytes: the blob itself never reaches the disk.
         """
+        from .containerdisk import extract_disk
+
         ensure_dir(self.tmp_dir)
         disk = self.tmp_dir / f"{key}.disk"
         name = redact(source.url)
@@ -234,6 +236,8 @@ class ImageCache:
         A compressed image is decompressed into tmp/<key>.image on the way
         (the fetched bytes stay in the partial only until it is complete).
         """
+        from .download import copy_file, fetch_http
+
         ensure_dir(self.tmp_dir)
         path = self.tmp_dir / f"{key}.part"
         output = self.tmp_dir / f"{key}.image"

@@ -28,7 +28,7 @@ from typing import IO, Protocol
 import zstandard
 
 from ..errors import ContainerDiskInvalid, DownloadFailed, ImageCorrupt, ImageTooLarge, ImageUnsafe
-from .download import Digest, Progress
+from .fetchbounds import Digest, Progress
 
 _CHUNK = 1024 * 1024
 _BLOCK = 64 * 1024

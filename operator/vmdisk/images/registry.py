@@ -36,7 +36,8 @@ from ..errors import (
     SourceNotAllowed,
 )
 from .blobstream import BlobStream
-from .download import HttpOptions, Progress, Reply, get_small, over_fetch_limit
+from .download import Reply, get_small
+from .fetchbounds import HttpOptions, Progress, over_fetch_limit
 from .reference import DIGEST, Reference
 from .source import HTTP_SCHEMES, redact
 
