@@ -281,28 +281,22 @@ class LocalStore:
         """
         plural = PLURALS[obj.kind]
         namespace, name = scope(obj), obj.metadata.name
+        # Writes are renames, so a read without the lock sees a whole object; one
+        # that is stored as applied (all of a no-op re-apply) needs no lock.
+        seen = self._read(plural, namespace, name)
+        if seen is not None:
+            kept = seen.pop(FINGERPRINT, None)
+            if _merged(obj, seen) == seen:
+                return Applied(self._parse(seen), True, kept if isinstance(kept, str) else None)
         with file_lock(self.layout.lock("object", plural, namespace, name)):
             old = self._read(plural, namespace, name)
-            kept = old.pop(FINGERPRINT, None) if old is not None else None
-            new = dump(obj)
-            new.pop("status", None)
-            if old is None:
-                new["metadata"].update(
-                    uid=str(uuid.uuid4()), generation=1, creationTimestamp=now_rfc3339()
-                )
-            else:
-                stored = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
-                new["metadata"].update(stored)
-                if old.get("spec") != new["spec"]:
-                    new["metadata"]["generation"] = stored["generation"] + 1
-                if "status" in old:
-                    new["status"] = old["status"]
+            if old is not None:
+                old.pop(FINGERPRINT, None)  # it goes: what it vouched for changed
+            new = _merged(obj, old)
             parsed = self._parse(new)
-            if new == old:
-                return Applied(parsed, True, kept if isinstance(kept, str) else None)
-            # The fingerprint goes: what it vouched for changed.
-            self._write(plural, parsed, durable=durable)
-            return Applied(parsed, False, None)
+            if new != old:
+                self._write(plural, parsed, durable=durable)
+            return Applied(parsed, new == old, None)
 
     def save_status(
         self,
@@ -382,6 +376,24 @@ class LocalStore:
                 self._unsynced.add(path.parent)
         if in_step:
             self._noted(namespace, (plural, obj.metadata.name), data)
+
+
+def _merged(obj: Stored, old: dict[str, Any] | None) -> dict[str, Any]:
+    """What storing ``obj`` over ``old`` (None: nothing stored) makes: a new object gets
+    its uid; the stored one keeps uid, creation time and status, and its generation
+    grows when the spec changed."""
+    new = dump(obj)
+    new.pop("status", None)
+    if old is None:
+        new["metadata"].update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=now_rfc3339())
+        return new
+    stored = {k: old["metadata"][k] for k in ("uid", "creationTimestamp", "generation")}
+    new["metadata"].update(stored)
+    if old.get("spec") != new["spec"]:
+        new["metadata"]["generation"] = stored["generation"] + 1
+    if "status" in old:
+        new["status"] = old["status"]
+    return new
 
 
 def _source_name(disk: VMDisk, kind: SourceKind) -> str | None:
