@@ -5,7 +5,9 @@
 - start-up of ``get``, ``cache list`` and ``--help`` against ``ls -l``;
 - 50 qcow2 disks from a cached 1 GiB base in one apply against ``qemu-img
   create -b`` in a shell loop, with ``xargs -P2``, and libvirt's
-  ``pool.createXML`` per volume.
+  ``pool.createXML`` per volume: as a whole command (a Python process that
+  connects and makes the 50 volumes, judged like every other row) and as the
+  calls alone in an open connection (reported).
 
 Runs of the engine and of its baselines are interleaved; medians with min/max,
 and the load average, are printed (the machine may be shared).  The commands
