@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 _SUFFIXES: dict[str, int] = {
     "": 1,
@@ -27,6 +28,7 @@ _QUANTITY = re.compile(
 QUANTITY_PATTERN = _QUANTITY.pattern
 
 
+@lru_cache(maxsize=1024, typed=True)  # typed: True must not hit 1's entry
 def parse_bytes(value: str | int) -> int:
     """Return the exact number of bytes a quantity denotes.
 
