@@ -9,16 +9,26 @@ before anything walks it), no recursive aliases and no duplicate keys.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 from pydantic import ValidationError
 from yaml.composer import Composer
 from yaml.constructor import ConstructorError, SafeConstructor
-from yaml.events import AliasEvent
+from yaml.events import (
+    AliasEvent,
+    CollectionEndEvent,
+    CollectionStartEvent,
+    DocumentEndEvent,
+    Event,
+    MappingStartEvent,
+    ScalarEvent,
+    StreamEndEvent,
+)
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.parser import Parser
 from yaml.reader import Reader
@@ -77,7 +87,8 @@ class _Limits(Composer, SafeConstructor, Resolver):
 
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[object] = set()
-        for key_node, _ in node.value:
+        pairs = node.value if isinstance(node, MappingNode) else []  # else: super() refuses it
+        for key_node, _ in pairs:
             if isinstance(key_node, ScalarNode):
                 key = self.construct_scalar(key_node)
                 if key in seen:
@@ -86,39 +97,61 @@ class _Limits(Composer, SafeConstructor, Resolver):
         return super().construct_mapping(node, deep=deep)
 
 
-class _PurePythonLoader(_Limits, Reader, Scanner, Parser):
+class _Replay(_Limits):
+    """The full composer and constructor over one document's events: those the fast
+    path already took, then the parser's (one at a time, so errors come in the order
+    the full loader alone would raise them)."""
+
+    def __init__(self, taken: list[Event], parser: _Parser) -> None:
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self._events = itertools.chain(taken, iter(parser.get_event, None))
+        self._next: Event | None = None
+
+    def peek_event(self) -> Event:
+        if self._next is None:
+            self._next = next(self._events)
+        return self._next
+
+    def get_event(self) -> Event:
+        event, self._next = self.peek_event(), None
+        return event
+
+    def check_event(self, *choices: type[Event]) -> bool:
+        return not choices or isinstance(self.peek_event(), choices)
+
+
+class _Parser(Protocol):
+    def get_event(self) -> Event | None: ...
+    def check_event(self, *choices: type[Event]) -> bool: ...
+    def dispose(self) -> None: ...
+
+
+class _PurePythonParser(Reader, Scanner, Parser):
     def __init__(self, stream: str) -> None:
         Reader.__init__(self, stream)
         Scanner.__init__(self)
         Parser.__init__(self)
-        Composer.__init__(self)
-        SafeConstructor.__init__(self)
-        Resolver.__init__(self)
 
 
-_LimitedLoader: Callable[[str], Any] = _PurePythonLoader
-if yaml.__with_libyaml__:
+_new_parser: Callable[[str], _Parser] = _PurePythonParser
+if yaml.__with_libyaml__:  # libyaml parses; the pure-Python parser was a quarter of a re-apply
     from yaml.cyaml import CParser  # type: ignore[attr-defined]
 
-    class _LibyamlLoader(_Limits, CParser):
-        """libyaml parses (the pure-Python parser was a quarter of a re-apply); the
-        composing stays in Python, where the depth limit is (libyaml's composer
-        recurses in C without one)."""
-
-        def __init__(self, stream: str) -> None:
-            CParser.__init__(self, stream)
-            Composer.__init__(self)
-            SafeConstructor.__init__(self)
-            Resolver.__init__(self)
-
-    _LimitedLoader = _LibyamlLoader
+    _new_parser = CParser
 
 
 class _Limit(yaml.YAMLError):
     pass
 
 
-def _at(mark: yaml.Mark | None) -> str:
+class _Mark(Protocol):  # pyyaml's or libyaml's
+    line: int
+    column: int
+
+
+def _at(mark: _Mark | None) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
@@ -166,18 +199,117 @@ def _read(path: Path) -> str:
 
 
 def _documents(text: str) -> list[Any]:
-    loader = _LimitedLoader(text)
+    """The file's documents as yaml.safe_load_all reads them, within the limits."""
+    parser = _new_parser(text)
     try:
         docs = []
-        while loader.check_data():
-            docs.append(loader.get_data())
+        parser.get_event()  # the StreamStartEvent
+        while not parser.check_event(StreamEndEvent):
+            taken: list[Event] = []
+            doc = _plain_document(parser, taken)
+            if doc is _FULL:
+                doc = _Replay(taken, parser).get_data()
+            docs.append(doc)
             if len(docs) > MAX_DOCUMENTS:
                 raise _Limit(f"more than {MAX_DOCUMENTS} documents")
         return [d for d in docs if d is not None]
     except ConstructorError as exc:
         raise _Limit(str(exc)) from None
     finally:
-        loader.dispose()
+        parser.dispose()
+
+
+# The fast path builds a document straight from the parser's events (composing nodes
+# in Python and constructing them took two thirds of a re-apply's loading).  It takes
+# plain data only: untagged scalars whose resolved type is below, mappings with
+# distinct scalar keys and sequences, no anchors or aliases.  At anything else it
+# returns _FULL and the document is replayed through _Replay, the full loader, which
+# gives the same result and the same error in the same order as ever.  It never
+# recurses (libyaml's own composer recurses in C without a depth limit, so it is
+# never used) and counts depth and nodes exactly as _Limits.compose_node does.
+_FULL = object()
+_NO_KEY = object()  # the open mapping awaits a key
+_SAFE = SafeConstructor()
+_RESOLVE: Callable[[type[Node], str, tuple[bool, bool]], str] = Resolver().resolve
+_MAYBE_TYPED = frozenset(Resolver.yaml_implicit_resolvers)  # first characters; else a str
+
+
+def _scalar_type(tag: str) -> Callable[[str], Any]:
+    construct = SafeConstructor.yaml_constructors[tag]  # as yaml.safe_load does it
+    return lambda value: construct(_SAFE, ScalarNode(tag, value))
+
+
+_SCALARS: dict[str, Callable[[str], Any]] = {
+    f"tag:yaml.org,2002:{name}": _scalar_type(f"tag:yaml.org,2002:{name}")
+    for name in ("null", "bool", "int", "float", "timestamp")
+} | {"tag:yaml.org,2002:str": str}  # a plain scalar like 0x1G: matched on its first character
+
+
+def _plain_document(parser: _Parser, taken: list[Event]) -> Any:
+    take = taken.append
+    take(_next(parser))  # the DocumentStartEvent
+    root: list[Any] = []
+    top: Any = root  # the open collection, a list or a dict
+    key: Any = _NO_KEY  # in a dict: the key awaiting its value
+    seen: set[str] = set()  # in a dict: its keys as written (as _Limits compares them)
+    stack: list[tuple[Any, Any, set[str]]] = []
+    nodes = 0
+    while True:
+        event = _next(parser)
+        take(event)
+        if isinstance(event, (ScalarEvent, CollectionStartEvent)):
+            nodes += 1
+            if len(stack) >= MAX_DEPTH:  # the root is at depth 1
+                raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
+            if nodes > MAX_NODES:
+                raise _Limit(f"more than {MAX_NODES} nodes{_at(event.start_mark)}")
+            if event.anchor is not None or event.tag is not None:
+                return _FULL
+            in_key = key is _NO_KEY and top.__class__ is dict
+            if isinstance(event, ScalarEvent):
+                value = written = event.value
+                if event.implicit[0] and value[:1] in _MAYBE_TYPED:
+                    construct = _SCALARS.get(_RESOLVE(ScalarNode, value, (True, False)))
+                    if construct is None:  # e.g. a merge key
+                        return _FULL
+                    try:
+                        value = construct(value)
+                    except ValueError:  # e.g. a huge int: raised where the full loader would
+                        return _FULL
+                if in_key:
+                    if written in seen:
+                        return _FULL  # it refuses the duplicate, after the whole document
+                    seen.add(written)
+                    key = value
+                    continue
+            elif in_key:
+                return _FULL  # a collection as a key: unhashable
+            else:
+                stack.append((top, key, seen))
+                top, key, seen = (
+                    ({} if isinstance(event, MappingStartEvent) else []),
+                    _NO_KEY,
+                    set(),
+                )
+                continue
+        elif isinstance(event, CollectionEndEvent):
+            value = top
+            top, key, seen = stack.pop()
+        elif isinstance(event, DocumentEndEvent):
+            return root[0]
+        else:  # an alias
+            return _FULL
+        if key is _NO_KEY:
+            top.append(value)
+        else:
+            top[key] = value
+            key = _NO_KEY
+
+
+def _next(parser: _Parser) -> Event:
+    event = parser.get_event()
+    assert event is not None  # only after the StreamEndEvent, never asked for
+    return event
 
 
 def _files(target: Path) -> list[Path]:
