@@ -1,5 +1,5 @@
 """Hostile manifests through the CLI: alias bombs, deep nesting, duplicate keys, huge
-numbers, names at the filesystem's limit.  Every one ends as ``error:`` lines and exit
+numbers, names at the filesystem's limit, mistagged collections.  Every one ends as ``error:`` lines and exit
 code 2 within a bounded time, with no traceback and nothing written.
 """
 
@@ -130,6 +130,7 @@ def test_the_real_command_refuses_each_class_quickly(tmp_path: Path) -> None:
         "huge": (manifest(size=str(2**63)), "spec.size: 9223372036854775808 bytes is over"),
         "digits": (manifest(size="1" + "0" * 5000), "invalid YAML"),
         "name": (manifest(name="a" * 254), "metadata.name"),
+        "mistagged": (manifest() + "x: !!map [1]\n", "expected a mapping node, but found sequence"),
     }
     for label, (text, expected) in cases.items():
         path = tmp_path / f"{label}.yaml"
