@@ -287,7 +287,9 @@ class LocalStore:
         if seen is not None:
             kept = seen.pop(FINGERPRINT, None)
             if _merged(obj, seen) == seen:
-                return Applied(self._parse(seen), True, kept if isinstance(kept, str) else None)
+                # The stored spec is the manifest's, validated already: taken as it is.
+                parsed = self._parse({**seen, "spec": obj.spec})
+                return Applied(parsed, True, kept if isinstance(kept, str) else None)
         with file_lock(self.layout.lock("object", plural, namespace, name)):
             old = self._read(plural, namespace, name)
             if old is not None:
