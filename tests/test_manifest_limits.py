@@ -1,6 +1,7 @@
 """Hostile manifests through the CLI: alias bombs, deep nesting, duplicate keys, huge
-numbers, names at the filesystem's limit, mistagged collections.  Every one ends as ``error:`` lines and exit
-code 2 within a bounded time, with no traceback and nothing written.
+numbers, names at the filesystem's limit, mistagged collections.  Every one ends as
+``error:`` lines and exit code 2 within a bounded time, with no traceback and nothing
+written.
 """
 
 from __future__ import annotations
