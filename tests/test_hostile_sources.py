@@ -201,9 +201,11 @@ def test_a_dripping_server_is_given_up_on(
 def test_an_overall_deadline_bounds_a_fast_enough_but_long_fetch(
     tmp_path: Path, image_dir: Path, server: ImageServer
 ) -> None:
-    server.switches = Switches(drip=0.0001)  # up to ~10 KB/s: well above a 1 KiB/s floor
+    # One byte per wakeup: up to ~10 KB/s, and ~1 KB/s on a loaded machine (a full
+    # run saw 908 B/s), so the floor is far below either: only the deadline stops it.
+    server.switches = Switches(drip=0.0001)
     url = server.add("/long.raw", bytes(4 * MiB))
-    limits = FetchLimits(timeout=2.0, retries=1, deadline=1.5, min_rate=1024, rate_window=0.5)
+    limits = FetchLimits(timeout=2.0, retries=1, deadline=1.5, min_rate=64, rate_window=0.5)
     h = Harness(tmp_path, image_dir, LOOPBACK_ONLY, limits)
     started = time.monotonic()
     with pytest.raises(DownloadFailed, match="deadline"):
