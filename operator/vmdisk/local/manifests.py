@@ -68,12 +68,9 @@ class _Limits(Composer, SafeConstructor, Resolver):
         self._depth += 1
         self._nodes += 1
         try:
-            if self._depth > MAX_DEPTH:
+            if self._depth > MAX_DEPTH or self._nodes > MAX_NODES:
                 mark = self.peek_event().start_mark  # type: ignore[attr-defined]
-                raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(mark)}")
-            if self._nodes > MAX_NODES:
-                mark = self.peek_event().start_mark  # type: ignore[attr-defined]
-                raise _Limit(f"more than {MAX_NODES} nodes{_at(mark)}")
+                _refuse_over_limits(self._depth, self._nodes, mark)
             self._aliased = self._aliased or self.check_event(AliasEvent)  # type: ignore[attr-defined]
             return super().compose_node(parent, index)
         finally:
@@ -153,6 +150,14 @@ class _Mark(Protocol):  # pyyaml's or libyaml's
 
 def _at(mark: _Mark | None) -> str:
     return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def _refuse_over_limits(depth: int, nodes: int, mark: _Mark | None) -> None:
+    """Refuse a node at ``depth`` that is a document's ``nodes``-th (both loaders')."""
+    if depth > MAX_DEPTH:
+        raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(mark)}")
+    if nodes > MAX_NODES:
+        raise _Limit(f"more than {MAX_NODES} nodes{_at(mark)}")
 
 
 def _check_expansion(root: Node) -> None:
@@ -259,10 +264,8 @@ def _plain_document(parser: _Parser, taken: list[Event]) -> Any:
         take(event)
         if isinstance(event, (ScalarEvent, CollectionStartEvent)):
             nodes += 1
-            if len(stack) >= MAX_DEPTH:  # the root is at depth 1
-                raise _Limit(f"nested deeper than {MAX_DEPTH} levels{_at(event.start_mark)}")
-            if nodes > MAX_NODES:
-                raise _Limit(f"more than {MAX_NODES} nodes{_at(event.start_mark)}")
+            if len(stack) >= MAX_DEPTH or nodes > MAX_NODES:  # the root is at depth 1
+                _refuse_over_limits(len(stack) + 1, nodes, event.start_mark)
             if event.anchor is not None or event.tag is not None:
                 return _FULL
             in_key = key is _NO_KEY and top.__class__ is dict
