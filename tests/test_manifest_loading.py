@@ -1,4 +1,4 @@
-"""manifests._documents, the loader of ``apply -f``: its fast path (straight from the
+"""documents._documents, the loader of ``apply -f``: its fast path (straight from the
 parser's events) gives what ``yaml.safe_load_all`` gives, and what the full loader
 (composer and constructor, with the limits) gives, errors and their messages included.
 """
@@ -17,8 +17,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmdisk.local import manifests
-from vmdisk.local.manifests import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, _documents
+from vmdisk.local import documents as loader
+from vmdisk.local.documents import MAX_DEPTH, MAX_DOCUMENTS, MAX_NODES, _documents
 
 
 def full_documents(text: str) -> list[Any]:
@@ -26,10 +26,10 @@ def full_documents(text: str) -> list[Any]:
 
     def decline(parser: Any, taken: list[Any]) -> object:
         taken.append(parser.get_event())  # the DocumentStartEvent
-        return manifests._FULL
+        return loader._FULL
 
     with pytest.MonkeyPatch.context() as patched:
-        patched.setattr(manifests, "_plain_document", decline)
+        patched.setattr(loader, "_plain_document", decline)
         return _documents(text)
 
 
@@ -154,7 +154,7 @@ def test_the_bench_manifests_take_the_fast_path(monkeypatch: pytest.MonkeyPatch)
     doc = {"apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDisk", "metadata": {"name": "d"}}
     doc["spec"] = {"size": 1024, "readOnly": True, "x": None, "ratio": 0.5, "l": [1, "a"]}
     text = yaml.safe_dump_all([doc] * 3)
-    monkeypatch.setattr(manifests, "_Replay", None)  # calling it fails
+    monkeypatch.setattr(loader, "_Replay", None)  # calling it fails
     assert _documents(text) == [doc] * 3
 
 
@@ -178,7 +178,7 @@ def test_nesting_is_refused_past_max_depth_where_the_full_loader_refuses_it(
 def test_a_file_of_openers_is_refused_at_once(unit: str) -> None:
     """4 MiB of openers: refused at the 65th level, before anything could recurse on it
     (libyaml's scanner, looking ahead for a key, may refuse ``[[[...`` at 1000 first)."""
-    text = unit * (manifests.MAX_FILE_BYTES // len(unit))
+    text = unit * (loader.MAX_FILE_BYTES // len(unit))
     started = time.monotonic()
     kind, message = outcome(_documents, text)
     assert time.monotonic() - started < 1.0

@@ -21,6 +21,7 @@ from .local.problems import ManifestError
 if TYPE_CHECKING:
     from .config import Settings
     from .layout import StateLayout
+    from .local.documents import Document
     from .local.runner import LocalRunner
     from .local.store import Plural, Stored
 
@@ -178,41 +179,40 @@ def _runner(settings: Settings, workers: int = 1) -> LocalRunner:
     return LocalRunner(settings, None, LocalStore(StateLayout(settings.state_dir)), workers)
 
 
-def _row(obj: Stored) -> tuple[list[str], list[str]]:
-    """The table header and row of one object."""
+def _row(obj: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The table header and row of one object (its JSON, as ``kubectl get`` reads it)."""
     from .api.quantity import format_bytes
-    from .api.snapshot import DiskSnapshot
-    from .api.vmdiskclass import VMDiskClass
 
-    if isinstance(obj, VMDiskClass):
-        default = str(obj.is_default).lower()
-        return ["NAME", "BACKEND", "DEFAULT"], [obj.metadata.name, obj.spec.backend, default]
-    if isinstance(obj, DiskSnapshot):
-        st = obj.status
+    meta, spec, st = obj["metadata"], obj["spec"], obj.get("status") or {}
+    if obj["kind"] == "VMDiskClass":
+        from .api.vmdiskclass import DEFAULT_CLASS_ANNOTATION
+
+        default = meta.get("annotations", {}).get(DEFAULT_CLASS_ANNOTATION) == "true"
+        return ["NAME", "BACKEND", "DEFAULT"], [meta["name"], spec["backend"], str(default).lower()]
+    if obj["kind"] == "DiskSnapshot":
         return ["NAME", "DISK", "READY", "PHASE", "EXPORT"], [
-            obj.metadata.name,
-            obj.spec.disk_name,
-            str(bool(st and st.ready_to_use)).lower(),
-            st.phase if st else "Pending",
-            (st.export_path if st else None) or "",
+            meta["name"],
+            spec["diskName"],
+            str(bool(st.get("readyToUse"))).lower(),
+            st.get("phase", "Pending"),
+            st.get("exportPath") or "",
         ]
-    ds = obj.status
-    size = ds.virtual_size if ds and ds.virtual_size else None
+    size = st.get("virtualSize")
     return ["NAME", "BACKEND", "SIZE", "PHASE", "PATH"], [
-        obj.metadata.name,
-        (ds.backend if ds else None) or obj.spec.backend or "",
-        format_bytes(size) if size else str(obj.spec.size or ""),
-        ds.phase if ds else "Pending",
-        (ds.path if ds else None) or "",
+        meta["name"],
+        st.get("backend") or spec.get("backend") or "",
+        format_bytes(size) if size else str(spec.get("size") or ""),
+        st.get("phase", "Pending"),
+        st.get("path") or "",
     ]
 
 
-def _table(objects: Sequence[Stored]) -> str:
+def _table(objects: Sequence[dict[str, Any]]) -> str:
     """One table per kind, in the order the kinds first appear."""
     tables: dict[str, tuple[list[str], list[list[str]]]] = {}
     for obj in objects:
         header, row = _row(obj)
-        tables.setdefault(obj.kind, (header, []))[1].append(row)
+        tables.setdefault(obj["kind"], (header, []))[1].append(row)
     if not tables:
         return "No resources found."
     out = []
@@ -227,16 +227,19 @@ def _table(objects: Sequence[Stored]) -> str:
     return "\n\n".join(out)
 
 
-def _print(objects: Sequence[Stored], fmt: str) -> None:
-    if fmt == "table":
-        print(_table(objects))
-        return
-    data: list[dict[str, Any]] = []
-    if objects:  # the models' serialiser, only when there is something to serialise
-        from .api.common import dump
+def _dumped(objects: Sequence[Stored]) -> list[dict[str, Any]]:
+    """The objects' JSON, as the API server would store them."""
+    if not objects:  # the models' serialiser, only when there is something to serialise
+        return []
+    from .api.common import dump
 
-        data = [dump(o) for o in objects]
-    if fmt == "json":
+    return [dump(o) for o in objects]
+
+
+def _print(data: Sequence[dict[str, Any]], fmt: str) -> None:
+    if fmt == "table":
+        print(_table(data))
+    elif fmt == "json":
         print(json.dumps(data[0] if len(data) == 1 else {"items": data}, indent=2))
     else:
         import yaml
@@ -244,45 +247,65 @@ def _print(objects: Sequence[Stored], fmt: str) -> None:
         print(yaml.safe_dump_all(data, sort_keys=False), end="")
 
 
-def _not_ready(objects: Sequence[Stored]) -> list[str]:
-    """One line per object that is not Ready, or whose last change was refused."""
-    from .api.vmdiskclass import VMDiskClass
-
+def _not_ready(objects: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per object (JSON) that is not Ready, or whose last change was refused."""
     problems = []
     for obj in objects:
-        if isinstance(obj, VMDiskClass):
+        if obj["kind"] == "VMDiskClass":
             continue  # nothing to reconcile
-        status = obj.status
-        refused = [c for c in (status.conditions if status else []) if c.type == "ChangeRefused"]
-        problems += [f"{obj.kind}/{obj.metadata.name}: {c.reason}: {c.message}" for c in refused]
-        if (
-            status is not None
-            and status.phase == "Ready"
-            and all(c.status == "True" for c in status.conditions if c.type == "Ready")
-        ):
+        status, what = obj.get("status"), f"{obj['kind']}/{obj['metadata']['name']}"
+        conditions = status.get("conditions", []) if status else []
+        refused = [c for c in conditions if c["type"] == "ChangeRefused"]
+        problems += [f"{what}: {c['reason']}: {c.get('message', '')}" for c in refused]
+        ready = [c for c in conditions if c["type"] == "Ready"]
+        if status and status.get("phase") == "Ready" and all(c["status"] == "True" for c in ready):
             continue
-        reason = next((c for c in (status.conditions if status else []) if c.type == "Ready"), None)
-        detail = f"{reason.reason}: {reason.message}" if reason else "not reconciled"
-        problems.append(f"{obj.kind}/{obj.metadata.name}: {detail}")
+        reason = ready[0] if ready else None
+        detail = f"{reason['reason']}: {reason.get('message', '')}" if reason else "not reconciled"
+        problems.append(f"{what}: {detail}")
     return problems
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    from .local.manifests import load
-    from .local.runner import default_workers
+    from .local.documents import read_documents
+    from .local.settled import unchanged_batch
 
     settings = _settings(args)
-    objects = load(args.filename, max_size=settings.max_virtual_size, namespace=args.namespace)
-    runner = _runner(settings, args.workers or default_workers())
-    try:
-        results = runner.apply(objects)
-    finally:
-        runner.close()
+    documents, problems = read_documents(args.filename)
+    # The documents last applied, to disks that are as they were made: known from
+    # the files alone, so a no-op re-apply builds no model (the table is drawn
+    # from the stored JSON; -o json and yaml print what the models serialise).
+    results = (
+        None
+        if problems or args.output != "table"
+        else unchanged_batch(documents, settings, args.namespace)
+    )
+    if results is None:
+        results = _dumped(_apply(settings, args, documents, problems))
     _print(results, args.output)
     problems = _not_ready(results)
     for line in problems:
         print(f"error: {line}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _apply(
+    settings: Settings, args: argparse.Namespace, documents: list[Document], problems: list[str]
+) -> list[Stored]:
+    """Validate, store and reconcile the documents (all or nothing: ManifestError)."""
+    from .local.documents import with_namespace
+    from .local.manifests import validate
+    from .local.objectfiles import document_digest
+    from .local.runner import default_workers
+
+    max_size, namespace = settings.max_virtual_size, args.namespace
+    objects = validate(documents, problems, max_size=max_size, namespace=namespace)
+    digests = [document_digest(with_namespace(doc, namespace)) for _, doc in documents]
+    runner = _runner(settings, args.workers or default_workers())
+    try:
+        return runner.apply(objects, digests)
+    finally:
+        runner.close()
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
@@ -301,7 +324,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
     if args.name and not objects:
         print(f"error: {plural} {args.name!r} not found", file=sys.stderr)
         return 1
-    _print(objects, args.output)
+    _print(_dumped(objects), args.output)
     return 0
 
 

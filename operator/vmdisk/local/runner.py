@@ -9,15 +9,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from .. import __version__
-from ..api.common import Condition
+from ..api.common import Condition, dump
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk, VMDiskStatus
 from ..api.vmdiskclass import VMDiskClass
 from ..config import Settings
 from ..engine.status import with_condition
 from ..errors import DiskInUse, HasDependents
-from .settled import fingerprint
+from .settled import around, fingerprint
 from .store import PLURALS, LocalStore, Plural, Resource, Stored, scope
 
 if TYPE_CHECKING:
@@ -92,8 +91,7 @@ class LocalRunner:
         self._building = threading.Lock()
         self.store = store
         self.workers = max(1, workers)
-        # What every fingerprint includes: a new version or new settings reconcile all.
-        self._around = f"{__version__}\n{settings!r}"
+        self._around = around(settings)
 
     @property
     def engine(self) -> Engine:
@@ -118,11 +116,13 @@ class LocalRunner:
 
         ``classes`` caches class versions across a batch (disks share a few classes).
         """
-        pinned = disk.status.pinned_class if disk.status else None
-        if pinned is not None and pinned.name not in classes:
-            classes[pinned.name] = self.store.class_version(pinned.name)
-        version = classes[pinned.name] if pinned is not None else "none"
-        return fingerprint(disk, f"{self._around}\n{version}")
+
+        def version(name: str) -> str:
+            if name not in classes:
+                classes[name] = self.store.class_version(name)
+            return classes[name]
+
+        return fingerprint(dump(disk), self._around, version)
 
     def reconcile(self, obj: Resource) -> Resource:
         """Reconcile one stored object and save its status."""
@@ -166,26 +166,35 @@ class LocalRunner:
             obj, result, self._fingerprint_of(obj, result), durable=durable
         )
 
-    def apply(self, objects: Sequence[Stored]) -> list[Stored]:
+    def apply(
+        self, objects: Sequence[Stored], documents: Sequence[str | None] | None = None
+    ) -> list[Stored]:
         """Store and reconcile ``objects``; dependencies are retried until nothing moves.
 
+        ``documents``: the digests of the manifest documents the objects were
+        validated from, one each, recorded with them (see ``LocalStore.put``).
         Classes are stored first (they have nothing to reconcile), so disks of
         the same batch find them.  Every write is durable when this returns: the
         renames that need not be durable one by one are synced once, at the end.
         """
         try:
-            return self._apply(objects)
+            return self._apply(objects, documents or [None] * len(objects))
         finally:
             self.store.sync()
 
-    def _apply(self, objects: Sequence[Stored]) -> list[Stored]:
-        classes: list[Stored] = [self.store.apply(o) for o in objects if isinstance(o, VMDiskClass)]
+    def _apply(self, objects: Sequence[Stored], documents: Sequence[str | None]) -> list[Stored]:
+        classes: list[Stored] = [
+            self.store.put(o, document=d).obj
+            for o, d in zip(objects, documents, strict=True)
+            if isinstance(o, VMDiskClass)
+        ]
         stored: list[Resource] = []
         results: dict[int, Resource] = {}
         versions: dict[str, str] = {}  # of the classes, read once for the batch
-        for obj in objects:
+        for obj, document in zip(objects, documents, strict=True):
             if not isinstance(obj, VMDiskClass):
-                saved = self.store.put(obj, durable=False)  # durable with its pin, or by sync
+                # durable with its pin, or by sync
+                saved = self.store.put(obj, durable=False, document=document)
                 assert not isinstance(saved.obj, VMDiskClass)
                 if saved.unchanged and self.settled(saved.obj, saved.fingerprint, versions):
                     results[len(stored)] = saved.obj  # nothing it depends on moved

@@ -5,7 +5,8 @@ and behave like the API server's: ``metadata.generation`` grows when the spec
 changes, status is written separately.  Writing what is already stored is
 skipped (no fsync, no rename), so a no-op reconcile only reads.  Beside a
 disk's status the file may keep the fingerprint of what that status was
-reconciled against (``settled``), so that a re-apply can skip the engine.
+reconciled against (``settled``) and the manifest document last applied
+(``objectfiles``), so that a re-apply can skip the engine, or the models too.
 
 Dependents (snapshots of a disk, disks made from a disk or snapshot) are
 answered from an index of each namespace, built from one read of its objects
@@ -21,7 +22,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -33,8 +34,18 @@ from ..engine.ports import SourceKind
 from ..host.files import atomic_write, fsync_dir, remove_path, remove_stale_temps
 from ..host.locks import file_lock
 from ..layout import CLUSTER_SCOPE, StateLayout
+from .objectfiles import (
+    APPLIED,
+    FINGERPRINT,
+    CorruptObject,
+    Plural,
+    applied_stamp,
+    class_version,
+    read_object,
+    without_host_keys,
+)
 
-Plural = Literal["vmdisks", "disksnapshots", "vmdiskclasses"]
+__all__ = ["FINGERPRINT", "CorruptObject", "LocalStore", "Plural"]
 Resource = VMDisk | DiskSnapshot
 Stored = VMDisk | DiskSnapshot | VMDiskClass
 PLURALS: dict[str, Plural] = {
@@ -49,11 +60,6 @@ def scope(obj: Stored) -> str:
     return CLUSTER_SCOPE if isinstance(obj, VMDiskClass) else obj.metadata.namespace
 
 
-class CorruptObject(Exception):
-    pass
-
-
-FINGERPRINT = "hostFingerprint"  # top-level key of an object file; never part of the object
 Recorded = tuple[Stored, str | None]  # an object and the fingerprint stored beside it
 
 
@@ -116,17 +122,10 @@ class LocalStore:
         self._lock = threading.Lock()  # the index, _swept and _unsynced, for the runner's workers
 
     def _read(self, plural: Plural, namespace: str, name: str) -> dict[str, Any] | None:
-        path = self.layout.object_file(plural, namespace, name)
-        try:
-            data: dict[str, Any] = json.loads(path.read_text())
-        except FileNotFoundError:
-            return None
-        except ValueError as exc:
-            raise CorruptObject(f"{path}: {exc}") from exc
-        return data
+        return read_object(self.layout, plural, namespace, name)
 
     def _parse(self, data: dict[str, Any]) -> Stored:
-        data = {k: v for k, v in data.items() if k != FINGERPRINT}
+        data = without_host_keys(data)
         try:
             if data.get("kind") == "DiskSnapshot":
                 return DiskSnapshot.model_validate(data)
@@ -159,11 +158,7 @@ class LocalStore:
 
     def class_version(self, name: str) -> str:
         """The stored class's uid and generation (no validation), or "none" when there is none."""
-        data = self._read("vmdiskclasses", CLUSTER_SCOPE, name)
-        if data is None:
-            return "none"
-        meta = data.get("metadata")
-        return f"{meta.get('uid')}:{meta.get('generation')}" if isinstance(meta, dict) else "?"
+        return class_version(self.layout, name)
 
     def get_class(self, name: str) -> VMDiskClass | None:
         obj = self.get("vmdiskclasses", CLUSTER_SCOPE, name)
@@ -274,10 +269,13 @@ class LocalStore:
         """Create or update from a manifest; generation grows only when the spec changes."""
         return self.put(obj).obj
 
-    def put(self, obj: Stored, *, durable: bool = True) -> Applied:
+    def put(self, obj: Stored, *, durable: bool = True, document: str | None = None) -> Applied:
         """``apply``, saying whether the object was stored as it is already.
 
-        ``durable`` False: the write's rename is made durable by ``sync`` (see ``_write``).
+        ``document`` is the digest of the manifest document ``obj`` was validated
+        from (``objectfiles.document_digest``), recorded with it for the next
+        re-apply.  ``durable`` False: the write's rename is made durable by ``sync``
+        (see ``_write``).
         """
         plural = PLURALS[obj.kind]
         namespace, name = scope(obj), obj.metadata.name
@@ -285,20 +283,25 @@ class LocalStore:
         # that is stored as applied (all of a no-op re-apply) needs no lock.
         seen = self._read(plural, namespace, name)
         if seen is not None:
-            kept = seen.pop(FINGERPRINT, None)
-            if _merged(obj, seen) == seen:
+            kept, applied = seen.pop(FINGERPRINT, None), seen.pop(APPLIED, None)
+            if _merged(obj, seen) == seen and _recorded_as(applied, document, seen):
                 # The stored spec is the manifest's, validated already: taken as it is.
                 parsed = self._parse({**seen, "spec": obj.spec})
                 return Applied(parsed, True, kept if isinstance(kept, str) else None)
         with file_lock(self.layout.lock("object", plural, namespace, name)):
             old = self._read(plural, namespace, name)
+            kept, applied = None, None
             if old is not None:
-                old.pop(FINGERPRINT, None)  # it goes: what it vouched for changed
+                kept, applied = old.pop(FINGERPRINT, None), old.pop(APPLIED, None)
             new = _merged(obj, old)
             parsed = self._parse(new)
-            if new != old:
-                self._write(plural, parsed, durable=durable)
-            return Applied(parsed, new == old, None)
+            unchanged = new == old
+            # The fingerprint goes with any change: what it vouched for moved.  A new
+            # record of the document alone changes nothing it vouched for.
+            kept = kept if unchanged and isinstance(kept, str) else None
+            if not unchanged or not _recorded_as(applied, document, new):
+                self._write(plural, parsed, kept, durable=durable, document=document)
+            return Applied(parsed, unchanged, kept)
 
     def save_status(
         self,
@@ -320,13 +323,15 @@ class LocalStore:
             data = self._read(plural, meta.namespace, meta.name)
             if data is None:
                 return obj
-            kept = data.pop(FINGERPRINT, None)
+            kept, applied = data.pop(FINGERPRINT, None), data.pop(APPLIED, None)
             unchanged = data.get("status") == (new := dump(status)) and kept == fingerprint
             data["status"] = new
             updated = self._parse(data)
             assert not isinstance(updated, VMDiskClass)
             if not unchanged:
-                self._write(plural, updated, fingerprint, durable=durable)
+                # The document's record holds: it leaves the status aside.
+                stamp = applied if isinstance(applied, str) else None
+                self._write(plural, updated, fingerprint, durable=durable, applied=stamp)
             return updated
 
     def remove(self, obj: Stored) -> None:
@@ -351,16 +356,25 @@ class LocalStore:
         fingerprint: str | None = None,
         *,
         durable: bool = True,
+        document: str | None = None,
+        applied: str | None = None,
     ) -> None:
         """Write ``obj``: its content always on stable storage before the rename.
 
-        ``durable`` False defers the directory's fsync to ``sync``, for a write
-        whose loss in a power cut leaves a state the next reconcile finishes from
-        (a spec about to be pinned, a Ready that the host's disk proves again).
+        Beside it go ``fingerprint``, and the record of the manifest document it
+        was applied from: made for ``document`` (its digest), or ``applied`` as
+        it was stored.  ``durable`` False defers the directory's fsync to
+        ``sync``, for a write whose loss in a power cut leaves a state the next
+        reconcile finishes from (a spec about to be pinned, a Ready that the
+        host's disk proves again).
         """
         namespace = scope(obj)
         path = self.layout.object_file(plural, namespace, obj.metadata.name)
         data = dump(obj)
+        if document is not None:
+            applied = applied_stamp(document, data)
+        if applied is not None:
+            data[APPLIED] = applied
         if fingerprint is not None:
             data[FINGERPRINT] = fingerprint
         with self._lock:
@@ -378,6 +392,11 @@ class LocalStore:
                 self._unsynced.add(path.parent)
         if in_step:
             self._noted(namespace, (plural, obj.metadata.name), data)
+
+
+def _recorded_as(applied: object, document: str | None, data: dict[str, Any]) -> bool:
+    """Whether the stored record ``applied`` is ``document``'s (None: no document to record)."""
+    return document is None or applied == applied_stamp(document, data)
 
 
 def _merged(obj: Stored, old: dict[str, Any] | None) -> dict[str, Any]:
