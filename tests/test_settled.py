@@ -16,8 +16,9 @@ from test_classes import klass
 from vmdisk.api.vmdisk import VMDisk
 from vmdisk.config import Settings
 from vmdisk.layout import StateLayout
+from vmdisk.local.objectfiles import FINGERPRINT
 from vmdisk.local.runner import LocalRunner
-from vmdisk.local.store import FINGERPRINT, LocalStore
+from vmdisk.local.store import LocalStore
 
 MiB = 1024 * 1024
 

@@ -28,10 +28,9 @@ class Applied:
 
     def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
         self.code, self.stdout = proc.returncode, proc.stdout
-        lines = proc.stderr.splitlines()
-        imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
-        self.models = "pydantic" in imported
-        self.errors = [line for line in lines if not line.startswith("import time:")]
+        timed = [line for line in proc.stderr.splitlines() if line.startswith("import time:")]
+        self.models = "pydantic" in (line.split("|")[-1].strip() for line in timed)
+        self.errors = [line for line in proc.stderr.splitlines() if line not in timed]
 
 
 def apply(manifest: Path, state: Path, *extra: str) -> Applied:

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from .config import Settings
     from .layout import StateLayout
     from .local.documents import Document
+    from .local.objectfiles import Plural
     from .local.runner import LocalRunner
-    from .local.store import Plural, Stored
+    from .local.store import Stored
 
 KIND_ALIASES: dict[str, Plural] = {  # "Plural" is a Literal of these values
     "vmdisk": "vmdisks",

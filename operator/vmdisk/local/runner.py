@@ -16,8 +16,9 @@ from ..api.vmdiskclass import VMDiskClass
 from ..config import Settings
 from ..engine.status import with_condition
 from ..errors import DiskInUse, HasDependents
+from .objectfiles import Plural
 from .settled import around, fingerprint
-from .store import PLURALS, LocalStore, Plural, Resource, Stored, scope
+from .store import PLURALS, LocalStore, Resource, Stored, scope
 
 if TYPE_CHECKING:
     from ..engine.reconcile import Engine

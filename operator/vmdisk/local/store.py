@@ -45,7 +45,6 @@ from .objectfiles import (
     without_host_keys,
 )
 
-__all__ = ["FINGERPRINT", "CorruptObject", "LocalStore", "Plural"]
 Resource = VMDisk | DiskSnapshot
 Stored = VMDisk | DiskSnapshot | VMDiskClass
 PLURALS: dict[str, Plural] = {
