@@ -111,10 +111,17 @@ def _forget_record(state: Path) -> None:
     path.write_text(json.dumps(data))
 
 
+def _lose_status(state: Path) -> None:
+    path = stored(state, "q")  # as a kill before the first reconcile leaves it
+    data = json.loads(path.read_text())
+    del data["status"], data["hostFingerprint"]
+    path.write_text(json.dumps(data))
+
+
 @pytest.mark.parametrize(
     "change",
-    [_edit_stored, _write_to_disk, _forget_record],
-    ids=["stored-object-edited", "disk-written", "no-record"],
+    [_edit_stored, _write_to_disk, _forget_record, _lose_status],
+    ids=["stored-object-edited", "disk-written", "no-record", "never-reconciled"],
 )
 def test_what_the_record_does_not_vouch_for_takes_the_full_apply(
     applied: tuple[Path, Path, Applied], change: Callable[[Path], None]

@@ -113,7 +113,10 @@ def unchanged_batch(
     found = []
     for _, doc in documents:
         data = _stored_as_applied(layout, doc, namespace)
-        if data is None or data.get(FINGERPRINT) != fingerprint(data, context, version):
+        recorded = data.get(FINGERPRINT) if data is not None else None
+        if data is None or not isinstance(recorded, str):
+            return None  # e.g. stored, then killed before its first reconcile
+        if recorded != fingerprint(data, context, version):
             return None
         found.append(without_host_keys(data))
     return found
