@@ -111,6 +111,22 @@ def test_bad_manifest_names_every_field_and_writes_nothing(tmp_path: Path):
     assert not state.exists()
 
 
+def test_a_directory_of_manifests_reports_every_problem_in_file_order(tmp_path: Path):
+    """A bad field, unreadable YAML, another bad field: one line each, file by file."""
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    write_manifests(folder / "a.yaml", vmdisk_doc("a", size="10Gx", source={"blank": {}}))
+    (folder / "b.yaml").write_text("kind: [unclosed\n")
+    write_manifests(folder / "c.yaml", vmdisk_doc("c", size="1Gi", source={"blank": {}}, x=1))
+    result = vmdisk("apply", "-f", str(folder), state=tmp_path / "state")
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    order = [next(i for i, line in enumerate(lines) if f"{name}.yaml" in line) for name in "abc"]
+    assert order == sorted(order), result.stderr
+    assert "spec.size" in lines[order[0]] and "invalid YAML" in lines[order[1]]
+    assert "spec.x" in lines[order[2]]
+
+
 def test_exit_code_and_reason_when_not_ready(tmp_path: Path, image_dir: Path):
     image = image_dir / "base.qcow2"
     wrong = "sha256:" + "0" * 64

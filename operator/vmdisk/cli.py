@@ -21,7 +21,7 @@ from .local.problems import ManifestError
 if TYPE_CHECKING:
     from .config import Settings
     from .layout import StateLayout
-    from .local.documents import Document
+    from .local.documents import Document, Problem
     from .local.objectfiles import Plural
     from .local.runner import LocalRunner
     from .local.store import Stored
@@ -284,14 +284,14 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if results is None:
         results = _dumped(_apply(settings, args, documents, problems))
     _print(results, args.output)
-    problems = _not_ready(results)
-    for line in problems:
+    unready = _not_ready(results)
+    for line in unready:
         print(f"error: {line}", file=sys.stderr)
-    return 1 if problems else 0
+    return 1 if unready else 0
 
 
 def _apply(
-    settings: Settings, args: argparse.Namespace, documents: list[Document], problems: list[str]
+    settings: Settings, args: argparse.Namespace, documents: list[Document], problems: list[Problem]
 ) -> list[Stored]:
     """Validate, store and reconcile the documents (all or nothing: ManifestError)."""
     from .local.documents import with_namespace

@@ -314,26 +314,28 @@ def _files(target: Path) -> list[Path]:
 
 
 Document = tuple[str, Any]  # where it is ("file (document 2)") and what it holds
+Problem = tuple[int, str]  # a file that could not be read: before which document, and why
 
 
-def read_documents(target: Path) -> tuple[list[Document], list[str]]:
+def read_documents(target: Path) -> tuple[list[Document], list[Problem]]:
     """The documents of a file or a directory of files, and the problems of those
     that could not be read (each file is read or refused as a whole)."""
     if not target.exists():
         raise ManifestError([f"{target}: no such file or directory"])
     documents: list[Document] = []
-    problems: list[str] = []
+    problems: list[Problem] = []
     for path in _files(target):
+        here = len(documents)
         try:
             docs = _documents(_read(path))
         except ManifestError as exc:
-            problems.extend(exc.problems)
+            problems.extend((here, line) for line in exc.problems)
             continue
         except OSError as exc:
-            problems.append(f"{path}: cannot read: {exc.strerror or exc}")
+            problems.append((here, f"{path}: cannot read: {exc.strerror or exc}"))
             continue
         except (yaml.YAMLError, ValueError) as exc:  # ValueError: e.g. a huge int literal
-            problems.append(f"{path}: invalid YAML: {_one_line(exc)}")
+            problems.append((here, f"{path}: invalid YAML: {_one_line(exc)}"))
             continue
         for index, doc in enumerate(docs, start=1):
             documents.append((f"{path}" + (f" (document {index})" if len(docs) > 1 else ""), doc))

@@ -12,7 +12,7 @@ from ..api.errors import describe_errors
 from ..api.snapshot import DiskSnapshot
 from ..api.vmdisk import VMDisk
 from ..api.vmdiskclass import VMDiskClass
-from .documents import Document, read_documents, with_namespace
+from .documents import Document, Problem, read_documents, with_namespace
 from .problems import ManifestError
 
 __all__ = ["ManifestError", "load", "validate"]
@@ -96,19 +96,22 @@ def load(
 
 def validate(
     documents: Sequence[Document],
-    problems: Sequence[str] = (),
+    problems: Sequence[Problem] = (),
     *,
     max_size: int | None = None,
     namespace: str | None = None,
 ) -> list[Object]:
-    """The objects of ``documents``, or ManifestError with ``problems`` and each bad field."""
+    """The objects of ``documents``, or ManifestError with ``problems`` and each bad
+    field, in the order of the files."""
     objects: list[Object] = []
-    found = list(problems)
-    for where, doc in documents:
+    found: list[str] = []
+    for index, (where, doc) in enumerate(documents):
+        found += [line for before, line in problems if before == index]
         try:
             objects.append(parse(doc, where, max_size=max_size, namespace=namespace))
         except ManifestError as exc:
             found.extend(exc.problems)
+    found += [line for before, line in problems if before >= len(documents)]
     if found:
         raise ManifestError(found)
     return objects
