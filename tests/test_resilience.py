@@ -69,6 +69,11 @@ def apply(manifest: Path, state: Path) -> subprocess.Popen[bytes]:
     )
 
 
+def delete(manifest: Path, state: Path) -> None:
+    argv = [sys.executable, "-m", "vmdisk.cli", "delete", "-f", str(manifest)]
+    subprocess.run([*argv, "--state-dir", str(state)], check=True)
+
+
 def leftovers(state: Path) -> list[str]:
     """Temporary or half-made files anywhere in the state dir."""
     markers = (".partial", ".tmp-", ".rollback", ".grow")
@@ -131,8 +136,7 @@ def _work_time(tmp_path: Path, url: str, checksum: str, state: Path) -> float:
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr.decode()
     took = time.monotonic() - begun
-    argv = [sys.executable, "-m", "vmdisk.cli", "delete", "-f", str(manifest)]
-    subprocess.run([*argv, "--state-dir", str(state)], check=True)
+    delete(manifest, state)
     return took
 
 
@@ -168,8 +172,7 @@ def test_kill_9_during_provisioning_loses_nothing(tmp_path: Path, slow_server: I
         assert cache == [digest, f"{digest}.json"]  # exactly one verified copy
         assert leftovers(state) == []
         check_disks(state, names, image)
-        argv = [sys.executable, "-m", "vmdisk.cli", "delete", "-f", str(manifest)]
-        subprocess.run([*argv, "--state-dir", str(state)], check=True)
+        delete(manifest, state)
         if round_ == 0:
             window = 0.9 * _work_time(tmp_path, url, checksum, state)
     assert kills >= 8, f"{kills} kills in a {window:.2f} s window"  # it really interrupted work

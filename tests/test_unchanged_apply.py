@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,11 +93,15 @@ def test_the_same_documents_under_apply_n_are_known_too(tmp_path: Path):
     assert stored(state, "q").exists() and stored(state, "q", "vms").exists()
 
 
-def _edit_stored(state: Path) -> None:
+def _rewrite_stored(state: Path, change: Callable[[dict[str, Any]], None]) -> None:
     path = stored(state, "q")
     data = json.loads(path.read_text())
-    data["spec"]["size"] = "16Mi"  # by hand, behind the store's back
+    change(data)
     path.write_text(json.dumps(data))
+
+
+def _edit_stored(state: Path) -> None:  # by hand, behind the store's back
+    _rewrite_stored(state, lambda data: data["spec"].update(size="16Mi"))
 
 
 def _write_to_disk(state: Path) -> None:
@@ -104,18 +109,12 @@ def _write_to_disk(state: Path) -> None:
         handle.write(os.urandom(MiB))  # what a guest does: data where there was a hole
 
 
-def _forget_record(state: Path) -> None:
-    path = stored(state, "q")  # as an older vmdisk stored it
-    data = json.loads(path.read_text())
-    del data["hostApplied"]
-    path.write_text(json.dumps(data))
+def _forget_record(state: Path) -> None:  # as an older vmdisk stored it
+    _rewrite_stored(state, lambda data: data.pop("hostApplied"))
 
 
-def _lose_status(state: Path) -> None:
-    path = stored(state, "q")  # as a kill before the first reconcile leaves it
-    data = json.loads(path.read_text())
-    del data["status"], data["hostFingerprint"]
-    path.write_text(json.dumps(data))
+def _lose_status(state: Path) -> None:  # as a kill before the first reconcile leaves it
+    _rewrite_stored(state, lambda data: [data.pop("status"), data.pop("hostFingerprint")])
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import logging
@@ -349,7 +350,7 @@ def _checked(
         recorded = [one] if one is not None else []
     else:
         recorded = runner.store.list_recorded(plural, namespace)
-    versions: dict[str, str] = {}  # of the classes, read once
+    versions = functools.cache(runner.store.class_version)  # read once each
     checked: list[Stored] = []
     try:
         for obj, fingerprint in recorded:

@@ -63,17 +63,21 @@ def class_version(layout: StateLayout, name: str) -> str:
 def document_digest(doc: Any) -> str | None:
     """A digest of a manifest document as data, or None for data JSON cannot tell apart
     (keys that are not strings, timestamps): two documents with one digest are equal."""
-    if not _plain_json(doc):
-        return None
-    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return _digest(_canonical(doc)) if _plain_json(doc) else None
 
 
 def applied_stamp(document: str, data: dict[str, Any]) -> str:
     """``hostApplied`` for the document of digest ``document`` stored as ``data``."""
     stored = {k: v for k, v in data.items() if k != "status" and k not in _HOST_KEYS}
-    text = json.dumps(stored, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(f"{document}\n{text}".encode()).hexdigest()
+    return _digest(f"{document}\n{_canonical(stored)}")
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _plain_json(value: Any) -> bool:

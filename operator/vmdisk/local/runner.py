@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -110,20 +111,12 @@ class LocalRunner:
 
     def _fingerprint_of(self, disk: VMDisk, status: VMDiskStatus) -> str | None:
         """The fingerprint ``status`` would be saved with (None unless it is a settled Ready)."""
-        return self._fingerprint(disk.model_copy(update={"status": status}), {})
+        disk = disk.model_copy(update={"status": status})
+        return self._fingerprint(disk, self.store.class_version)
 
-    def _fingerprint(self, disk: VMDisk, classes: dict[str, str]) -> str | None:
-        """The disk's fingerprint now (``settled``), or None when it can have none.
-
-        ``classes`` caches class versions across a batch (disks share a few classes).
-        """
-
-        def version(name: str) -> str:
-            if name not in classes:
-                classes[name] = self.store.class_version(name)
-            return classes[name]
-
-        return fingerprint(dump(disk), self._around, version)
+    def _fingerprint(self, disk: VMDisk, class_version: Callable[[str], str]) -> str | None:
+        """The disk's fingerprint now (``settled``), or None when it can have none."""
+        return fingerprint(dump(disk), self._around, class_version)
 
     def reconcile(self, obj: Resource) -> Resource:
         """Reconcile one stored object and save its status."""
@@ -191,7 +184,7 @@ class LocalRunner:
         ]
         stored: list[Resource] = []
         results: dict[int, Resource] = {}
-        versions: dict[str, str] = {}  # of the classes, read once for the batch
+        versions = functools.cache(self.store.class_version)  # read once for the batch
         for obj, document in zip(objects, documents, strict=True):
             if not isinstance(obj, VMDiskClass):
                 # durable with its pin, or by sync
@@ -223,12 +216,14 @@ class LocalRunner:
             pending = waiting
         return [*classes, *(results[i] for i in range(len(stored)))]
 
-    def settled(self, obj: Stored, recorded: str | None, classes: dict[str, str]) -> bool:
+    def settled(
+        self, obj: Stored, recorded: str | None, class_version: Callable[[str], str]
+    ) -> bool:
         """Whether a stored disk is as its status says: ``recorded`` (its stored
         fingerprint) still holds, so neither a reconcile nor a check would change it."""
         if not isinstance(obj, VMDisk) or recorded is None:
             return False
-        return self._fingerprint(obj, classes) == recorded
+        return self._fingerprint(obj, class_version) == recorded
 
     def delete(self, objects: Sequence[Stored]) -> list[str]:
         """Delete objects, snapshots first, classes last; returns the problems (none: all went)."""

@@ -22,6 +22,7 @@ from the files alone, and the command is as cheap as a ``get``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import stat
@@ -103,19 +104,14 @@ def unchanged_batch(
     """
     layout = StateLayout(settings.state_dir)
     context = around(settings)
-    versions: dict[str, str] = {}
-
-    def version(name: str) -> str:
-        if name not in versions:
-            versions[name] = class_version(layout, name)
-        return versions[name]
-
+    version = functools.cache(functools.partial(class_version, layout))  # read once each
     found = []
     for _, doc in documents:
         data = _stored_as_applied(layout, doc, namespace)
+        # No fingerprint never matches: e.g. stored, then killed before its first reconcile.
         recorded = data.get(FINGERPRINT) if data is not None else None
         if data is None or not isinstance(recorded, str):
-            return None  # e.g. stored, then killed before its first reconcile
+            return None
         if recorded != fingerprint(data, context, version):
             return None
         found.append(without_host_keys(data))
@@ -130,14 +126,16 @@ def _stored_as_applied(
     meta = doc.get("metadata") if isinstance(doc, dict) else None
     if not isinstance(meta, dict) or doc.get("kind") != "VMDisk":
         return None
-    name, given = meta.get("name"), meta.get("namespace", namespace or "default")
-    if not isinstance(name, str) or given != (namespace or given) or not isinstance(given, str):
-        return None  # a namespace other than -n's is an error the full apply reports
+    name, given = meta.get("name"), meta.get("namespace")
+    if not isinstance(name, str) or not isinstance(given, str | None):
+        return None
+    if namespace is not None and given not in (None, namespace):
+        return None  # an error the full apply reports
     digest = document_digest(with_namespace(doc, namespace))
     if digest is None:
         return None
     try:
-        data = read_object(layout, "vmdisks", given, name)
+        data = read_object(layout, "vmdisks", namespace or given or "default", name)
     except (OSError, CorruptObject, OutsideStateDir):
         return None
     if data is None or data.get(APPLIED) != applied_stamp(digest, data):
