@@ -145,7 +145,7 @@ def test_kill_9_during_provisioning_loses_nothing(tmp_path: Path, slow_server: I
     """10 rounds: 20 disks, SIGKILL at a random moment of their work, restart; check; delete.
 
     The first round is killed while the image downloads (0.3 s per response);
-    the others within the time 20 disks from the cached image took here.
+    the others within half the time 20 disks from the cached image took here.
     """
     image = tmp_path / "image.raw"
     checksum = make_image(image)
@@ -174,7 +174,7 @@ def test_kill_9_during_provisioning_loses_nothing(tmp_path: Path, slow_server: I
         check_disks(state, names, image)
         delete(manifest, state)
         if round_ == 0:
-            window = 0.9 * _work_time(tmp_path, url, checksum, state)
+            window = 0.5 * _work_time(tmp_path, url, checksum, state)  # load varies
     assert kills >= 8, f"{kills} kills in a {window:.2f} s window"  # it really interrupted work
     digest = checksum.replace(":", "-")
     assert hashlib.sha256((state / "cache" / digest).read_bytes()).hexdigest() == checksum[7:]
