@@ -52,7 +52,9 @@ def run(workdir: Path) -> list[Row]:
         cluster.rbd("snap", "create", "images/base@snap")
         cluster.rbd("snap", "protect", "images/base@snap")
         url = f"rbd://{cluster.fsid}/images/base/snap"
-        settings = RbdSettings(pools=("clones",), ceph_confs=(cluster.conf,), node_name="bench")
+        settings = RbdSettings(
+            pools=("clones", "imports"), ceph_confs=(cluster.conf,), node_name="bench"
+        )
         backend = RbdBackend(settings, StateLayout(workdir / "state"))
         base = BaseImage("sha256-bench", image, "raw", SIZE)
         try:
