@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -73,7 +73,7 @@ def _wall(argv: Sequence[str | Path], env: dict[str, str] | None = None) -> floa
     return took
 
 
-def _doc(name: str, spec: dict[str, object]) -> dict[str, object]:
+def _doc(name: str, spec: Mapping[str, object]) -> dict[str, object]:
     meta = {"name": name, "namespace": "bench"}
     return {"apiVersion": "vmdisk.io/v1alpha1", "kind": "VMDisk", "metadata": meta, "spec": spec}
 
@@ -115,7 +115,7 @@ def _scales(scratch: Path, env: dict[str, str]) -> list[Row]:
     for run in range(SCALE_RUNS):
         for n in SCALES:  # interleaved: 100, 1000, 100, 1000, ...
             state = scratch / f"state-{n}-{run}"
-            common = ["--state-dir", state]
+            common: list[str | Path] = ["--state-dir", state]
             for verb, argv in (
                 ("apply", [VMDISK, "apply", "-f", files[n], *common]),
                 ("reapply", [VMDISK, "apply", "-f", files[n], *common]),
