@@ -17,6 +17,7 @@ from vmdisk.config import Settings
 from vmdisk.engine.reconcile import Engine
 
 from .harness import (
+    LOOPBACK_HOSTS,
     MemoryLookup,
     MiB,
     Row,
@@ -32,8 +33,6 @@ from .httpserver import FileServer
 DISKS = 20
 TARGET = 1.3
 IMAGE = "image256.raw"
-# The file server listens on loopback, which no image source reaches unless allowed.
-LOOPBACK = ("127.0.0.1/32",)
 
 
 def run(scratch: Path) -> list[Row]:
@@ -47,7 +46,7 @@ def run(scratch: Path) -> list[Row]:
             return image_disk(name, "qcow2", url, sha, "raw", "1Gi")
 
         # Baseline: one disk (the download), then the other overlays in turn.
-        alone = Engine.build(Settings(state_dir=scratch / "alone", image_hosts=LOOPBACK))
+        alone = Engine.build(Settings(state_dir=scratch / "alone", image_hosts=LOOPBACK_HOSTS))
 
         def one(name: str) -> None:
             require_ready(alone.reconcile_disk(model(name), lookup), name)
@@ -56,7 +55,9 @@ def run(scratch: Path) -> list[Row]:
         rest = sum(timed(partial(one, f"d{i:02d}")) for i in range(1, DISKS))
         before = server.counts(IMAGE)
 
-        engine = Engine.build(Settings(state_dir=scratch / "concurrent", image_hosts=LOOPBACK))
+        engine = Engine.build(
+            Settings(state_dir=scratch / "concurrent", image_hosts=LOOPBACK_HOSTS)
+        )
         results: list[VMDiskStatus | BaseException] = []
         gate = threading.Barrier(DISKS + 1)
 

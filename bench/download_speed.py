@@ -25,13 +25,13 @@ from vmdisk.config import Settings
 from vmdisk.images.cache import ImageCache
 from vmdisk.images.policy import SourcePolicy
 
-from .harness import GiB, MiB, Row, clocked, sh, write_image
+from .harness import LOOPBACK_HOSTS, GiB, MiB, Row, clocked, sh, write_image
 from .httpserver import FileServer
 
 RUNS = 7
 TARGET = 0.9
 IMAGE = "image1g.raw"
-LOOPBACK = SourcePolicy(allowed_hosts=("127.0.0.1",))
+LOOPBACK = SourcePolicy(allowed_hosts=LOOPBACK_HOSTS)
 
 
 def run(scratch: Path) -> list[Row]:

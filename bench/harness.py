@@ -25,6 +25,8 @@ TESTS = Path(__file__).resolve().parent.parent / "tests"
 MiB = 1024**2
 GiB = 1024**3
 SCRATCH_PARENT = Path(os.environ.get("VMDISK_BENCH_DIR", "/var/tmp"))
+# The bench's image servers listen on loopback, which no image source reaches unless allowed.
+LOOPBACK_HOSTS = ("127.0.0.1/32",)
 
 
 # -- timing ---------------------------------------------------------------------

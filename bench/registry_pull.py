@@ -25,7 +25,7 @@ from vmdisk.config import Settings
 from vmdisk.images.cache import ImageCache
 from vmdisk.images.policy import SourcePolicy
 
-from .harness import TESTS, MiB, Row, clocked, sh, write_image
+from .harness import LOOPBACK_HOSTS, TESTS, MiB, Row, clocked, sh, write_image
 
 RUNS = 5
 SIZE = 256 * MiB
@@ -44,9 +44,7 @@ def run(scratch: Path) -> list[Row]:
     times: dict[str, list[float]] = {"engine": [], "skopeo": []}
     with Registry(scratch / "registry") as registry:
         registry.push(layout, "t", "bench/disk:v1")
-        policy = SourcePolicy(
-            allowed_hosts=("127.0.0.1/32",), plain_http_registries=(registry.host,)
-        )
+        policy = SourcePolicy(allowed_hosts=LOOPBACK_HOSTS, plain_http_registries=(registry.host,))
         source = ImageSource(url=registry.url("bench/disk:v1"))
 
         def engine(i: int) -> Path:
